@@ -1,0 +1,28 @@
+# Common tasks. The scripts are the source of truth; these are shortcuts.
+
+GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
+export GANTRY_AMQP_URL GANTRY_DATABASE_URL
+
+.PHONY: setup test demo fmt lint deny bench
+
+setup:
+	bash scripts/setup.sh
+
+test:
+	bash scripts/test.sh
+
+demo:
+	bash scripts/demo.sh
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+deny:
+	cargo deny check
+
+bench: setup
+	cargo run --release --locked -p gantry-tests --bin gantry-bench

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# End-to-end demo: applies the RabbitMQ topology, starts a dispatcher with the
+# local runtime, submits 20 echo tasks, waits for each to succeed, and prints
+# their timeline from PostgreSQL.
+#
+#   bash scripts/demo.sh
+#
+# Runs scripts/setup.sh first (needs root or sudo).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+TASKS=20
+STOP_WAIT_SECS=20
+
+say() { printf 'demo: %s\n' "$*"; }
+
+say "setup"
+bash scripts/setup.sh
+
+say "building release binaries"
+cargo build --release --locked --bins
+
+export GANTRY_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
+export GANTRY_DATABASE_URL='postgres://gantry:gantry@127.0.0.1:5432/gantry'
+export GANTRY_PREFIX=gantry-demo
+
+GANTRY=target/release/gantry
+DISPATCHER=target/release/gantry-dispatcher
+
+tmp="$(mktemp -d)"
+dispatcher_pid=""
+
+# Sends SIGTERM to the dispatcher and waits (bounded) for it to exit.
+stop_dispatcher() {
+    [[ -n "$dispatcher_pid" ]] || return 0
+    local pid="$dispatcher_pid" status=0 i
+    dispatcher_pid=""
+    if kill -0 "$pid" 2>/dev/null; then
+        say "stopping dispatcher (SIGTERM to pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < STOP_WAIT_SECS * 10; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            say "dispatcher still running after ${STOP_WAIT_SECS}s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || status=$?
+    say "dispatcher exited with status $status"
+}
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+on_exit() {
+    local rc=$?
+    trap - EXIT
+    stop_dispatcher || true
+    if [[ $rc -ne 0 ]]; then
+        if [[ -s "$tmp/dispatcher.log" ]]; then
+            say "FAILED (exit $rc); last lines of $tmp/dispatcher.log:"
+            tail -n 60 "$tmp/dispatcher.log" | sed 's/^/    /'
+        else
+            say "FAILED (exit $rc)"
+        fi
+        say "logs kept in $tmp"
+    else
+        rm -rf "$tmp"
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+say "applying topology (prefix $GANTRY_PREFIX)"
+"$GANTRY" topology apply
+
+say "starting dispatcher (runtime local, log $tmp/dispatcher.log)"
+"$DISPATCHER" --runtime local --state-dir "$tmp/state" >"$tmp/dispatcher.log" 2>&1 &
+dispatcher_pid=$!
+
+uuid_re='^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+ids=()
+say "submitting $TASKS tasks"
+for ((i = 1; i <= TASKS; i++)); do
+    out="$("$GANTRY" submit --executor echo --task demo.echo --payload "{\"n\":$i,\"sleep_ms\":200}")"
+    id="$(printf '%s\n' "$out" | sed '/^[[:space:]]*$/d' | tail -n 1 | tr -d '[:space:]')"
+    if [[ ! "$id" =~ $uuid_re ]]; then
+        say "submit #$i did not print a task id; it printed: $out"
+        exit 1
+    fi
+    ids+=("$id")
+done
+say "submitted ${#ids[@]} tasks"
+
+if ! kill -0 "$dispatcher_pid" 2>/dev/null; then
+    say "the dispatcher is not running"
+    exit 1
+fi
+
+succeeded=0
+failed=0
+for id in "${ids[@]}"; do
+    if out="$("$GANTRY" wait "$id" --timeout 60s 2>&1)"; then
+        succeeded=$((succeeded + 1))
+    else
+        rc=$?
+        failed=$((failed + 1))
+        say "task $id did not succeed (gantry wait exit $rc): $out"
+    fi
+done
+
+id_array="{$(
+    IFS=,
+    printf '%s' "${ids[*]}"
+)}"
+psql "$GANTRY_DATABASE_URL" -X -v ON_ERROR_STOP=1 -P pager=off -c "
+SELECT task_id,
+       state,
+       attempt,
+       received_at,
+       finished_at,
+       round(extract(epoch FROM (finished_at - received_at)) * 1000)::bigint AS duration_ms
+  FROM tasks
+ WHERE task_id = ANY('$id_array'::uuid[])
+ ORDER BY received_at"
+
+if ((failed > 0)); then
+    say "$succeeded/$TASKS succeeded, $failed did not"
+    exit 1
+fi
+say "$succeeded/$TASKS succeeded"
+
+stop_dispatcher
+exit 0

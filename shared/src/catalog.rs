@@ -1,0 +1,164 @@
+//! The executor catalog: which executor classes exist, what engine runs each, how many of
+//! its jobs may run at once, and what the Kubernetes runtime needs (image, GPU resources).
+//!
+//! Loaded from a YAML file; the built-in default has the class `echo`:
+//!
+//! ```yaml
+//! executors:
+//!   echo:
+//!     engine: { kind: echo }
+//!     max_active_jobs: 8
+//!   summarize:
+//!     engine: { kind: command, command: ["python3", "/opt/summarize.py"] }
+//!     max_active_jobs: 2
+//!     image: registry.example.com/executor-summarize@sha256:…
+//!     resources: { gpu_count: 1, gpu_type: nvidia-l4 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::{ExecutorClass, Resources};
+use crate::{Error, Result};
+
+/// How an executor does its work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Engine {
+    /// Returns its payload; test knobs in the payload (`sleep_ms`, `fail`, `exit_code`).
+    Echo,
+    /// Runs a command: task JSON on stdin, result JSON on stdout.
+    Command { command: Vec<String> },
+}
+
+/// One executor class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorSpec {
+    pub engine: Engine,
+    /// Most jobs of this class running at once; the rest waits in RabbitMQ.
+    #[serde(default = "default_max_active_jobs")]
+    pub max_active_jobs: u32,
+    /// Container image for the Kubernetes runtime (digest-pinned in production).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// GPU resources of each job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+fn default_max_active_jobs() -> u32 {
+    4
+}
+
+/// All executor classes, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    executors: BTreeMap<ExecutorClass, ExecutorSpec>,
+}
+
+impl Catalog {
+    /// The built-in catalog: one class, `echo`.
+    pub fn builtin() -> Catalog {
+        let mut executors = BTreeMap::new();
+        executors.insert(
+            ExecutorClass::parse("echo").expect("\"echo\" is a valid class"),
+            ExecutorSpec {
+                engine: Engine::Echo,
+                max_active_jobs: 8,
+                image: None,
+                resources: None,
+            },
+        );
+        Catalog { executors }
+    }
+
+    /// Reads a catalog file, or the built-in catalog when `path` is `None`.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not valid YAML of this shape, or defines a class with no
+    /// capacity or an empty command.
+    pub fn load(path: Option<&Path>) -> Result<Catalog> {
+        let Some(path) = path else {
+            return Ok(Catalog::builtin());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Catalog::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses catalog YAML; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Catalog::load`].
+    pub fn parse(text: &str, origin: &str) -> Result<Catalog> {
+        let err = |message: String| Error::Catalog {
+            origin: origin.to_owned(),
+            message,
+        };
+        let catalog: Catalog = serde_norway::from_str(text).map_err(|e| err(e.to_string()))?;
+        if catalog.executors.is_empty() {
+            return Err(err("it defines no executor classes".into()));
+        }
+        for (class, spec) in &catalog.executors {
+            if spec.max_active_jobs == 0 {
+                return Err(err(format!("{class}: max_active_jobs must be at least 1")));
+            }
+            if let Engine::Command { command } = &spec.engine
+                && command.first().is_none_or(|c| c.is_empty())
+            {
+                return Err(err(format!("{class}: command must name a program")));
+            }
+        }
+        Ok(catalog)
+    }
+
+    pub fn get(&self, class: &ExecutorClass) -> Option<&ExecutorSpec> {
+        self.executors.get(class)
+    }
+
+    pub fn classes(&self) -> Vec<ExecutorClass> {
+        self.executors.keys().cloned().collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ExecutorClass, &ExecutorSpec)> {
+        self.executors.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catalog_file_parses_and_is_checked() {
+        let c = Catalog::parse(
+            "executors:\n  sh:\n    engine: { kind: command, command: [sh, -c, cat] }\n    max_active_jobs: 2\n",
+            "test",
+        )
+        .unwrap();
+        let sh = ExecutorClass::parse("sh").unwrap();
+        assert_eq!(c.get(&sh).unwrap().max_active_jobs, 2);
+        assert!(Catalog::parse("executors: {}\n", "t").is_err());
+        assert!(Catalog::parse("executors:\n  Bad: { engine: { kind: echo } }\n", "t").is_err());
+        assert!(
+            Catalog::parse(
+                "executors:\n  x: { engine: { kind: command, command: [] } }\n",
+                "t"
+            )
+            .is_err()
+        );
+        assert!(
+            Catalog::parse(
+                "executors:\n  x: { engine: { kind: echo }, max_active_jobs: 0 }\n",
+                "t"
+            )
+            .is_err()
+        );
+    }
+}

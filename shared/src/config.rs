@@ -1,0 +1,227 @@
+//! Configuration shared by every binary, layered: built-in defaults, then an optional YAML
+//! file (`--config` or `GANTRY_CONFIG`), then `GANTRY_*` environment variables, then flags
+//! (applied by each binary). Secrets are [`SecretString`]s: they never reach a log.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::message::Limits;
+use crate::topology::QueueSettings;
+use crate::{Error, Result};
+
+/// RabbitMQ on this machine, as Debian's package sets it up.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The `gantry` database and role that `scripts/setup.sh` creates.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://gantry:gantry@127.0.0.1:5432/gantry";
+
+/// Settings every Gantry binary shares.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub amqp_url: SecretString,
+    pub database_url: SecretString,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    pub limits: Limits,
+    pub queues: QueueSettings,
+    /// Longest wait for any one answer from RabbitMQ.
+    #[serde(with = "humantime_serde_compat")]
+    pub broker_timeout: Duration,
+    /// Postgres connections per process.
+    pub db_pool_size: usize,
+    /// `text` (default) or `json` log lines.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            database_url: DEFAULT_DATABASE_URL.into(),
+            prefix: "gantry".into(),
+            limits: Limits::default(),
+            queues: QueueSettings::default(),
+            broker_timeout: Duration::from_secs(15),
+            db_pool_size: 8,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("log format {s:?} is neither \"text\" nor \"json\"")),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then the environment.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or a `GANTRY_*` variable has a bad value.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let mut config: Config = read_file(file)?;
+        config.apply_env()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self) -> Result<()> {
+        if let Some(v) = env("GANTRY_AMQP_URL") {
+            self.amqp_url = v.into();
+        }
+        if let Some(v) = env("GANTRY_DATABASE_URL") {
+            self.database_url = v.into();
+        }
+        if let Some(v) = env("GANTRY_PREFIX") {
+            self.prefix = v;
+        }
+        env_parse(
+            "GANTRY_MAX_PAYLOAD_BYTES",
+            &mut self.limits.max_payload_bytes,
+        )?;
+        env_parse("GANTRY_DELIVERY_LIMIT", &mut self.queues.delivery_limit)?;
+        env_parse("GANTRY_DB_POOL_SIZE", &mut self.db_pool_size)?;
+        env_parse("GANTRY_LOG_FORMAT", &mut self.log_format)?;
+        env_duration("GANTRY_BROKER_TIMEOUT", &mut self.broker_timeout)?;
+        Ok(())
+    }
+
+    /// The broker URL with its password hidden, for logs and error messages.
+    pub fn amqp_url_redacted(&self) -> String {
+        redact_url(self.amqp_url.expose_secret())
+    }
+}
+
+/// Reads a YAML configuration file into `T` (its defaults where the file is silent), or
+/// `T::default()` when there is no file.
+///
+/// # Errors
+/// The file cannot be read or does not match `T`.
+pub fn read_file<T: DeserializeOwned + Default>(file: Option<&Path>) -> Result<T> {
+    let Some(path) = file else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_norway::from_str(&text).map_err(|e| Error::Config {
+        origin: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A non-empty environment variable.
+pub fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Overrides `slot` with the parsed value of environment variable `name`, if set.
+///
+/// # Errors
+/// The variable is set but does not parse.
+pub fn env_parse<T: FromStr>(name: &str, slot: &mut T) -> Result<()>
+where
+    T::Err: std::fmt::Display,
+{
+    if let Some(v) = env(name) {
+        *slot = v.parse().map_err(|e: T::Err| Error::Config {
+            origin: name.to_owned(),
+            message: format!("{v:?}: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// Overrides `slot` with a human duration (`30s`, `5m`) from environment variable `name`.
+///
+/// # Errors
+/// The variable is set but is not a duration.
+pub fn env_duration(name: &str, slot: &mut Duration) -> Result<()> {
+    if let Some(v) = env(name) {
+        *slot = humantime::parse_duration(&v).map_err(|e| Error::Config {
+            origin: name.to_owned(),
+            message: format!("{v:?} is not a duration like 30s or 5m: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// `scheme://user:***@host/...`: a URL without its password.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Serde adapter for durations written as `30s`, `5m`, `1h 30m`.
+pub mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_where_it_speaks() {
+        let dir = std::env::temp_dir().join(format!("gantry-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.yaml");
+        std::fs::write(
+            &path,
+            "prefix: x\nbroker_timeout: 3s\nqueues: { delivery_limit: 4 }\n",
+        )
+        .unwrap();
+        let c: Config = read_file(Some(&path)).unwrap();
+        assert_eq!(c.prefix, "x");
+        assert_eq!(c.broker_timeout, Duration::from_secs(3));
+        assert_eq!(c.queues.delivery_limit, 4);
+        assert_eq!(c.queues.retry_delays.len(), 5);
+        assert_eq!(c.db_pool_size, 8);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,122 @@
+//! The one error type of `gantry-shared`.
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the shared core. Each variant says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot reach RabbitMQ at {url}: {source}; check GANTRY_AMQP_URL and that the broker runs"
+    )]
+    AmqpConnect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("RabbitMQ {operation} failed: {source}")]
+    Amqp {
+        operation: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "RabbitMQ did not answer {operation} within {timeout:?}; is the broker overloaded or blocked by an alarm?"
+    )]
+    AmqpTimeout {
+        operation: &'static str,
+        timeout: std::time::Duration,
+    },
+    #[error(
+        "no queue is bound for routing key {routing_key:?} on exchange {exchange:?}; run `gantry topology apply` or check the executor class"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error(
+        "RabbitMQ refused to store the message published to {exchange:?} (nack); the queue may be full (x-overflow=reject-publish)"
+    )]
+    PublishNacked { exchange: String },
+    #[error(
+        "{what} {name:?} already exists with different arguments: {source}; delete it or use another GANTRY_PREFIX"
+    )]
+    TopologyConflict {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("cannot reach Postgres: {0}; check GANTRY_DATABASE_URL and that the server runs")]
+    PostgresPool(#[from] deadpool_postgres::PoolError),
+    #[error("Postgres {operation} failed: {source}")]
+    Postgres {
+        operation: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("invalid database URL: {0}")]
+    DatabaseUrl(String),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "the database has migration {found}, newer than this binary knows ({known}); upgrade the binary"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("cannot read configuration file {path}: {source}")]
+    ConfigRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {origin}: {message}")]
+    Config { origin: String, message: String },
+    #[error("invalid executor catalog {origin}: {message}")]
+    Catalog { origin: String, message: String },
+    #[error("invalid message: {0}")]
+    Invalid(#[from] crate::message::Rejection),
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("waited {0:?} for the task to finish; it is still running (see `gantry status`)")]
+    WaitTimeout(std::time::Duration),
+    #[error(
+        "task {0} is not known to Gantry (it was never received, or the database is another one)"
+    )]
+    UnknownTask(crate::message::TaskId),
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::AmqpConnect { .. } | Error::Amqp { .. } | Error::AmqpTimeout { .. } => "amqp",
+            Error::Unroutable { .. } => "unroutable",
+            Error::PublishNacked { .. } => "nacked",
+            Error::TopologyConflict { .. } => "topology",
+            Error::PostgresPool(_) | Error::Postgres { .. } | Error::DatabaseUrl(_) => "postgres",
+            Error::Migration { .. } | Error::SchemaTooNew { .. } => "migration",
+            Error::ConfigRead { .. } | Error::Config { .. } | Error::Catalog { .. } => "config",
+            Error::Invalid(_) | Error::Encode(_) => "invalid",
+            Error::WaitTimeout(_) => "timeout",
+            Error::UnknownTask(_) => "unknown_task",
+        }
+    }
+
+    /// Whether trying again later (after a reconnect) may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::AmqpConnect { .. }
+            | Error::Amqp { .. }
+            | Error::AmqpTimeout { .. }
+            | Error::PostgresPool(_)
+            | Error::PublishNacked { .. } => true,
+            Error::Postgres { source, .. } => crate::store::is_transient(source),
+            _ => false,
+        }
+    }
+}

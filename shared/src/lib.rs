@@ -1,0 +1,26 @@
+//! Gantry's shared core: the message contract every part speaks, the queue topology, the
+//! configuration, the Postgres store and the AMQP plumbing with reconnects.
+//!
+//! # Layout
+//!
+//! - [`message`]: `gantry.task/v1` and `gantry.result/v1`, parsed into validated domain types,
+//!   and their mapping to and from AMQP properties and headers.
+//! - [`topology`]: exchange and queue names under a prefix, and `apply` that declares them.
+//! - [`catalog`]: the executor catalog (executor class → engine, capacity, image, resources).
+//! - [`config`]: layered configuration (defaults → file → `GANTRY_*` environment).
+//! - [`store`]: the Postgres schema, its embedded migrations and the task state machine.
+//! - [`amqp`]: connections with backoff, a publisher with confirms that survives reconnects.
+//! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`retry`]: the backoff policy used for every reconnect.
+
+pub mod amqp;
+pub mod catalog;
+pub mod config;
+mod error;
+pub mod message;
+pub mod retry;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+
+pub use error::{Error, Result};

@@ -1,0 +1,99 @@
+//! The Postgres store: schema, embedded migrations, and every write of a task's life.
+//!
+//! Writes are idempotent on `(task_id, attempt, event)` and follow
+//! [`TaskState::can_become`]: a late or duplicate message never changes a terminal state.
+//! Migrations run by themselves on first connect, under an advisory lock, so replicas that
+//! start together apply each migration once.
+
+mod dead_letters;
+mod migrate;
+mod state;
+mod tasks;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use backon::Retryable;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::NoTls;
+use tracing::warn;
+
+pub use dead_letters::DeadLetter;
+pub use state::TaskState;
+pub use tasks::{Applied, Change, TaskRecord};
+
+use crate::{Error, Result};
+
+/// Channel on which the store announces that a task reached a terminal state.
+pub const DONE_CHANNEL: &str = "gantry_task_done";
+
+/// A pool of Postgres connections with the schema in place.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    config: tokio_postgres::Config,
+}
+
+impl Store {
+    /// Connects, retrying with backoff for as long as `policy` allows, and applies
+    /// migrations.
+    ///
+    /// # Errors
+    /// A bad URL, a server that stays unreachable, or a failed migration.
+    pub async fn connect(
+        url: &SecretString,
+        pool_size: usize,
+        policy: backon::ExponentialBuilder,
+    ) -> Result<Store> {
+        let config = tokio_postgres::Config::from_str(url.expose_secret())
+            .map_err(|e| Error::DatabaseUrl(e.to_string()))?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| Error::DatabaseUrl(e.to_string()))?;
+        let store = Store { pool, config };
+        (|| store.migrate())
+            .retry(policy)
+            .when(Error::is_transient)
+            .notify(|e, delay| warn!(error = %e, ?delay, "Postgres unavailable; retrying"))
+            .await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// Whether a Postgres error may go away by trying again (a lost connection, a server
+/// restart, a serialization conflict), as opposed to a bug or bad data.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => true,
+        Some(code) => [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ]
+        .contains(code),
+    }
+}
+
+fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    move |source| Error::Postgres { operation, source }
+}

@@ -1,0 +1,132 @@
+//! Task states and the one rule of their transitions: monotonic within an attempt, a later
+//! attempt supersedes an earlier one, and a terminal state is never overwritten.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::message::ResultStatus;
+
+/// The state of a task, as stored in `tasks.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    Received,
+    Dispatched,
+    Running,
+    Retrying,
+    Succeeded,
+    Failed,
+    Expired,
+    Cancelled,
+    DeadLettered,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 9] = [
+        TaskState::Received,
+        TaskState::Dispatched,
+        TaskState::Running,
+        TaskState::Retrying,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Expired,
+        TaskState::Cancelled,
+        TaskState::DeadLettered,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TaskState::Received => "received",
+            TaskState::Dispatched => "dispatched",
+            TaskState::Running => "running",
+            TaskState::Retrying => "retrying",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Expired => "expired",
+            TaskState::Cancelled => "cancelled",
+            TaskState::DeadLettered => "dead_lettered",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.rank() == 4
+    }
+
+    fn rank(&self) -> u8 {
+        match self {
+            TaskState::Received => 0,
+            TaskState::Dispatched => 1,
+            TaskState::Running => 2,
+            TaskState::Retrying => 3,
+            _ => 4,
+        }
+    }
+
+    /// Whether moving from `(self, attempt)` to `(next, next_attempt)` is progress.
+    pub fn can_become(&self, attempt: u32, next: TaskState, next_attempt: u32) -> bool {
+        if self.is_terminal() {
+            return false;
+        }
+        next_attempt > attempt || (next_attempt == attempt && next.rank() > self.rank())
+    }
+}
+
+impl From<ResultStatus> for TaskState {
+    fn from(s: ResultStatus) -> Self {
+        match s {
+            ResultStatus::Succeeded => TaskState::Succeeded,
+            ResultStatus::Failed => TaskState::Failed,
+            ResultStatus::Expired => TaskState::Expired,
+            ResultStatus::Cancelled => TaskState::Cancelled,
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        TaskState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown task state {s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskState::*;
+    use super::*;
+
+    #[test]
+    fn states_only_move_forward() {
+        assert!(Received.can_become(1, Dispatched, 1));
+        assert!(Dispatched.can_become(1, Succeeded, 1));
+        assert!(Running.can_become(1, Failed, 1));
+        assert!(!Running.can_become(1, Dispatched, 1));
+        assert!(!Running.can_become(1, Running, 1));
+        assert!(Retrying.can_become(1, Received, 2));
+        assert!(!Running.can_become(2, Succeeded, 1));
+    }
+
+    #[test]
+    fn a_terminal_state_is_never_overwritten() {
+        for terminal in [Succeeded, Failed, Expired, Cancelled, DeadLettered] {
+            for next in TaskState::ALL {
+                assert!(!terminal.can_become(1, next, 1));
+                assert!(!terminal.can_become(1, next, 2));
+            }
+        }
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for s in TaskState::ALL {
+            assert_eq!(s.as_str().parse::<TaskState>(), Ok(s));
+        }
+    }
+}

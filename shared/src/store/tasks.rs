@@ -1,0 +1,445 @@
+//! Task rows and their transitions.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
+use tracing::{debug, instrument};
+
+use super::{DONE_CHANNEL, Store, TaskState, pg};
+use crate::message::{Evidence, Task, TaskId, TaskResult};
+use crate::{Error, Result};
+
+/// A task as stored, for `gantry status` and the CLI's `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRecord {
+    pub task_id: TaskId,
+    pub task: String,
+    pub executor: String,
+    pub state: String,
+    pub attempt: i32,
+    pub reply_to: Option<String>,
+    pub deadline: DateTime<Utc>,
+    pub submitted_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub dispatch_id: Option<String>,
+    pub job_name: Option<String>,
+    pub pod_name: Option<String>,
+    pub node: Option<String>,
+    pub terminal_reason: Option<String>,
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+    pub forwarded_at: Option<DateTime<Utc>>,
+}
+
+impl TaskRecord {
+    /// The parsed state.
+    pub fn state(&self) -> TaskState {
+        self.state.parse().unwrap_or(TaskState::Received)
+    }
+
+    fn from_row(r: &Row) -> Self {
+        TaskRecord {
+            task_id: TaskId::from(r.get::<_, uuid::Uuid>("task_id")),
+            task: r.get("task"),
+            executor: r.get("executor"),
+            state: r.get("state"),
+            attempt: r.get("attempt"),
+            reply_to: r.get("reply_to"),
+            deadline: r.get("deadline"),
+            submitted_at: r.get("submitted_at"),
+            received_at: r.get("received_at"),
+            dispatched_at: r.get("dispatched_at"),
+            started_at: r.get("started_at"),
+            finished_at: r.get("finished_at"),
+            dispatch_id: r.get("dispatch_id"),
+            job_name: r.get("job_name"),
+            pod_name: r.get("pod_name"),
+            node: r.get("node"),
+            terminal_reason: r.get("terminal_reason"),
+            result: r.get("result"),
+            error: r.get("error"),
+            forwarded_at: r.get("forwarded_at"),
+        }
+    }
+}
+
+/// One transition to apply.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    pub evidence: Evidence,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The whole result envelope, for terminal states.
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+    /// Extra context for the `task_events` row.
+    pub detail: Option<Value>,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The state moved forward.
+    Changed { reply_to: Option<String> },
+    /// The same event was already recorded: nothing changed.
+    Duplicate,
+    /// The task is already further along (or terminal); the late event is noted only.
+    Stale { current: TaskState, attempt: i32 },
+    /// No such task.
+    Unknown,
+}
+
+impl Applied {
+    pub fn changed(&self) -> bool {
+        matches!(self, Applied::Changed { .. })
+    }
+}
+
+impl Store {
+    /// Records that a task was received (or a new attempt of it). Idempotent: returns the
+    /// task's current state and attempt whether or not this call changed anything.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    #[instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
+    pub async fn record_received(&self, task: &Task) -> Result<(TaskState, i32)> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg("begin"))?;
+        let attempt = attempt_i32(task.attempt);
+        let inserted = tx
+            .execute(
+                "INSERT INTO tasks (task_id, task, executor, state, attempt, reply_to,
+                     idempotency_key, traceparent, deadline, submitted_at)
+                 VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (task_id) DO NOTHING",
+                &[
+                    &task.id.as_uuid(),
+                    &task.name.as_str(),
+                    &task.executor.as_str(),
+                    &attempt,
+                    &task.reply_to,
+                    &task.idempotency_key,
+                    &task.traceparent,
+                    &task.deadline,
+                    &task.submitted_at,
+                ],
+            )
+            .await
+            .map_err(pg("insert task"))?;
+        let outcome = if inserted == 1 {
+            insert_event(&tx, task.id, attempt, "received", None).await?;
+            (TaskState::Received, attempt)
+        } else {
+            let change = Change::default();
+            match transition_in(&tx, task.id, task.attempt, TaskState::Received, &change).await? {
+                Applied::Stale { current, attempt } => (current, attempt),
+                _ => (TaskState::Received, attempt),
+            }
+        };
+        tx.commit().await.map_err(pg("commit"))?;
+        Ok(outcome)
+    }
+
+    /// Applies one transition.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    #[instrument(skip(self, change), fields(task_id = %id))]
+    pub async fn transition(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        state: TaskState,
+        change: &Change,
+    ) -> Result<Applied> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg("begin"))?;
+        let applied = transition_in(&tx, id, attempt, state, change).await?;
+        tx.commit().await.map_err(pg("commit"))?;
+        Ok(applied)
+    }
+
+    /// Records a batch of results in one transaction; each terminal change is announced on
+    /// [`DONE_CHANNEL`] when the transaction commits.
+    ///
+    /// # Errors
+    /// Postgres errors; then nothing of the batch is recorded.
+    #[instrument(skip_all, fields(batch = results.len()))]
+    pub async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<Applied>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg("begin"))?;
+        let mut outcomes = Vec::with_capacity(results.len());
+        for r in results {
+            let change = Change {
+                evidence: r.evidence.clone(),
+                started_at: r.started_at,
+                finished_at: Some(r.finished_at),
+                result: Some(serde_json::to_value(r)?),
+                error: r.error.as_ref().map(serde_json::to_value).transpose()?,
+                detail: Some(json!({"reported_by": r.reported_by})),
+                ..Change::default()
+            };
+            let applied =
+                transition_in(&tx, r.task_id, r.attempt, r.status.into(), &change).await?;
+            outcomes.push(applied);
+        }
+        tx.commit().await.map_err(pg("commit results"))?;
+        Ok(outcomes)
+    }
+
+    /// Notes that a task's result was forwarded to its `reply_to`.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn mark_forwarded(&self, id: TaskId) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE tasks SET forwarded_at = now() WHERE task_id = $1",
+                &[&id.as_uuid()],
+            )
+            .await
+            .map_err(pg("mark forwarded"))?;
+        Ok(())
+    }
+
+    /// One task, if known.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn task(&self, id: TaskId) -> Result<Option<TaskRecord>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT * FROM tasks WHERE task_id = $1", &[&id.as_uuid()])
+            .await
+            .map_err(pg("read task"))?;
+        Ok(row.as_ref().map(TaskRecord::from_row))
+    }
+
+    /// Tasks that are not terminal, for reconciliation at start.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn unfinished(&self, executor: Option<&str>) -> Result<Vec<TaskRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT * FROM tasks WHERE state IN ('received', 'dispatched', 'running', 'retrying')
+                   AND ($1::text IS NULL OR executor = $1)",
+                &[&executor],
+            )
+            .await
+            .map_err(pg("read unfinished tasks"))?;
+        Ok(rows.iter().map(TaskRecord::from_row).collect())
+    }
+
+    /// The events of a task, oldest first: `(attempt, event, detail, at)`.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn events(
+        &self,
+        id: TaskId,
+    ) -> Result<Vec<(i32, String, Option<Value>, DateTime<Utc>)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT attempt, event, detail, at FROM task_events WHERE task_id = $1 ORDER BY id",
+                &[&id.as_uuid()],
+            )
+            .await
+            .map_err(pg("read task events"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    /// Waits until the task is terminal and returns it. Listens on [`DONE_CHANNEL`] on a
+    /// dedicated connection, so it reacts when the recorder commits, without polling.
+    ///
+    /// # Errors
+    /// [`Error::WaitTimeout`], [`Error::UnknownTask`] if the task never appears, or Postgres
+    /// errors.
+    pub async fn wait_terminal(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(pg("connect"))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = message
+                    && tx.send(n.payload().to_owned()).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let wanted = id.to_string();
+        let waiting = async {
+            client
+                .batch_execute(&format!("LISTEN {DONE_CHANNEL}"))
+                .await
+                .map_err(pg("listen"))?;
+            loop {
+                // Check after LISTEN so a commit between the two is never missed.
+                if let Some(record) = self.task(id).await?
+                    && record.state().is_terminal()
+                {
+                    return Ok(record);
+                }
+                loop {
+                    match rx.recv().await {
+                        Some(payload) if payload == wanted => break,
+                        Some(_) => continue,
+                        None => return Err(Error::WaitTimeout(timeout)),
+                    }
+                }
+                debug!(task_id = %id, "task finished");
+            }
+        };
+        let outcome = tokio::time::timeout(timeout, waiting).await;
+        driver.abort();
+        match outcome {
+            Ok(r) => r,
+            Err(_) => match self.task(id).await? {
+                Some(_) => Err(Error::WaitTimeout(timeout)),
+                None => Err(Error::UnknownTask(id)),
+            },
+        }
+    }
+}
+
+fn attempt_i32(attempt: u32) -> i32 {
+    i32::try_from(attempt).unwrap_or(i32::MAX)
+}
+
+async fn insert_event(
+    tx: &Transaction<'_>,
+    id: TaskId,
+    attempt: i32,
+    event: &str,
+    detail: Option<&Value>,
+) -> Result<bool> {
+    let n = tx
+        .execute(
+            "INSERT INTO task_events (task_id, attempt, event, detail) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (task_id, attempt, event) DO NOTHING",
+            &[&id.as_uuid(), &attempt, &event, &detail],
+        )
+        .await
+        .map_err(pg("insert task event"))?;
+    Ok(n == 1)
+}
+
+/// The transition rule, applied under a row lock.
+pub(super) async fn transition_in(
+    tx: &Transaction<'_>,
+    id: TaskId,
+    attempt: u32,
+    state: TaskState,
+    change: &Change,
+) -> Result<Applied> {
+    let attempt = attempt_i32(attempt);
+    let Some(row) = tx
+        .query_opt(
+            "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
+            &[&id.as_uuid()],
+        )
+        .await
+        .map_err(pg("lock task"))?
+    else {
+        return Ok(Applied::Unknown);
+    };
+    let current: TaskState = row
+        .get::<_, String>(0)
+        .parse()
+        .unwrap_or(TaskState::Received);
+    let current_attempt: i32 = row.get(1);
+    let reply_to: Option<String> = row.get(2);
+    let event = state.as_str();
+    if !current.can_become(current_attempt.max(0) as u32, state, attempt.max(0) as u32) {
+        let seen = tx
+            .query_opt(
+                "SELECT 1 FROM task_events WHERE task_id = $1 AND attempt = $2 AND event = $3",
+                &[&id.as_uuid(), &attempt, &event],
+            )
+            .await
+            .map_err(pg("read task event"))?;
+        if seen.is_some() {
+            return Ok(Applied::Duplicate);
+        }
+        let late = format!("late:{event}");
+        insert_event(tx, id, attempt, &late, change.detail.as_ref()).await?;
+        return Ok(Applied::Stale {
+            current,
+            attempt: current_attempt,
+        });
+    }
+    if !insert_event(tx, id, attempt, event, change.detail.as_ref()).await? {
+        return Ok(Applied::Duplicate);
+    }
+    if attempt > current_attempt {
+        tx.execute(
+            "UPDATE tasks SET dispatched_at = NULL, started_at = NULL, finished_at = NULL,
+                 dispatch_id = NULL, job_name = NULL, pod_name = NULL, node = NULL,
+                 terminal_reason = NULL, result = NULL, error = NULL
+             WHERE task_id = $1",
+            &[&id.as_uuid()],
+        )
+        .await
+        .map_err(pg("reset attempt"))?;
+    }
+    let now = Utc::now();
+    let dispatched_at = change
+        .dispatched_at
+        .or((state == TaskState::Dispatched).then_some(now));
+    let started_at = change
+        .started_at
+        .or((state == TaskState::Running).then_some(now));
+    let e = &change.evidence;
+    tx.execute(
+        "UPDATE tasks SET state = $2, attempt = $3, updated_at = now(),
+             dispatch_id = coalesce($4, dispatch_id), job_name = coalesce($5, job_name),
+             pod_name = coalesce($6, pod_name), node = coalesce($7, node),
+             terminal_reason = coalesce($8, terminal_reason),
+             dispatched_at = coalesce(dispatched_at, $9),
+             started_at = coalesce(started_at, $10),
+             finished_at = coalesce($11, finished_at),
+             result = coalesce($12, result), error = coalesce($13, error)
+         WHERE task_id = $1",
+        &[
+            &id.as_uuid(),
+            &event,
+            &attempt,
+            &e.dispatch_id,
+            &e.job_name,
+            &e.pod_name,
+            &e.node,
+            &e.terminal_reason,
+            &dispatched_at,
+            &started_at,
+            &change.finished_at,
+            &change.result,
+            &change.error,
+        ],
+    )
+    .await
+    .map_err(pg("update task"))?;
+    if state.is_terminal() {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&DONE_CHANNEL, &id.to_string()],
+        )
+        .await
+        .map_err(pg("notify"))?;
+    }
+    Ok(Applied::Changed { reply_to })
+}
