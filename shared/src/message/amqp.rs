@@ -74,7 +74,7 @@ fn value_i64(v: &AMQPValue) -> Option<i64> {
 }
 
 /// Converts any AMQP value into JSON (byte strings that are not UTF-8 become lossy text).
-pub(crate) fn value_to_json(v: &AMQPValue) -> Value {
+pub fn value_to_json(v: &AMQPValue) -> Value {
     match v {
         AMQPValue::Boolean(b) => json!(b),
         AMQPValue::Float(f) => json!(f),

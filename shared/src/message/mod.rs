@@ -9,8 +9,8 @@ mod names;
 mod result;
 mod task;
 
-pub use amqp::{FieldTableExt, headers};
-pub use names::{ExecutorClass, JobName, TaskId, TaskName};
+pub use amqp::{FieldTableExt, headers, value_to_json};
+pub use names::{ExecutorClass, InvalidName, JobName, TaskId, TaskName};
 pub use result::{Evidence, ResultStatus, TaskError, TaskResult, Usage};
 pub use task::{Limits, Rejection, Resources, Task, TaskEnvelope, TaskSpec, traceparent};
 

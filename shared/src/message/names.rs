@@ -6,6 +6,17 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// A name or id that does not parse; its text says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidName(pub String);
+
+impl From<InvalidName> for String {
+    fn from(e: InvalidName) -> String {
+        e.0
+    }
+}
+
 /// A task's identity: a UUID, also the AMQP `message_id` and `correlation_id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -42,12 +53,12 @@ impl fmt::Display for TaskId {
 }
 
 impl FromStr for TaskId {
-    type Err = String;
+    type Err = InvalidName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::parse_str(s.trim())
             .map(TaskId)
-            .map_err(|e| format!("task id {s:?} is not a UUID ({e})"))
+            .map_err(|e| InvalidName(format!("task id {s:?} is not a UUID ({e})")))
     }
 }
 
@@ -67,24 +78,26 @@ impl TaskName {
     ///
     /// # Errors
     /// A sentence saying what is wrong with the name.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, InvalidName> {
         if s.is_empty() || s.len() > Self::MAX_LEN {
-            return Err(format!(
+            return Err(InvalidName(format!(
                 "task name must be 1 to {} characters, got {}",
                 Self::MAX_LEN,
                 s.len()
-            ));
+            )));
         }
         if !s.as_bytes()[0].is_ascii_alphanumeric() {
-            return Err(format!("task name {s:?} must start with a letter or digit"));
+            return Err(InvalidName(format!(
+                "task name {s:?} must start with a letter or digit"
+            )));
         }
         if let Some(c) = s
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
         {
-            return Err(format!(
+            return Err(InvalidName(format!(
                 "task name {s:?} has {c:?}; use letters, digits, '.', '_', '-' or ':'"
-            ));
+            )));
         }
         Ok(TaskName(s.to_owned()))
     }
@@ -95,8 +108,8 @@ impl TaskName {
 }
 
 impl TryFrom<String> for TaskName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidName;
+    fn try_from(s: String) -> Result<Self, InvalidName> {
         TaskName::parse(&s)
     }
 }
@@ -130,17 +143,17 @@ impl ExecutorClass {
     ///
     /// # Errors
     /// A sentence saying what is wrong with the name.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, InvalidName> {
         let ok_chars = s
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         let ok_ends = s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
         if s.is_empty() || s.len() > Self::MAX_LEN || !ok_chars || !ok_ends {
-            return Err(format!(
+            return Err(InvalidName(format!(
                 "executor class {s:?} must be 1 to {} lowercase letters, digits or '-', starting and ending with a letter or digit",
                 Self::MAX_LEN
-            ));
+            )));
         }
         Ok(ExecutorClass(s.to_owned()))
     }
@@ -151,8 +164,8 @@ impl ExecutorClass {
 }
 
 impl TryFrom<String> for ExecutorClass {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidName;
+    fn try_from(s: String) -> Result<Self, InvalidName> {
         ExecutorClass::parse(&s)
     }
 }

@@ -303,7 +303,9 @@ impl Task {
                 task_id: envelope.task_id,
             });
         }
-        let bad = |field: &'static str| move |detail: String| Rejection::BadField { field, detail };
+        let bad = |field: &'static str| {
+            move |e: super::names::InvalidName| Rejection::BadField { field, detail: e.0 }
+        };
         let task = Task {
             id: envelope.task_id,
             name: TaskName::parse(&envelope.task).map_err(bad("task"))?,

@@ -1,0 +1,82 @@
+//! Dead-lettering a message the dispatcher or recorder refuses, with a readable reason.
+//!
+//! RabbitMQ's own `basic.reject` would dead-letter the message but cannot say why, so the
+//! message is republished to the dead-letter exchange with `x-gantry-reason` (and an id that
+//! makes its audit idempotent), confirmed, and only then acked by the caller. The stale
+//! `expiration` is dropped: a dead letter must not expire out of `gantry.dead`.
+
+use chrono::Utc;
+use gantry_shared::amqp::Publisher;
+use gantry_shared::message::headers;
+use gantry_shared::retry;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// Publishes `delivery` to the dead-letter exchange `dlx` with `reason`, from `queue`.
+///
+/// # Errors
+/// The publish could not be confirmed (after retries); the caller must not ack.
+pub(crate) async fn publish(
+    publisher: &Publisher,
+    dlx: &str,
+    queue: &str,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<()> {
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    let mut put = |k: &str, v: &str| {
+        table.insert(k.into(), AMQPValue::LongString(v.into()));
+    };
+    put(headers::REASON, reason);
+    put(headers::DEAD_LETTER_ID, &Uuid::new_v4().to_string());
+    put(headers::ORIGINAL_QUEUE, queue);
+    put(headers::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
+    table.insert(
+        "x-gantry-dead-at".into(),
+        AMQPValue::Timestamp(Utc::now().timestamp().max(0) as u64),
+    );
+    let props = strip_expiration(delivery.properties.clone()).with_headers(table);
+    publisher
+        .publish(
+            dlx,
+            queue,
+            &delivery.data,
+            props,
+            true,
+            retry::for_at_most(std::time::Duration::from_secs(60)),
+        )
+        .await
+        .inspect_err(
+            |e| warn!(error = %e, "could not dead-letter a message; it stays in its queue"),
+        )?;
+    Ok(())
+}
+
+/// The same properties without `expiration`.
+fn strip_expiration(p: BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default()
+        .with_headers(p.headers().clone().unwrap_or_else(FieldTable::default));
+    macro_rules! copy {
+        ($get:ident, $with:ident) => {
+            if let Some(v) = p.$get().clone() {
+                out = out.$with(v);
+            }
+        };
+    }
+    copy!(content_type, with_content_type);
+    copy!(content_encoding, with_content_encoding);
+    copy!(delivery_mode, with_delivery_mode);
+    copy!(priority, with_priority);
+    copy!(correlation_id, with_correlation_id);
+    copy!(reply_to, with_reply_to);
+    copy!(message_id, with_message_id);
+    copy!(timestamp, with_timestamp);
+    copy!(kind, with_type);
+    copy!(app_id, with_app_id);
+    out
+}

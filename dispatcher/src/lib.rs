@@ -1,0 +1,27 @@
+//! `gantry-dispatcher`: consumes tasks and turns each into a job on a runtime, follows every
+//! job to a terminal state, and records results and dead letters in Postgres.
+//!
+//! # Layout
+//!
+//! - [`settings`]: the dispatcher's configuration (runtime, roles, state directory, …).
+//! - `service`: [`run`], which starts the roles and drains them on shutdown.
+//! - `dispatch`: the per-executor-class consumers: validate → job → `dispatched` → ack.
+//! - `dead_letter`: publishing a rejected message to the dead-letter exchange with a reason.
+//! - `runtime`: where jobs run; `local` runs the executor as a child process.
+//! - `recorder`: results and dead letters into Postgres, then forwarding to `reply_to`.
+//! - `consume`: the reconnecting consumer loop every role shares.
+//! - `metrics`: counters, logged periodically and at shutdown.
+
+mod consume;
+mod dead_letter;
+mod dispatch;
+mod error;
+mod metrics;
+mod recorder;
+mod runtime;
+mod service;
+pub mod settings;
+
+pub use error::{Error, Result};
+pub use service::run;
+pub use settings::{Role, RuntimeKind, Settings};

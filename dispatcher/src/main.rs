@@ -1,0 +1,131 @@
+//! `gantry-dispatcher`: the service binary. See `gantry-dispatcher --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use gantry_dispatcher::Role;
+use gantry_dispatcher::settings::{RuntimeKind, Settings};
+use gantry_shared::config::Config;
+use gantry_shared::telemetry;
+
+/// Consumes Gantry tasks from RabbitMQ and runs each as a job; records every result and
+/// dead letter in Postgres.
+///
+/// Configuration comes from defaults, then the YAML file given by --config (or
+/// GANTRY_CONFIG), then GANTRY_* environment variables, then these flags.
+#[derive(Debug, Parser)]
+#[command(name = "gantry-dispatcher", version, after_help = AFTER_HELP)]
+struct Args {
+    /// YAML configuration file (shared settings and a `dispatcher:` section).
+    #[arg(long, env = "GANTRY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where jobs run: `local` runs each as a child process on this machine.
+    #[arg(long, value_name = "RUNTIME")]
+    runtime: Option<RuntimeKind>,
+    /// Roles of this process (repeat or comma-separate): `dispatch`, `record`. Default: both.
+    #[arg(long = "role", value_name = "ROLE", value_delimiter = ',')]
+    roles: Vec<Role>,
+    /// Executor catalog (YAML). Default: the built-in catalog with the class `echo`.
+    #[arg(long, value_name = "FILE")]
+    catalog: Option<PathBuf>,
+    /// Directory for the local runtime's jobs; one dispatcher per directory.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The gantry-executor program (default: beside this program, else on PATH).
+    #[arg(long, value_name = "FILE")]
+    executor_bin: Option<PathBuf>,
+    /// RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/%2f; env GANTRY_AMQP_URL).
+    #[arg(long, value_name = "URL")]
+    amqp_url: Option<String>,
+    /// Postgres URL (default postgres://gantry:gantry@127.0.0.1:5432/gantry; env GANTRY_DATABASE_URL).
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// Prefix of every exchange and queue (default gantry; env GANTRY_PREFIX).
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  gantry-dispatcher --runtime local
+  gantry-dispatcher --role record                  # a recorder-only replica
+  GANTRY_PREFIX=staging gantry-dispatcher --catalog catalog.yaml
+
+On SIGTERM or Ctrl-C the dispatcher stops consuming, finishes the hand-offs in flight,
+and exits 0. Running jobs keep running; the next start adopts them.
+
+More: docs/configuration.md and docs/architecture.md.";
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gantry-dispatcher: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "gantry-dispatcher failed");
+            eprintln!("gantry-dispatcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let mut common = Config::load(args.config.as_deref()).context("loading configuration")?;
+    telemetry::init(common.log_format);
+    let mut dispatcher = Settings::load(args.config.as_deref()).context("loading configuration")?;
+    if let Some(v) = args.amqp_url {
+        common.amqp_url = v.into();
+    }
+    if let Some(v) = args.database_url {
+        common.database_url = v.into();
+    }
+    if let Some(v) = args.prefix {
+        common.prefix = v;
+    }
+    if let Some(v) = args.runtime {
+        dispatcher.runtime = v;
+    }
+    if !args.roles.is_empty() {
+        dispatcher.roles = args.roles;
+    }
+    if let Some(v) = args.catalog {
+        dispatcher.catalog = Some(v);
+    }
+    if let Some(v) = args.state_dir {
+        dispatcher.state_dir = v;
+    }
+    if let Some(v) = args.executor_bin {
+        dispatcher.executor_bin = Some(v);
+    }
+    let settings = Settings::resolve(common, dispatcher, args.config)
+        .context("loading the executor catalog")?;
+    gantry_dispatcher::run(settings, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,54 @@
+//! Counters of what the dispatcher did, logged every minute and at shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing::info;
+
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub(crate) dispatched: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) results_recorded: AtomicU64,
+    pub(crate) results_duplicate: AtomicU64,
+    pub(crate) synthesized: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) dead_letters_recorded: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    /// Counts one rejected message by its cause.
+    pub(crate) fn rejected(&self, label: &'static str) -> u64 {
+        let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(label).or_default();
+        *n += 1;
+        *n
+    }
+
+    pub(crate) fn log(&self, when: &str) {
+        let rejected = self
+            .rejected
+            .lock()
+            .map(|m| format!("{m:?}"))
+            .unwrap_or_default();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        info!(
+            when,
+            dispatched = get(&self.dispatched),
+            skipped = get(&self.skipped),
+            results_recorded = get(&self.results_recorded),
+            results_duplicate = get(&self.results_duplicate),
+            synthesized = get(&self.synthesized),
+            forwarded = get(&self.forwarded),
+            dead_letters_recorded = get(&self.dead_letters_recorded),
+            %rejected,
+            "dispatcher counters"
+        );
+    }
+}
+
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}

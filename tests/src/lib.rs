@@ -1,0 +1,363 @@
+//! Test support for Gantry's end-to-end tests and benchmarks: a fresh Postgres database and
+//! a unique RabbitMQ prefix per test, the real binaries started as processes, and helpers
+//! that wait for conditions instead of sleeping.
+//!
+//! # Layout
+//!
+//! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up.
+//! - [`Dispatcher`]: a `gantry-dispatcher` process, with SIGTERM and SIGKILL.
+//! - [`bin_path`]: where the built binaries are.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use gantry_producer::Producer;
+use gantry_shared::amqp::{self, Publisher, confirm_channel};
+use gantry_shared::catalog::Catalog;
+use gantry_shared::config::{Config, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use gantry_shared::retry;
+use gantry_shared::store::Store;
+use gantry_shared::topology::{QueueSettings, Topology};
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use secrecy::ExposeSecret;
+use tokio_postgres::NoTls;
+
+/// The broker every test uses (`GANTRY_AMQP_URL`, else this machine's).
+pub fn amqp_url() -> String {
+    std::env::var("GANTRY_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
+}
+
+/// The Postgres server and role tests use (`GANTRY_DATABASE_URL`, else this machine's).
+pub fn admin_database_url() -> String {
+    std::env::var("GANTRY_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.into())
+}
+
+/// A built binary of the workspace (`cargo build --bins` first), found beside the running
+/// test or benchmark executable, or in `GANTRY_BIN_DIR`.
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("GANTRY_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let mut dir = exe
+        .parent()
+        .expect("the test has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// One test's world: its own database, prefix and state directory.
+pub struct TestEnv {
+    pub prefix: String,
+    pub database: String,
+    pub database_url: String,
+    pub dir: tempfile::TempDir,
+    pub catalog_path: PathBuf,
+    pub catalog: Catalog,
+}
+
+impl TestEnv {
+    /// A fresh database (migrated) and prefix; the catalog is `catalog_yaml` or the
+    /// built-in one.
+    pub async fn new(catalog_yaml: Option<&str>) -> Result<TestEnv> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("t-{}", &id[..12]);
+        let database = format!("gantry_test_{id}");
+        let admin = admin_database_url();
+        let (client, conn) = tokio_postgres::connect(&with_database(&admin, "postgres")?, NoTls)
+            .await
+            .context("connecting to Postgres as the test role; run scripts/setup.sh")?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+            .await
+            .context("creating the test database")?;
+        let dir = tempfile::tempdir()?;
+        let yaml = catalog_yaml.map(str::to_owned).unwrap_or_else(|| {
+            "executors:\n  echo:\n    engine: { kind: echo }\n    max_active_jobs: 8\n".into()
+        });
+        let catalog_path = dir.path().join("catalog.yaml");
+        std::fs::write(&catalog_path, &yaml)?;
+        let catalog = Catalog::parse(&yaml, "test catalog")?;
+        let env = TestEnv {
+            database_url: with_database(&admin, &database)?,
+            prefix,
+            database,
+            dir,
+            catalog_path,
+            catalog,
+        };
+        env.apply_topology().await?;
+        Ok(env)
+    }
+
+    /// The shared configuration pointing at this test's world.
+    pub fn config(&self) -> Config {
+        Config {
+            amqp_url: amqp_url().into(),
+            database_url: self.database_url.clone().into(),
+            prefix: self.prefix.clone(),
+            broker_timeout: Duration::from_secs(10),
+            ..Config::default()
+        }
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.prefix).expect("test prefixes are valid")
+    }
+
+    async fn apply_topology(&self) -> Result<()> {
+        let conn =
+            amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
+        let channel = confirm_channel(&conn, Duration::from_secs(10)).await?;
+        self.topology()
+            .apply(&channel, &self.catalog.classes(), &QueueSettings::default())
+            .await?;
+        let _ = conn.close(200, "ok".into()).await;
+        Ok(())
+    }
+
+    /// The store of this test's database.
+    pub async fn store(&self) -> Result<Store> {
+        Ok(Store::connect(
+            &self.database_url.clone().into(),
+            4,
+            retry::for_at_most(Duration::from_secs(10)),
+        )
+        .await?)
+    }
+
+    pub async fn producer(&self) -> Result<Producer> {
+        Ok(Producer::connect(&self.config()).await?)
+    }
+
+    /// A confirm-mode publisher for hand-made messages.
+    pub async fn publisher(&self) -> Result<Publisher> {
+        Ok(Publisher::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?)
+    }
+
+    /// Messages ready in a queue right now (a passive declare: it takes nothing).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        let conn =
+            amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
+        let channel = conn.create_channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = conn.close(200, "ok".into()).await;
+        Ok(q.message_count())
+    }
+
+    /// Starts a dispatcher for this world, waiting until it says it is ready.
+    pub fn dispatcher(&self) -> Result<Dispatcher> {
+        Dispatcher::start(self, &[])
+    }
+
+    /// Deletes the queues, exchanges and database of this test.
+    pub async fn cleanup(self) -> Result<()> {
+        let conn =
+            amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
+        let channel = conn.create_channel().await?;
+        let t = self.topology();
+        let mut queues: Vec<String> = self
+            .catalog
+            .classes()
+            .iter()
+            .map(|c| t.task_queue(c))
+            .collect();
+        queues.extend(
+            QueueSettings::default()
+                .retry_delays
+                .iter()
+                .map(|d| t.retry_queue(*d)),
+        );
+        queues.extend([t.results_queue(), t.dead_queue(), t.dead_audit_queue()]);
+        for q in queues {
+            channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for e in [
+            t.tasks_exchange(),
+            t.retry_exchange(),
+            t.results_exchange(),
+            t.dlx(),
+        ] {
+            channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        let _ = conn.close(200, "ok".into()).await;
+        let (client, conn) =
+            tokio_postgres::connect(&with_database(&admin_database_url(), "postgres")?, NoTls)
+                .await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.database
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+/// The same URL with another database.
+fn with_database(url: &str, database: &str) -> Result<String> {
+    tokio_postgres::Config::from_str(url).context("GANTRY_DATABASE_URL is not a Postgres URL")?;
+    let Some((base, _)) = url.rsplit_once('/') else {
+        bail!("GANTRY_DATABASE_URL {url} has no database part");
+    };
+    let query = url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    Ok(format!("{base}/{database}{query}"))
+}
+
+/// A running `gantry-dispatcher` process.
+pub struct Dispatcher {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher with extra environment, and waits until it is ready.
+    pub fn start(env: &TestEnv, extra: &[(&str, &str)]) -> Result<Dispatcher> {
+        let log = env
+            .dir
+            .path()
+            .join(format!("dispatcher-{}.log", uuid::Uuid::new_v4().simple()));
+        let out = std::fs::File::create(&log)?;
+        let config = env.config();
+        let child = Command::new(bin_path("gantry-dispatcher"))
+            .args(["--runtime", "local"])
+            .env("GANTRY_AMQP_URL", config.amqp_url.expose_secret())
+            .env("GANTRY_DATABASE_URL", &env.database_url)
+            .env("GANTRY_PREFIX", &env.prefix)
+            .env("GANTRY_STATE_DIR", env.dir.path().join("state"))
+            .env("GANTRY_CATALOG", &env.catalog_path)
+            .env("GANTRY_EXECUTOR_BIN", bin_path("gantry-executor"))
+            .env("GANTRY_JOB_RETENTION", "1h")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting gantry-dispatcher")?;
+        let mut d = Dispatcher { child, log };
+        d.wait_for_log("dispatcher ready", Duration::from_secs(60))?;
+        Ok(d)
+    }
+
+    /// Waits until the log contains `needle` (or the process exits).
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "dispatcher exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "dispatcher did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait for the exit status (bounded).
+    pub fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                bail!(
+                    "dispatcher did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill_hard(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Re-checks `probe` every 50 ms until it yields a value or `timeout` passes: waiting for a
+/// condition, never for a fixed time.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await? {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

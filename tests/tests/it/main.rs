@@ -1,0 +1,9 @@
+//! End-to-end tests against the real RabbitMQ and Postgres of this machine. Each test has
+//! its own prefix and its own fresh database, so they run in parallel.
+//! Build the binaries first: `cargo build --workspace --bins`.
+
+mod bad_input;
+mod contract;
+mod lifecycle;
+mod restart;
+mod topology;

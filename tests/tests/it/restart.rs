@@ -1,0 +1,81 @@
+//! A dispatcher killed with SIGKILL loses nothing and runs nothing twice once restarted.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
+use gantry_tests::{Dispatcher, TestEnv, eventually};
+use serde_json::json;
+
+#[tokio::test]
+async fn a_dispatcher_killed_with_50_tasks_in_flight_loses_none_and_runs_none_twice()
+-> anyhow::Result<()> {
+    let runs_dir = tempfile::tempdir()?;
+    let runs = runs_dir.path().join("runs.log");
+    let catalog = format!(
+        r#"
+executors:
+  work:
+    engine: {{ kind: command, command: ["sh", "-c", "input=$(cat); echo \"$input\" >> {runs}; sleep 1; echo '{{\"done\": true}}'"] }}
+    max_active_jobs: 10
+"#,
+        runs = runs.display()
+    );
+    let env = TestEnv::new(Some(&catalog)).await?;
+    let dispatcher = env.dispatcher()?;
+    let producer = env.producer().await?;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let spec = TaskSpec {
+            executor: ExecutorClass::parse("work")?,
+            name: TaskName::parse("restart.work")?,
+            payload: json!({"i": i}),
+            ttl: Duration::from_secs(300),
+            reply_to: None,
+            idempotency_key: None,
+            priority: None,
+            resources: None,
+        };
+        ids.push(producer.submit(spec).await?);
+    }
+    // Kill it once jobs are running and others are still queued or being handed off.
+    eventually("ten jobs running", Duration::from_secs(60), || async {
+        let mut running = 0;
+        for id in &ids {
+            if let Some(r) = producer.status(*id).await?
+                && r.state == "running"
+            {
+                running += 1;
+            }
+        }
+        Ok((running >= 10).then_some(()))
+    })
+    .await?;
+    dispatcher.kill_hard()?;
+
+    let restarted = Dispatcher::start(&env, &[])?;
+    for id in &ids {
+        let record = producer.wait(*id, Duration::from_secs(120)).await?;
+        assert_eq!(record.state, "succeeded", "task {id}: {:?}", record.error);
+    }
+    let text = std::fs::read_to_string(&runs)?;
+    let mut per_task: HashMap<String, usize> = HashMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        *per_task
+            .entry(v["task_id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(per_task.len(), 50, "every task ran");
+    assert!(
+        per_task.values().all(|n| *n == 1),
+        "no task ran twice: {per_task:?}"
+    );
+    assert!(
+        restarted.log_text().contains("reconciling a job"),
+        "the restart adopted running jobs"
+    );
+    assert!(restarted.terminate(Duration::from_secs(30))?.success());
+    producer.close().await;
+    env.cleanup().await
+}
