@@ -11,7 +11,7 @@ use gantry_shared::message::headers;
 use gantry_shared::retry;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use tracing::warn;
 use uuid::Uuid;
 
@@ -59,8 +59,7 @@ pub(crate) async fn publish(
 
 /// The same properties without `expiration`.
 fn strip_expiration(p: BasicProperties) -> BasicProperties {
-    let mut out = BasicProperties::default()
-        .with_headers(p.headers().clone().unwrap_or_else(FieldTable::default));
+    let mut out = BasicProperties::default().with_headers(p.headers().clone().unwrap_or_default());
     macro_rules! copy {
         ($get:ident, $with:ident) => {
             if let Some(v) = p.$get().clone() {

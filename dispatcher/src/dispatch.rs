@@ -185,18 +185,22 @@ async fn dispatch(
     };
     let mut evidence = runtime.evidence(&job.name);
     evidence.dispatch_id = Some(dispatch_id);
-    let change = Change {
+    let dispatched = Change {
         evidence,
         ..Change::default()
     };
+    let running = Change {
+        started_at: job.started_at,
+        ..dispatched.clone()
+    };
     ctx.persist("record dispatched", || {
         ctx.store
-            .transition(task.id, task.attempt, TaskState::Dispatched, &change)
+            .transition(task.id, task.attempt, TaskState::Dispatched, &dispatched)
     })
     .await?;
     ctx.persist("record running", || {
         ctx.store
-            .transition(task.id, task.attempt, TaskState::Running, &change)
+            .transition(task.id, task.attempt, TaskState::Running, &running)
     })
     .await?;
     ack(delivery).await;

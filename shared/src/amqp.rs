@@ -130,6 +130,24 @@ pub async fn confirm_channel(conn: &Connection, timeout: Duration) -> Result<Cha
     Ok(channel)
 }
 
+/// Whether the broker refused the operation for good (no such exchange, access refused):
+/// trying again cannot help, the topology or the permissions must change.
+pub fn is_refusal(e: &Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let source = match e {
+        Error::Amqp { source, .. } | Error::AmqpConnect { source, .. } => source,
+        _ => return false,
+    };
+    matches!(
+        source.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND | AMQPSoftError::ACCESSREFUSED)
+            )
+    )
+}
+
 /// A publisher with confirms that reconnects when its connection breaks.
 ///
 /// Concurrent publishes share one channel, each awaiting its own confirm. A publish that
@@ -214,7 +232,7 @@ impl Publisher {
                 matches!(
                     e,
                     Error::AmqpConnect { .. } | Error::Amqp { .. } | Error::AmqpTimeout { .. }
-                )
+                ) && !is_refusal(e)
             })
             .notify(|e, delay| warn!(error = %e, ?delay, exchange, "publish failed; retrying"))
             .await

@@ -85,7 +85,7 @@ impl Catalog {
         let Some(path) = path else {
             return Ok(Catalog::builtin());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::CatalogRead {
             path: path.display().to_string(),
             source,
         })?;

@@ -76,6 +76,12 @@ pub enum Error {
     },
     #[error("invalid configuration in {origin}: {message}")]
     Config { origin: String, message: String },
+    #[error("cannot read the executor catalog {path}: {source}; check --catalog / GANTRY_CATALOG")]
+    CatalogRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid executor catalog {origin}: {message}")]
     Catalog { origin: String, message: String },
     #[error("invalid message: {0}")]
@@ -84,6 +90,8 @@ pub enum Error {
     Encode(#[from] serde_json::Error),
     #[error("waited {0:?} for the task to finish; it is still running (see `gantry status`)")]
     WaitTimeout(std::time::Duration),
+    #[error("lost the Postgres connection while waiting for the task; wait again (`gantry wait`)")]
+    ListenLost,
     #[error(
         "task {0} is not known to Gantry (it was never received, or the database is another one)"
     )]
@@ -100,9 +108,13 @@ impl Error {
             Error::TopologyConflict { .. } => "topology",
             Error::PostgresPool(_) | Error::Postgres { .. } | Error::DatabaseUrl(_) => "postgres",
             Error::Migration { .. } | Error::SchemaTooNew { .. } => "migration",
-            Error::ConfigRead { .. } | Error::Config { .. } | Error::Catalog { .. } => "config",
+            Error::ConfigRead { .. }
+            | Error::Config { .. }
+            | Error::Catalog { .. }
+            | Error::CatalogRead { .. } => "config",
             Error::Invalid(_) | Error::Encode(_) => "invalid",
             Error::WaitTimeout(_) => "timeout",
+            Error::ListenLost => "postgres",
             Error::UnknownTask(_) => "unknown_task",
         }
     }
@@ -114,6 +126,7 @@ impl Error {
             | Error::Amqp { .. }
             | Error::AmqpTimeout { .. }
             | Error::PostgresPool(_)
+            | Error::ListenLost
             | Error::PublishNacked { .. } => true,
             Error::Postgres { source, .. } => crate::store::is_transient(source),
             _ => false,

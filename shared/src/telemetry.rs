@@ -5,11 +5,23 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. Safe to call once per process.
+/// Default filter of the services: `info`, without lapin's per-message chatter (a returned
+/// message is logged with its whole payload at `warn`).
+pub const SERVICE_FILTER: &str = "info,lapin=warn,lapin::returned_messages=error";
+
+/// Installs the global subscriber with the services' default filter.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, SERVICE_FILTER);
+}
+
+/// Installs the global subscriber; `RUST_LOG` overrides `default_filter`. Safe to call once
+/// per process.
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -47,7 +47,7 @@ async fn record_batches(ctx: &Ctx, consumer: &mut Consumer) -> SessionEnd {
                 SessionEnd::Broken
             };
         };
-        match record(&ctx, &batch).await {
+        match record(ctx, &batch).await {
             Ok(()) => ack_batch(&batch).await,
             // Not acked: the batch comes back after the reconnect or restart.
             Err(e) => {

@@ -55,6 +55,8 @@ pub(crate) struct LocalJob {
     pub(crate) attempt: u32,
     pub(crate) executor: String,
     pub(crate) deadline: DateTime<Utc>,
+    /// When the executor started (or, for a new job, just before it was spawned).
+    pub(crate) started_at: Option<DateTime<Utc>>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -79,6 +81,19 @@ enum Phase {
 #[derive(Deserialize)]
 struct ExitReport {
     published: bool,
+}
+
+#[derive(Deserialize)]
+struct StartedReport {
+    started_at: DateTime<Utc>,
+}
+
+/// When the executor of a job said it started, if it did.
+fn read_started_at(dir: &Path) -> Option<DateTime<Utc>> {
+    let bytes = fs::read(dir.join("started")).ok()?;
+    serde_json::from_slice::<StartedReport>(&bytes)
+        .ok()
+        .map(|r| r.started_at)
 }
 
 /// Settings of the local runtime.
@@ -161,6 +176,7 @@ impl LocalRuntime {
             attempt: task.attempt,
             executor: task.executor.to_string(),
             deadline: task.deadline,
+            started_at: read_started_at(&dir),
             dir: dir.clone(),
             child: None,
         };
@@ -197,10 +213,12 @@ impl LocalRuntime {
         if dir.join("started").exists() || dir.join("exit.json").exists() {
             return Ok(Started::Ended(job));
         }
+        let spawned_at = Utc::now();
         let child = self.spawn(task, spec, dispatch_id, &dir, &name, lock)?;
         info!(job = %name, pid = child.id(), "job started");
         Ok(Started::Created(LocalJob {
             child: Some(child),
+            started_at: Some(spawned_at),
             ..job
         }))
     }
@@ -304,6 +322,7 @@ impl LocalRuntime {
                 attempt: envelope.attempt,
                 executor: envelope.executor,
                 deadline: envelope.deadline,
+                started_at: read_started_at(&dir),
                 dir,
                 child: None,
             };

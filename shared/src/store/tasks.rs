@@ -270,7 +270,9 @@ impl Store {
     /// [`Error::WaitTimeout`], [`Error::UnknownTask`] if the task never appears, or Postgres
     /// errors.
     pub async fn wait_terminal(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
-        let (client, mut connection) = self.config.connect(NoTls).await.map_err(pg("connect"))?;
+        let mut config = self.config.clone();
+        config.connect_timeout(Duration::from_secs(10));
+        let (client, mut connection) = config.connect(NoTls).await.map_err(pg("connect"))?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -299,7 +301,7 @@ impl Store {
                     match rx.recv().await {
                         Some(payload) if payload == wanted => break,
                         Some(_) => continue,
-                        None => return Err(Error::WaitTimeout(timeout)),
+                        None => return Err(Error::ListenLost),
                     }
                 }
                 debug!(task_id = %id, "task finished");

@@ -1,0 +1,224 @@
+//! The command line: every flag, its environment variable and its help text, and the
+//! conversion into [`Settings`]. The runtime sets the environment variables; the flags exist
+//! for running the executor by hand.
+
+use std::path::{Path, PathBuf};
+
+use clap::builder::{OsStringValueParser, TypedValueParser};
+use clap::{Parser, ValueEnum};
+use gantry_shared::message::Evidence;
+
+use crate::engine::Engine;
+use crate::job_dir::JobDir;
+use crate::report;
+use crate::run::Settings;
+
+const ABOUT: &str = "\
+Runs one Gantry task inside its job and publishes its result.
+
+Reads the task (a gantry.task/v1 JSON body) from --task-file, runs the engine until it
+finishes or the task's deadline passes, and publishes one gantry.result/v1 message to the
+results exchange (<prefix>.results) with publisher confirms. SIGTERM or SIGINT stops the
+engine and publishes `cancelled` (or `expired` once the deadline has passed).
+
+The broker URL, the name prefix and the broker timeout come from the shared configuration:
+--config / GANTRY_CONFIG, then GANTRY_AMQP_URL, GANTRY_PREFIX, GANTRY_BROKER_TIMEOUT,
+GANTRY_LOG_FORMAT.";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the result was published and confirmed
+  2  bad flags, configuration or task file; nothing was published
+  3  the result could not be published (the error is logged and written to exit.json)
+  N  the echo engine's `exit_code` knob asked for code N (a simulated crash)";
+
+/// The executor's flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gantry-executor",
+    version,
+    about = "Runs one Gantry task inside its job and publishes its result.",
+    long_about = ABOUT,
+    after_help = EXIT_CODES
+)]
+pub(crate) struct Args {
+    /// Gantry configuration file (YAML). GANTRY_* environment variables override it.
+    #[arg(long, env = "GANTRY_CONFIG", value_name = "PATH", value_parser = any_path())]
+    config: Option<PathBuf>,
+
+    /// The task to run: a JSON task message body (gantry.task/v1), e.g. the file the
+    /// dispatcher mounts from the job's Secret.
+    #[arg(long, env = "GANTRY_TASK_FILE", value_name = "PATH")]
+    task_file: PathBuf,
+
+    /// How to do the work: `echo` returns the task's payload (for tests; the payload may
+    /// carry the knobs sleep_ms, exit_code, fail, retryable and stderr); `command` runs
+    /// --command.
+    #[arg(long, env = "GANTRY_ENGINE", value_enum, default_value_t = EngineKind::Echo)]
+    engine: EngineKind,
+
+    /// The program the `command` engine runs, as a JSON array of strings, e.g.
+    /// '["python3","/app/run.py"]'. It gets the task JSON on stdin and must print the output
+    /// JSON on stdout and exit 0. A non-zero exit fails the task; exit code 75 (EX_TEMPFAIL)
+    /// marks the failure retryable. Its stderr is passed through and the last 4 KiB of it go
+    /// into the error message. Required with --engine command.
+    #[arg(
+        long,
+        env = "GANTRY_COMMAND",
+        value_name = "JSON_ARRAY",
+        value_parser = parse_command,
+        required_if_eq("engine", "command")
+    )]
+    command: Option<Argv>,
+
+    /// The `local` runtime's job directory: the executor writes `started` there before any
+    /// work and `exit.json` (whether the result was published) when it is done.
+    #[arg(long, env = "GANTRY_JOB_DIR", value_name = "PATH", value_parser = any_path())]
+    job_dir: Option<PathBuf>,
+
+    /// Where to write a one-line final status (at most 4096 bytes), like a Kubernetes
+    /// termination message. Without it, /dev/termination-log is used if it exists.
+    #[arg(long, env = "GANTRY_TERMINATION_LOG", value_name = "PATH", value_parser = any_path())]
+    termination_log: Option<PathBuf>,
+
+    /// The dispatch that started this job (recorded in the result's evidence).
+    #[arg(long, env = "GANTRY_DISPATCH_ID", value_name = "ID", help_heading = EVIDENCE)]
+    dispatch_id: Option<String>,
+
+    /// The job's name (recorded in the result's evidence).
+    #[arg(long, env = "GANTRY_JOB_NAME", value_name = "NAME", help_heading = EVIDENCE)]
+    job_name: Option<String>,
+
+    /// The pod's name (recorded in the result's evidence).
+    #[arg(long, env = "GANTRY_POD_NAME", value_name = "NAME", help_heading = EVIDENCE)]
+    pod_name: Option<String>,
+
+    /// The node the job runs on (recorded in the result's evidence).
+    #[arg(long, env = "GANTRY_NODE_NAME", value_name = "NAME", help_heading = EVIDENCE)]
+    node_name: Option<String>,
+
+    /// W3C trace context of the task, logged with the result and sent as the result
+    /// message's `traceparent` header.
+    #[arg(long, env = "GANTRY_TRACEPARENT", value_name = "TRACEPARENT", help_heading = EVIDENCE)]
+    traceparent: Option<String>,
+}
+
+const EVIDENCE: &str = "Runtime evidence (set by the dispatcher)";
+
+/// The engine named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineKind {
+    Echo,
+    Command,
+}
+
+/// A command line for the `command` engine, parsed from a JSON array.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Argv(Vec<String>);
+
+/// A path that may be empty (an empty environment variable counts as unset).
+fn any_path() -> impl TypedValueParser<Value = PathBuf> {
+    OsStringValueParser::new().map(PathBuf::from)
+}
+
+/// Parses `--command`. An empty value (a manifest that sets `GANTRY_COMMAND: ""`) means no
+/// command: harmless for `echo`, a `spawn_failed` result for `command`.
+fn parse_command(s: &str) -> Result<Argv, String> {
+    if s.trim().is_empty() {
+        return Ok(Argv(Vec::new()));
+    }
+    let argv: Vec<String> = serde_json::from_str(s).map_err(|e| {
+        format!(
+            "{s:?} is not a JSON array of strings ({e}); write it like '[\"python3\",\"/app/run.py\"]'"
+        )
+    })?;
+    if argv.first().is_none_or(|program| program.is_empty()) {
+        return Err("the command must name a program as its first element".into());
+    }
+    Ok(Argv(argv))
+}
+
+impl Args {
+    /// The configuration file, if one is named.
+    pub(crate) fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref().filter(|p| !p.as_os_str().is_empty())
+    }
+
+    /// The settings of one run. Empty values count as unset, as in the shared
+    /// configuration.
+    pub(crate) fn into_settings(self) -> Settings {
+        let engine = match self.engine {
+            // An empty or missing command fails at spawn with a message that says so.
+            EngineKind::Command => Engine::Command(self.command.map(|a| a.0).unwrap_or_default()),
+            EngineKind::Echo => Engine::Echo,
+        };
+        let path = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let text = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+        Settings {
+            task_file: self.task_file,
+            engine,
+            job_dir: path(self.job_dir).map(JobDir::new),
+            termination_log: report::termination_log_path(path(self.termination_log)),
+            evidence: Evidence {
+                dispatch_id: text(self.dispatch_id),
+                job_name: text(self.job_name),
+                pod_name: text(self.pod_name),
+                node: text(self.node_name),
+                terminal_reason: None,
+            },
+            traceparent: text(self.traceparent),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn a_command_is_a_json_array_naming_a_program() {
+        assert_eq!(
+            parse_command(r#"["python3","/app/run.py"]"#),
+            Ok(Argv(vec!["python3".into(), "/app/run.py".into()]))
+        );
+        assert!(parse_command("python3 /app/run.py").is_err());
+        assert!(parse_command("[]").is_err());
+        assert_eq!(parse_command(""), Ok(Argv(Vec::new())));
+        assert!(parse_command(r#"[""]"#).is_err());
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let settings = Args::try_parse_from([
+            "gantry-executor",
+            "--task-file=t.json",
+            "--job-dir=",
+            "--command=",
+            "--job-name=",
+            "--termination-log=",
+        ])
+        .unwrap()
+        .into_settings();
+        assert_eq!(settings.engine, Engine::Echo);
+        assert_eq!(settings.job_dir, None);
+        assert_eq!(settings.evidence.job_name, None);
+    }
+
+    #[test]
+    fn the_command_engine_needs_a_command() {
+        let err = Args::try_parse_from([
+            "gantry-executor",
+            "--task-file",
+            "t.json",
+            "--engine",
+            "command",
+        ]);
+        assert!(err.is_err());
+    }
+}

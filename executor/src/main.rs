@@ -1,0 +1,87 @@
+//! `gantry-executor`: runs one Gantry task inside its job (a Kubernetes pod, or a child
+//! process of the dispatcher's `local` runtime) and publishes exactly one result.
+//!
+//! It reads the task file, runs the engine under the task's deadline, publishes a
+//! `gantry.result/v1` message to the results exchange with publisher confirms, then writes a
+//! short status for the runtime (`exit.json` in the job directory, the termination log).
+//!
+//! # Layout
+//!
+//! - [`cli`]: the flags and their environment variables, turned into [`run::Settings`].
+//! - [`run`]: one attempt from task file to published result, and the exit code it earns.
+//! - [`engine`]: the engines (`echo`, `command`) and how they stop at the deadline.
+//! - [`publish`]: publishing the result with confirms and retries.
+//! - [`job_dir`]: the `local` runtime's job directory (`started`, `exit.json`).
+//! - [`report`]: the final status written to `exit.json` and the termination log.
+
+mod cli;
+mod engine;
+mod job_dir;
+mod publish;
+mod report;
+mod run;
+
+#[cfg(test)]
+mod broker_tests;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gantry_shared::config::{Config, LogFormat};
+use gantry_shared::telemetry;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::run::Outcome;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let config = Config::load(args.config_file());
+    telemetry::init(config.as_ref().map_or(LogFormat::Text, |c| c.log_format));
+    let settings = args.into_settings();
+
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            let reason = format!(
+                "cannot load the configuration: {}; fix --config / GANTRY_CONFIG or the GANTRY_* variables",
+                telemetry::chain(&e)
+            );
+            return finish(run::refuse(&settings, reason).await);
+        }
+    };
+
+    // Register the handlers before any work, so a signal that arrives early is not lost.
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(e) => {
+            let reason = format!("cannot install the SIGTERM/SIGINT handlers: {e}");
+            return finish(run::refuse(&settings, reason).await);
+        }
+    };
+
+    finish(run::run(&settings, &config, shutdown).await)
+}
+
+/// Logs how the run ended and returns its exit code.
+fn finish(outcome: Outcome) -> ExitCode {
+    let code = outcome.exit_code();
+    match outcome {
+        Outcome::Published(_) => info!(exit_code = code, "{}", outcome.describe()),
+        _ => warn!(exit_code = code, "{}", outcome.describe()),
+    }
+    ExitCode::from(code)
+}
+
+/// A future that completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => warn!("SIGTERM received; stopping the engine"),
+            _ = int.recv() => warn!("SIGINT received; stopping the engine"),
+        }
+    })
+}

@@ -1,0 +1,45 @@
+//! `gantry`: submit GPU tasks, follow them, and set up the broker, from a shell.
+//!
+//! Results go to stdout (text, or one JSON object with `--json`); errors and logs go to
+//! stderr; the exit code says how the task ended (see `gantry --help`). The command line
+//! itself lives in `src/cli/`.
+
+#[path = "../cli/mod.rs"]
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gantry_shared::config::LogFormat;
+use gantry_shared::telemetry;
+
+use crate::cli::args::Cli;
+use crate::cli::commands;
+use crate::cli::exit::Exit;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    // Clap prints usage errors itself and exits 2.
+    let cli = Cli::parse();
+    let config = match cli.load_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {}", telemetry::chain(&e));
+            return Exit::Usage.into();
+        }
+    };
+    init_logging(config.log_format);
+    match commands::run(cli.command, &config).await {
+        Ok(exit) => exit.into(),
+        Err(e) => {
+            eprintln!("error: {}", telemetry::chain(e.as_ref()));
+            Exit::for_error(&e).into()
+        }
+    }
+}
+
+/// Logs go to stderr, warnings only unless `RUST_LOG` asks for more: stdout carries the
+/// result. lapin stays quiet below errors (it logs a returned message with its payload).
+fn init_logging(format: LogFormat) {
+    telemetry::init_with_default(format, "warn,lapin=error");
+}

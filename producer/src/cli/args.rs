@@ -1,0 +1,315 @@
+//! The command line: global options, subcommands, and the help that explains them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use gantry_shared::config::Config;
+use gantry_shared::message::{ExecutorClass, TaskId, TaskName};
+
+const ABOUT: &str = "Submit GPU tasks to Gantry and follow them to their end";
+
+const LONG_ABOUT: &str = "\
+Submit GPU tasks to Gantry and follow them to their end.
+
+A task is published to RabbitMQ (exchange <prefix>.tasks, routing key = executor class); a
+dispatcher runs it as a job and records every state in Postgres. `submit` needs RabbitMQ;
+`status` and `wait` need only Postgres; `topology apply` needs only RabbitMQ.";
+
+const AFTER_HELP: &str = "\
+Configuration, later wins: built-in defaults, the --config file, GANTRY_* environment
+variables (GANTRY_AMQP_URL, GANTRY_DATABASE_URL, GANTRY_PREFIX, …), then these flags.
+Prefer the environment for URLs that carry a password: flags show up in `ps`.
+
+Exit codes:
+  0  the task succeeded, or the command did its job
+  1  the task failed, expired, was cancelled or dead-lettered; `status` of an unknown task
+  2  usage error, invalid task or payload, RabbitMQ or Postgres unreachable
+  3  timed out waiting: the task is still queued or running
+
+Examples:
+  gantry topology apply
+  gantry submit --executor echo --task demo.echo --payload '{\"hello\":\"world\"}'
+  gantry submit --executor echo --task demo.echo --payload @request.json --wait --json
+  gantry status 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90
+  gantry wait 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --timeout 5m
+
+Logs go to stderr; RUST_LOG sets their level (e.g. RUST_LOG=debug).";
+
+/// The help heading of the options every subcommand takes.
+const GLOBAL: &str = "Global options";
+
+/// `gantry`: the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gantry",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub(crate) struct Cli {
+    /// YAML configuration file (keys: amqp_url, database_url, prefix, broker_timeout, …)
+    #[arg(long, global = true, env = "GANTRY_CONFIG", hide_env_values = true, value_name = "FILE", help_heading = GLOBAL)]
+    pub(crate) config: Option<PathBuf>,
+
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        help_heading = GLOBAL,
+        help = "RabbitMQ URL; overrides GANTRY_AMQP_URL [default: amqp://guest:guest@127.0.0.1:5672/%2f]"
+    )]
+    pub(crate) amqp_url: Option<String>,
+
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        help_heading = GLOBAL,
+        help = "Postgres URL; overrides GANTRY_DATABASE_URL [default: postgres://gantry:gantry@127.0.0.1:5432/gantry]"
+    )]
+    pub(crate) database_url: Option<String>,
+
+    /// Prefix of every exchange and queue name; overrides GANTRY_PREFIX [default: gantry]
+    #[arg(long, global = true, value_name = "PREFIX", help_heading = GLOBAL)]
+    pub(crate) prefix: Option<String>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+impl Cli {
+    /// The configuration: defaults, then the file, then `GANTRY_*` (that is
+    /// [`Config::load`]), then the flags given here.
+    pub(crate) fn load_config(&self) -> gantry_shared::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(url) = &self.amqp_url {
+            config.amqp_url = url.as_str().into();
+        }
+        if let Some(url) = &self.database_url {
+            config.database_url = url.as_str().into();
+        }
+        if let Some(prefix) = &self.prefix {
+            config.prefix.clone_from(prefix);
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Submit a task; print its id, or with --wait its result
+    Submit(SubmitArgs),
+    /// Show a task's state, runtime evidence, result and history
+    Status(StatusArgs),
+    /// Wait for a task to finish and print its result
+    Wait(WaitArgs),
+    /// Manage the RabbitMQ exchanges and queues
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+}
+
+const SUBMIT_AFTER_HELP: &str = "\
+Without --wait, prints the task id alone on one line once RabbitMQ has confirmed that a queue
+stored the task. With --wait, waits for the task to finish, prints its result, and exits 0
+when it succeeded, 1 when it failed, expired, was cancelled or dead-lettered, 3 on timeout.
+With --json, prints one JSON object instead: {task_id, task, executor, submitted_at,
+deadline}, or with --wait the task as `gantry status --json` shows it.
+
+Examples:
+  gantry submit --executor echo --task demo.echo --payload '{\"hello\":\"world\"}'
+  gantry submit --executor vllm --task llm.chat --payload @chat.json --ttl 15m --wait
+  generate-request | gantry submit --executor embed --task embed.text --payload @- --json";
+
+/// `gantry submit`.
+#[derive(Debug, Args)]
+#[command(after_help = SUBMIT_AFTER_HELP)]
+pub(crate) struct SubmitArgs {
+    #[arg(
+        long,
+        value_name = "CLASS",
+        value_parser = ExecutorClass::parse,
+        help = "Executor class that runs the task (routing key; queue <prefix>.tasks.<CLASS>)"
+    )]
+    pub(crate) executor: ExecutorClass,
+
+    /// Task name, dotted like a Celery task (e.g. llm.chat)
+    #[arg(long, value_name = "NAME", value_parser = TaskName::parse)]
+    pub(crate) task: TaskName,
+
+    /// Payload: inline JSON, @FILE to read a file, or @- to read standard input
+    #[arg(long, value_name = "JSON|@FILE|@-", default_value = "{}")]
+    pub(crate) payload: String,
+
+    /// Time to live: the task's end-to-end deadline, from now (e.g. 90s, 15m, 2h)
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) ttl: Duration,
+
+    /// Queue to forward the result to, once it is stored
+    #[arg(long, value_name = "QUEUE")]
+    pub(crate) reply_to: Option<String>,
+
+    /// Your key for this unit of work, stored with the task (1 to 200 bytes)
+    #[arg(long, value_name = "KEY")]
+    pub(crate) idempotency_key: Option<String>,
+
+    /// Priority, 0 (lowest) to 9
+    #[arg(long, value_name = "0-9", value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub(crate) priority: Option<u8>,
+
+    /// Wait for the task to finish, print its result, and exit by its state
+    #[arg(long)]
+    pub(crate) wait: bool,
+
+    /// How long --wait waits [default: until the task's deadline, plus 30s]
+    #[arg(long, value_name = "DURATION", requires = "wait", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Option<Duration>,
+
+    /// Print one JSON object on stdout instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+const STATUS_AFTER_HELP: &str = "\
+Exits 0 when the task is known, whatever its state; 1 when no dispatcher has recorded it
+(check the id, and that the database is the dispatcher's). With --json, prints one JSON
+object: the task, its runtime evidence, `output`, `error`, the stored `result` envelope and
+its `events`.
+
+Example:
+  gantry status 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --json | jq .output";
+
+/// `gantry status`.
+#[derive(Debug, Args)]
+#[command(after_help = STATUS_AFTER_HELP)]
+pub(crate) struct StatusArgs {
+    /// The task's id, as `gantry submit` printed it
+    #[arg(value_name = "TASK_ID")]
+    pub(crate) task_id: TaskId,
+
+    /// Print one JSON object on stdout instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+const WAIT_AFTER_HELP: &str = "\
+A task not recorded yet is waited for too: it may still be in its queue. Exits 0 when the
+task succeeded; 1 when it failed, expired, was cancelled or dead-lettered; 3 when the
+timeout passed first (the task may still finish: wait again).
+
+Example:
+  gantry wait 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --timeout 30m --json";
+
+/// `gantry wait`.
+#[derive(Debug, Args)]
+#[command(after_help = WAIT_AFTER_HELP)]
+pub(crate) struct WaitArgs {
+    /// The task's id, as `gantry submit` printed it
+    #[arg(value_name = "TASK_ID")]
+    pub(crate) task_id: TaskId,
+
+    /// How long to wait (e.g. 90s, 10m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+
+    /// Print one JSON object on stdout instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TopologyCommand {
+    /// Declare the exchanges and queues for every executor class of the catalog
+    Apply(ApplyArgs),
+}
+
+const APPLY_AFTER_HELP: &str = "\
+Declares, under the prefix: the exchanges <prefix>.tasks (topic), .retry (headers), .results
+and .dlx (fanout); a quorum queue <prefix>.tasks.<class> per executor class; the retry delay
+queues; <prefix>.results; <prefix>.dead and <prefix>.dead.audit. Applying twice changes
+nothing. Exits 2 when a queue or exchange already exists with other arguments.
+
+Examples:
+  gantry topology apply
+  gantry topology apply --catalog deploy/catalog.yaml --prefix staging";
+
+/// `gantry topology apply`.
+#[derive(Debug, Args)]
+#[command(after_help = APPLY_AFTER_HELP)]
+pub(crate) struct ApplyArgs {
+    /// Executor catalog (YAML) naming the classes [default: built-in, class `echo` only]
+    #[arg(
+        long,
+        env = "GANTRY_CATALOG",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    pub(crate) catalog: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_timeout_without_wait_is_a_usage_error() {
+        let e = Cli::try_parse_from([
+            "gantry",
+            "submit",
+            "--executor",
+            "echo",
+            "--task",
+            "demo.echo",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn bad_names_and_priorities_are_usage_errors() {
+        for args in [
+            ["--executor", "Echo", "--task", "demo.echo"],
+            ["--executor", "echo", "--task", ".demo"],
+        ] {
+            let e = Cli::try_parse_from(["gantry", "submit"].into_iter().chain(args)).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{e}");
+        }
+        let e = Cli::try_parse_from([
+            "gantry",
+            "submit",
+            "--executor",
+            "echo",
+            "--task",
+            "demo.echo",
+            "--priority",
+            "10",
+        ])
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn flags_override_the_environment_and_the_defaults() {
+        let cli = Cli::try_parse_from([
+            "gantry",
+            "--prefix",
+            "flagged",
+            "status",
+            "5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90",
+        ])
+        .unwrap();
+        let config = cli.load_config().unwrap();
+        assert_eq!(config.prefix, "flagged");
+    }
+}

@@ -1,0 +1,187 @@
+//! What each subcommand does: talk to RabbitMQ or Postgres, print, and choose the exit.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use gantry_producer::{Producer, Tracker, human_duration, topology};
+use gantry_shared::catalog::Catalog;
+use gantry_shared::config::Config;
+use gantry_shared::message::{Task, TaskId, TaskSpec};
+use gantry_shared::store::TaskRecord;
+use serde::Serialize;
+
+use super::args::{ApplyArgs, Command, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs};
+use super::exit::Exit;
+use super::payload;
+use super::view::TaskView;
+
+/// How much longer than the task's deadline `submit --wait` waits by default: the time the
+/// dispatcher needs to notice the deadline and record the task as expired.
+const DEADLINE_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs one subcommand.
+pub(crate) async fn run(command: Command, config: &Config) -> Result<Exit> {
+    match command {
+        Command::Submit(args) => submit(config, args).await,
+        Command::Status(args) => status(config, args).await,
+        Command::Wait(args) => wait(config, args).await,
+        Command::Topology(TopologyCommand::Apply(args)) => apply(config, args).await,
+    }
+}
+
+async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
+    let arg = args.payload.clone();
+    let payload = tokio::task::spawn_blocking(move || payload::load(&arg, std::io::stdin().lock()))
+        .await
+        .context("reading the payload")??;
+    // Checked before connecting: an invalid task needs no broker to be refused.
+    let task = Task::new(
+        TaskSpec {
+            executor: args.executor.clone(),
+            name: args.task.clone(),
+            payload,
+            ttl: args.ttl,
+            reply_to: args.reply_to.clone(),
+            idempotency_key: args.idempotency_key.clone(),
+            priority: args.priority,
+            resources: None,
+        },
+        &config.limits,
+    )
+    .map_err(gantry_producer::Error::from)?;
+    let producer = Producer::connect(config).await?;
+    let outcome = publish_and_wait(&producer, &task, &args).await;
+    producer.close().await;
+    match outcome? {
+        Some(record) => show_end(&record, args.json),
+        None if args.json => {
+            let submitted = Submitted {
+                task_id: task.id,
+                task: task.name.as_str(),
+                executor: task.executor.as_str(),
+                submitted_at: task.submitted_at,
+                deadline: task.deadline,
+            };
+            println!("{}", serde_json::to_string_pretty(&submitted)?);
+            Ok(Exit::Done)
+        }
+        None => {
+            println!("{}", task.id);
+            Ok(Exit::Done)
+        }
+    }
+}
+
+/// What `submit --json` prints without `--wait`.
+#[derive(Serialize)]
+struct Submitted<'a> {
+    task_id: TaskId,
+    task: &'a str,
+    executor: &'a str,
+    submitted_at: DateTime<Utc>,
+    deadline: DateTime<Utc>,
+}
+
+/// Publishes the task and, with `--wait`, waits for its end.
+async fn publish_and_wait(
+    producer: &Producer,
+    task: &Task,
+    args: &SubmitArgs,
+) -> Result<Option<TaskRecord>> {
+    if args.wait {
+        // Fail on a wrong database URL before the task goes out, not after.
+        producer.tracker().store().await?;
+    }
+    producer.submit_task(task).await?;
+    if !args.wait {
+        return Ok(None);
+    }
+    let timeout = args.timeout.unwrap_or_else(|| {
+        let left = (task.deadline - Utc::now()).to_std().unwrap_or_default();
+        left + DEADLINE_GRACE
+    });
+    if !args.json {
+        eprintln!(
+            "submitted {}; waiting up to {} for it to finish",
+            task.id,
+            human_duration(timeout)
+        );
+    }
+    Ok(Some(producer.wait(task.id, timeout).await?))
+}
+
+async fn status(config: &Config, args: StatusArgs) -> Result<Exit> {
+    let tracker = Tracker::new(config);
+    let Some(record) = tracker.status(args.task_id).await? else {
+        eprintln!("{}", unknown(&tracker, args.task_id));
+        return Ok(Exit::TaskDidNotSucceed);
+    };
+    let events = tracker.events(args.task_id).await?;
+    let view = TaskView::new(&record, Some(&events));
+    if args.json {
+        println!("{}", view.to_json()?);
+    } else {
+        print!("{}", view.to_human());
+    }
+    Ok(Exit::Done)
+}
+
+async fn wait(config: &Config, args: WaitArgs) -> Result<Exit> {
+    let tracker = Tracker::new(config);
+    let record = tracker.wait(args.task_id, args.timeout).await?;
+    show_end(&record, args.json)
+}
+
+/// Prints a task that reached its end and exits by its state.
+fn show_end(record: &TaskRecord, json: bool) -> Result<Exit> {
+    let view = TaskView::new(record, None);
+    if json {
+        println!("{}", view.to_json()?);
+    } else {
+        print!("{}", view.to_human());
+    }
+    Ok(Exit::for_state(record.state()))
+}
+
+fn unknown(tracker: &Tracker, id: TaskId) -> String {
+    format!(
+        "task {id} is not known to Gantry: no dispatcher has recorded it. Check the id; if it \
+         was just submitted, it may still be queued (`gantry wait {id}` waits for it); and \
+         check that the database {} is the dispatcher's",
+        tracker.database_url_redacted()
+    )
+}
+
+async fn apply(config: &Config, args: ApplyArgs) -> Result<Exit> {
+    let catalog = Catalog::load(args.catalog.as_deref())
+        .context("loading the executor catalog (--catalog or GANTRY_CATALOG)")?;
+    let classes = catalog.classes();
+    let declared = topology::apply(config, &classes)
+        .await
+        .with_context(|| format!("declaring the topology on {}", config.amqp_url_redacted()))?;
+    let catalog_origin = args
+        .catalog
+        .as_ref()
+        .map_or_else(|| "built-in".to_owned(), |p| p.display().to_string());
+    let exchanges = declared
+        .exchanges
+        .iter()
+        .map(|(name, kind)| format!("{name} ({kind})"))
+        .collect::<Vec<_>>();
+    let rows = [
+        ("broker", config.amqp_url_redacted()),
+        ("prefix", declared.prefix.clone()),
+        ("catalog", catalog_origin),
+        ("exchanges", exchanges.join(", ")),
+        ("task queues", declared.task_queues.join(", ")),
+        ("retry queues", declared.retry_queues.join(", ")),
+        ("results", declared.results_queue.clone()),
+        ("dead letters", declared.dead_letter_queues.join(", ")),
+    ];
+    println!("topology declared");
+    for (key, value) in rows {
+        println!("  {key:14}{value}");
+    }
+    Ok(Exit::Done)
+}

@@ -1,0 +1,49 @@
+//! The client side of Gantry: what a backend links to submit GPU tasks and learn how they
+//! ended, and the library behind the `gantry` CLI.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use gantry_producer::{Config, ExecutorClass, Producer, TaskName, TaskSpec};
+//!
+//! let config = Config::load(None)?; // defaults, then GANTRY_* variables
+//! let producer = Producer::connect(&config).await?;
+//! let id = producer
+//!     .submit(TaskSpec {
+//!         executor: ExecutorClass::parse("echo")?,
+//!         name: TaskName::parse("demo.echo")?,
+//!         payload: serde_json::json!({"hello": "world"}),
+//!         ttl: Duration::from_secs(3600),
+//!         reply_to: None,
+//!         idempotency_key: None,
+//!         priority: None,
+//!         resources: None,
+//!     })
+//!     .await?;
+//! let record = producer.wait(id, Duration::from_secs(600)).await?;
+//! println!("{id}: {}", record.state);
+//! producer.close().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`Producer`]: publishes tasks with confirms; follows them through its tracker.
+//! - [`Tracker`]: reads a task's state and history from Postgres and waits for its end.
+//! - [`topology`]: declares the exchanges and queues for a catalog (`gantry topology apply`).
+//! - [`Error`]: everything that can go wrong here, each variant saying what to do.
+
+mod error;
+mod producer;
+pub mod topology;
+mod tracker;
+
+pub use error::{Error, Result, human_duration};
+pub use producer::Producer;
+pub use tracker::{TaskEvent, Tracker};
+
+// A library user names these in `submit` and `wait`; re-exported so one import suffices.
+pub use gantry_shared::config::Config;
+pub use gantry_shared::message::{ExecutorClass, Task, TaskId, TaskName, TaskSpec};
+pub use gantry_shared::store::{TaskRecord, TaskState};
