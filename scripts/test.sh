@@ -42,9 +42,16 @@ cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run"
     cargo nextest run --workspace --locked --no-fail-fast
+    step "doc tests"
+    cargo test --workspace --doc --locked
 else
     step "cargo test (cargo-nextest not installed)"
     cargo test --workspace --locked --no-fail-fast
 fi
+
+# These restart the RabbitMQ and PostgreSQL every other test uses, so they run alone,
+# after everything else.
+step "resilience: server restarts under a running dispatcher"
+cargo test -p gantry-tests --test resilience --locked -- --ignored --test-threads=1
 
 printf '\ntest: all checks passed\n'

@@ -448,6 +448,114 @@ mod tests {
         assert_eq!(back, task);
     }
 
+    /// A valid message with `edit` applied to its body and `props` to its properties.
+    fn received(
+        edit: impl FnOnce(&mut Value),
+        props_edit: impl FnOnce(BasicProperties) -> BasicProperties,
+    ) -> Result<Task, Rejection> {
+        let limits = Limits::default();
+        let now = Utc::now();
+        let (body, props) = Task::new(spec(), &limits).unwrap().to_amqp(now).unwrap();
+        let mut json: Value = serde_json::from_slice(&body).unwrap();
+        edit(&mut json);
+        let body = serde_json::to_vec(&json).unwrap();
+        Task::from_amqp(&props_edit(props), &body, &limits, now)
+    }
+
+    fn same(p: BasicProperties) -> BasicProperties {
+        p
+    }
+
+    #[test]
+    fn every_invalid_field_is_rejected_with_a_reason_that_names_it() {
+        let limits = Limits::default();
+        let now = Utc::now();
+        let (_, props) = Task::new(spec(), &limits).unwrap().to_amqp(now).unwrap();
+        let not_json = Task::from_amqp(&props, b"{oops", &limits, now).unwrap_err();
+        assert!(matches!(not_json, Rejection::NotJson(_)), "{not_json}");
+
+        let wrong_header = received(
+            |_| {},
+            |p| {
+                let mut h = p.headers().clone().unwrap();
+                h.insert(
+                    headers::SCHEMA.into(),
+                    AMQPValue::LongString("other/v9".into()),
+                );
+                p.with_headers(h)
+            },
+        )
+        .unwrap_err();
+        assert!(
+            wrong_header.to_string().contains("\"other/v9\""),
+            "{wrong_header}"
+        );
+
+        let missing =
+            received(|j| drop(j.as_object_mut().unwrap().remove("task_id")), same).unwrap_err();
+        assert!(matches!(missing, Rejection::WrongSchema(_)), "{missing}");
+
+        let no_corr = received(
+            |_| {},
+            |p| BasicProperties::default().with_headers(p.headers().clone().unwrap()),
+        )
+        .unwrap_err();
+        assert_eq!(no_corr, Rejection::MissingCorrelationId);
+
+        let other = TaskId::new().to_string();
+        let mismatch =
+            received(|_| {}, |p| p.with_correlation_id(other.as_str().into())).unwrap_err();
+        assert!(
+            matches!(mismatch, Rejection::IdMismatch { .. }),
+            "{mismatch}"
+        );
+
+        let name = received(|j| j["task"] = json!("a b"), same).unwrap_err();
+        assert!(name.to_string().starts_with("invalid: task: "), "{name}");
+
+        let class = received(|j| j["executor"] = json!("GPU!"), same).unwrap_err();
+        assert!(
+            class.to_string().starts_with("invalid: executor: "),
+            "{class}"
+        );
+
+        let big = received(|j| j["payload"] = json!("x".repeat(300 * 1024)), same).unwrap_err();
+        assert!(matches!(big, Rejection::PayloadTooLarge { .. }), "{big}");
+
+        let past = received(|j| j["deadline"] = json!("2020-01-01T00:00:00Z"), same).unwrap_err();
+        assert_eq!(past.kind(), "expired");
+
+        let priority = received(|j| j["priority"] = json!(10), same).unwrap_err();
+        assert!(priority.to_string().contains("priority"), "{priority}");
+
+        let attempt = received(|j| j["attempt"] = json!(0), same).unwrap_err();
+        assert!(attempt.to_string().contains("attempt"), "{attempt}");
+
+        let gpus = received(|j| j["resources"] = json!({"gpu_count": 65}), same).unwrap_err();
+        assert!(gpus.to_string().contains("gpu_count"), "{gpus}");
+    }
+
+    #[test]
+    fn a_task_that_breaks_a_limit_never_leaves_the_caller() {
+        let mut s = spec();
+        s.ttl = Duration::ZERO;
+        assert!(Task::new(s, &Limits::default()).is_err());
+        let mut s = spec();
+        s.payload = json!("x".repeat(10));
+        assert!(
+            Task::new(
+                s,
+                &Limits {
+                    max_payload_bytes: 5
+                }
+            )
+            .is_err()
+        );
+        let mut s = spec();
+        s.reply_to = Some("q".repeat(300));
+        assert!(Task::new(s, &Limits::default()).is_err());
+    }
+
     #[test]
     fn traceparents_are_well_formed() {
         assert!(traceparent::is_valid(&traceparent::generate()));

@@ -39,6 +39,9 @@ struct Args {
     max_active: u32,
 }
 
+/// Sequential tasks measured before the bulk run, for latency without queueing.
+const IDLE_SAMPLES: usize = 30;
+
 struct Figures {
     per_second: f64,
     p50: Duration,
@@ -53,20 +56,29 @@ async fn main() -> Result<()> {
         "gantry-bench: {} tasks, {} submitters, max_active_jobs {}",
         args.tasks, args.concurrency, args.max_active
     );
-    let baseline = baseline(&args).await.context("baseline")?;
-    print_row(
-        "baseline: lapin publish→consume→ack (quorum queue)",
-        &baseline,
-    );
-    let gantry = gantry(&args).await.context("gantry run")?;
-    print_row("gantry: submit→persisted (local runtime, echo)", &gantry);
+    let idle_base = baseline(1, IDLE_SAMPLES).await.context("idle baseline")?;
+    let baseline = baseline(args.concurrency, args.tasks)
+        .await
+        .context("baseline")?;
+    let (idle, gantry) = gantry(&args).await.context("gantry run")?;
+    let base_name = "baseline: lapin publish→consume→ack (quorum queue)";
+    let gantry_name = "gantry: submit→persisted (local runtime, echo)";
     println!(
-        "ratio gantry/baseline throughput: {:.4}",
+        "\nunder load ({} at once, {} submitters):",
+        args.tasks, args.concurrency
+    );
+    print_row(base_name, &baseline);
+    print_row(gantry_name, &gantry);
+    println!("\none at a time ({IDLE_SAMPLES} sequential, nothing queued):");
+    print_row(base_name, &idle_base);
+    print_row(gantry_name, &idle);
+    println!(
+        "\nratio gantry/baseline throughput under load: {:.4}",
         gantry.per_second / baseline.per_second
     );
     println!(
-        "ratio gantry/baseline p50 latency: {:.1}x",
-        gantry.p50.as_secs_f64() / baseline.p50.as_secs_f64()
+        "ratio gantry/baseline p50 latency one at a time: {:.1}x",
+        idle.p50.as_secs_f64() / idle_base.p50.as_secs_f64()
     );
     Ok(())
 }
@@ -87,7 +99,7 @@ fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
     (at(0.50), at(0.99))
 }
 
-async fn baseline(args: &Args) -> Result<Figures> {
+async fn baseline(concurrency: usize, n: usize) -> Result<Figures> {
     let url = amqp_url().into();
     let queue = format!("bench-baseline-{}", uuid::Uuid::new_v4().simple());
     let timeout = Duration::from_secs(10);
@@ -112,7 +124,6 @@ async fn baseline(args: &Args) -> Result<Figures> {
             FieldTable::default(),
         )
         .await?;
-    let n = args.tasks;
     let start = Instant::now();
     let receiver = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(n);
@@ -131,7 +142,7 @@ async fn baseline(args: &Args) -> Result<Figures> {
         }
         latencies
     });
-    let limit = Arc::new(Semaphore::new(args.concurrency));
+    let limit = Arc::new(Semaphore::new(concurrency));
     let mut sends = Vec::with_capacity(n);
     for _ in 0..n {
         let permit = limit.clone().acquire_owned().await?;
@@ -172,7 +183,20 @@ async fn baseline(args: &Args) -> Result<Figures> {
     })
 }
 
-async fn gantry(args: &Args) -> Result<Figures> {
+fn echo_spec(i: usize) -> Result<TaskSpec> {
+    Ok(TaskSpec {
+        executor: ExecutorClass::parse("echo")?,
+        name: TaskName::parse("bench.echo")?,
+        payload: json!({"i": i}),
+        ttl: Duration::from_secs(3600),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    })
+}
+
+async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
     let catalog = format!(
         "executors:\n  echo:\n    engine: {{ kind: echo }}\n    max_active_jobs: {}\n",
         args.max_active
@@ -180,6 +204,29 @@ async fn gantry(args: &Args) -> Result<Figures> {
     let env = TestEnv::new(Some(&catalog)).await?;
     let dispatcher = env.dispatcher()?;
     let producer = Arc::new(env.producer().await?);
+
+    let idle_start = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE_SAMPLES);
+    for i in 0..IDLE_SAMPLES {
+        let t = Instant::now();
+        let id = producer.submit(echo_spec(i)?).await?;
+        let record = producer.wait(id, Duration::from_secs(60)).await?;
+        anyhow::ensure!(
+            record.state == "succeeded",
+            "idle task {id} ended {}",
+            record.state
+        );
+        idle.push(t.elapsed());
+    }
+    let idle_elapsed = idle_start.elapsed();
+    let (p50, p99) = percentiles(idle);
+    let idle = Figures {
+        per_second: IDLE_SAMPLES as f64 / idle_elapsed.as_secs_f64(),
+        p50,
+        p99,
+        elapsed: idle_elapsed,
+    };
+
     let n = args.tasks;
     let limit = Arc::new(Semaphore::new(args.concurrency));
     let start = Instant::now();
@@ -189,17 +236,7 @@ async fn gantry(args: &Args) -> Result<Figures> {
         let producer = producer.clone();
         sends.push(tokio::spawn(async move {
             let submitted: DateTime<Utc> = Utc::now();
-            let spec = TaskSpec {
-                executor: ExecutorClass::parse("echo")?,
-                name: TaskName::parse("bench.echo")?,
-                payload: json!({"i": i}),
-                ttl: Duration::from_secs(3600),
-                reply_to: None,
-                idempotency_key: None,
-                priority: None,
-                resources: None,
-            };
-            let id = producer.submit(spec).await?;
+            let id = producer.submit(echo_spec(i)?).await?;
             drop(permit);
             anyhow::Ok((id, submitted))
         }));
@@ -217,7 +254,7 @@ async fn gantry(args: &Args) -> Result<Figures> {
             .query_one("SELECT count(*) FROM tasks WHERE state IN ('succeeded','failed','expired','cancelled','dead_lettered')", &[])
             .await?;
         let done: i64 = row.get(0);
-        if done as usize >= n {
+        if done as usize >= n + IDLE_SAMPLES {
             break;
         }
         anyhow::ensure!(
@@ -253,10 +290,11 @@ async fn gantry(args: &Args) -> Result<Figures> {
     }
     env.cleanup().await?;
     let (p50, p99) = percentiles(latencies);
-    Ok(Figures {
+    let load = Figures {
         per_second: n as f64 / elapsed.as_secs_f64(),
         p50,
         p99,
         elapsed,
-    })
+    };
+    Ok((idle, load))
 }
