@@ -37,7 +37,7 @@ pub(crate) async fn publish(
     put(headers::ORIGINAL_QUEUE, queue);
     put(headers::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
     table.insert(
-        "x-gantry-dead-at".into(),
+        headers::DEAD_AT.into(),
         AMQPValue::Timestamp(Utc::now().timestamp().max(0) as u64),
     );
     let props = strip_expiration(delivery.properties.clone()).with_headers(table);

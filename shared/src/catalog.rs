@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +35,7 @@ pub enum Engine {
 }
 
 /// One executor class.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorSpec {
     pub engine: Engine,
@@ -47,6 +48,64 @@ pub struct ExecutorSpec {
     /// GPU resources of each job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// How failed attempts are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// Retries of one executor class: attempts, backoff, and which failures are worth another
+/// attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: never retry).
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubled (by `factor`) for each further one.
+    #[serde(with = "crate::config::humantime_serde_compat")]
+    pub min_delay: Duration,
+    #[serde(with = "crate::config::humantime_serde_compat")]
+    pub max_delay: Duration,
+    pub factor: f32,
+    /// Error kinds that are retried. Empty: the result's own `retryable` flag decides.
+    pub retryable_kinds: Vec<String>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            min_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(600),
+            factor: 2.0,
+            retryable_kinds: Vec::new(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether a failure of this kind (with this flag from its reporter) deserves a retry.
+    pub fn is_retryable(&self, kind: &str, flagged: bool) -> bool {
+        if self.retryable_kinds.is_empty() {
+            flagged
+        } else {
+            self.retryable_kinds.iter().any(|k| k == kind)
+        }
+    }
+
+    /// The delay before attempt `next` (2 for the first retry): exponential with jitter,
+    /// between `min_delay` and `max_delay`.
+    pub fn delay_before(&self, next: u32) -> Duration {
+        use backon::BackoffBuilder;
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(self.factor.max(1.0))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let n = next.saturating_sub(2) as usize;
+        delays.nth(n).unwrap_or(self.max_delay).min(self.max_delay)
+    }
 }
 
 fn default_max_active_jobs() -> u32 {
@@ -54,7 +113,7 @@ fn default_max_active_jobs() -> u32 {
 }
 
 /// All executor classes, by name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
     executors: BTreeMap<ExecutorClass, ExecutorSpec>,
@@ -71,6 +130,7 @@ impl Catalog {
                 max_active_jobs: 8,
                 image: None,
                 resources: None,
+                retry: RetryPolicy::default(),
             },
         );
         Catalog { executors }
@@ -109,6 +169,11 @@ impl Catalog {
             if spec.max_active_jobs == 0 {
                 return Err(err(format!("{class}: max_active_jobs must be at least 1")));
             }
+            if spec.retry.max_attempts == 0 {
+                return Err(err(format!(
+                    "{class}: retry.max_attempts must be at least 1"
+                )));
+            }
             if let Engine::Command { command } = &spec.engine
                 && command.first().is_none_or(|c| c.is_empty())
             {
@@ -134,6 +199,30 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_stay_within_bounds() {
+        let p = RetryPolicy {
+            min_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
+        let d2 = p.delay_before(2);
+        let d5 = p.delay_before(5);
+        assert!(
+            d2 >= Duration::from_secs(1) && d2 <= Duration::from_secs(2),
+            "{d2:?}"
+        );
+        assert!(d5 >= Duration::from_secs(8), "{d5:?}");
+        assert!(p.delay_before(40) <= Duration::from_secs(30));
+        assert!(p.is_retryable("oom", true));
+        let kinds = RetryPolicy {
+            retryable_kinds: vec!["oom".into()],
+            ..RetryPolicy::default()
+        };
+        assert!(kinds.is_retryable("oom", false));
+        assert!(!kinds.is_retryable("bad_output", true));
+    }
 
     #[test]
     fn a_catalog_file_parses_and_is_checked() {

@@ -8,6 +8,7 @@
 //! - [`topology`]: exchange and queue names under a prefix, and `apply` that declares them.
 //! - [`catalog`]: the executor catalog (executor class → engine, capacity, image, resources).
 //! - [`config`]: layered configuration (defaults → file → `GANTRY_*` environment).
+//! - [`dead_letter`]: reading a dead letter out of its message, for the recorder and the CLI.
 //! - [`store`]: the Postgres schema, its embedded migrations and the task state machine.
 //! - [`amqp`]: connections with backoff, a publisher with confirms that survives reconnects.
 //! - [`telemetry`]: tracing set-up shared by the binaries.
@@ -16,6 +17,7 @@
 pub mod amqp;
 pub mod catalog;
 pub mod config;
+pub mod dead_letter;
 mod error;
 pub mod message;
 pub mod retry;

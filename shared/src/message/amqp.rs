@@ -15,10 +15,15 @@ pub mod headers {
     pub const REASON: &str = "x-gantry-reason";
     /// Unique id of a dead letter Gantry published itself (idempotent auditing).
     pub const DEAD_LETTER_ID: &str = "x-gantry-dead-letter-id";
+    /// When Gantry dead-lettered the message (AMQP timestamp).
+    pub const DEAD_AT: &str = "x-gantry-dead-at";
     /// Queue the dead letter was taken from.
     pub const ORIGINAL_QUEUE: &str = "x-gantry-original-queue";
     /// Routing key the dead letter was originally published with.
     pub const ORIGINAL_ROUTING_KEY: &str = "x-gantry-original-routing-key";
+    /// Earlier deaths and replays of a task, as a JSON array (Gantry's own history; the
+    /// broker's `x-death` is stripped on every republish).
+    pub const HISTORY: &str = "x-gantry-history";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";

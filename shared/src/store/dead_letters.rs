@@ -1,43 +1,15 @@
 //! Dead letters as the recorder sees them on the audit queue.
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::tasks::{Applied, Change};
 use super::{Store, TaskState, pg};
 use crate::Result;
+pub use crate::dead_letter::DeadLetter;
 use crate::message::TaskId;
-
-/// One dead letter, ready to record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    /// Stable id: the publisher's `x-gantry-dead-letter-id`, or derived from the message and
-    /// its death, so a redelivered audit copy is recorded once.
-    pub id: Uuid,
-    pub message_id: Option<String>,
-    pub task_id: Option<TaskId>,
-    pub attempt: Option<u32>,
-    pub task: Option<String>,
-    pub executor: Option<String>,
-    /// `invalid: unknown executor "vlm"`, `expired`, `delivery_limit`, …
-    pub reason: String,
-    pub death: Option<Value>,
-    pub headers: Value,
-    pub body: Vec<u8>,
-    pub body_truncated: bool,
-    pub dead_at: DateTime<Utc>,
-}
-
-impl DeadLetter {
-    /// The reason kind: the text before the first colon (`invalid`, `expired`, …).
-    pub fn reason_kind(&self) -> &str {
-        self.reason
-            .split_once(':')
-            .map_or(self.reason.as_str(), |(k, _)| k)
-            .trim()
-    }
-}
 
 impl Store {
     /// Records dead letters in one transaction. A dead letter of a known task also ends the
@@ -110,7 +82,7 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Dead letters recorded, newest first (for tests and `gantry dlq list`).
+    /// Dead letters recorded, newest first: `(id, task_id, reason_kind, reason)`.
     ///
     /// # Errors
     /// Postgres errors.
@@ -130,5 +102,166 @@ impl Store {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
+    }
+
+    /// Dead letters matching `filter`, newest first, one page; and how many match in all.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn find_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: i64,
+        offset: i64,
+    ) -> Result<(Vec<DeadLetterRecord>, i64)> {
+        let client = self.client().await?;
+        let ids: Vec<Uuid> = filter.ids.clone();
+        let task_id = filter.task_id.map(|t| t.as_uuid());
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &filter.reason_kind,
+            &filter.executor,
+            &filter.task,
+            &task_id,
+            &filter.since,
+            &filter.until,
+            &ids,
+            &filter.include_handled,
+        ];
+        const WHERE: &str = "($1::text IS NULL OR reason_kind = $1)
+              AND ($2::text IS NULL OR executor = $2)
+              AND ($3::text IS NULL OR task = $3)
+              AND ($4::uuid IS NULL OR task_id = $4)
+              AND ($5::timestamptz IS NULL OR dead_at >= $5)
+              AND ($6::timestamptz IS NULL OR dead_at < $6)
+              AND (cardinality($7::uuid[]) = 0 OR id = ANY($7))
+              AND ($8 OR (replayed_at IS NULL AND purged_at IS NULL))";
+        let total: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM dead_letters WHERE {WHERE}"),
+                &params,
+            )
+            .await
+            .map_err(pg("count dead letters"))?
+            .get(0);
+        let mut page: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
+        page.push(&limit);
+        page.push(&offset);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT * FROM dead_letters WHERE {WHERE} ORDER BY dead_at DESC, id LIMIT $9 OFFSET $10"
+                ),
+                &page,
+            )
+            .await
+            .map_err(pg("read dead letters"))?;
+        Ok((rows.iter().map(DeadLetterRecord::from_row).collect(), total))
+    }
+
+    /// One dead letter by id.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetterRecord>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT * FROM dead_letters WHERE id = $1", &[&id])
+            .await
+            .map_err(pg("read dead letter"))?;
+        Ok(row.as_ref().map(DeadLetterRecord::from_row))
+    }
+
+    /// Notes that a dead letter was replayed (taken out of `gantry.dead` and republished).
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn mark_replayed(&self, id: Uuid) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1 WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg("mark replayed"))?;
+        Ok(())
+    }
+
+    /// Notes that a dead letter was purged from `gantry.dead`.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn mark_purged(&self, id: Uuid) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE dead_letters SET purged_at = now() WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg("mark purged"))?;
+        Ok(())
+    }
+}
+
+/// Which dead letters to select; every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// `invalid`, `expired`, `delivery_limit`, `max_attempts`, …
+    pub reason_kind: Option<String>,
+    pub executor: Option<String>,
+    /// Task name, e.g. `llm.chat`.
+    pub task: Option<String>,
+    pub task_id: Option<TaskId>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only these dead letters (empty: any).
+    pub ids: Vec<Uuid>,
+    /// Also those already replayed or purged.
+    pub include_handled: bool,
+}
+
+/// A recorded dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetterRecord {
+    pub id: Uuid,
+    pub message_id: Option<String>,
+    pub task_id: Option<Uuid>,
+    pub task: Option<String>,
+    pub executor: Option<String>,
+    pub reason: String,
+    pub reason_kind: String,
+    pub death: Option<Value>,
+    pub headers: Value,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+    pub body_truncated: bool,
+    pub dead_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub replayed_at: Option<DateTime<Utc>>,
+    pub replay_count: i32,
+    pub purged_at: Option<DateTime<Utc>>,
+}
+
+impl DeadLetterRecord {
+    fn from_row(r: &tokio_postgres::Row) -> Self {
+        DeadLetterRecord {
+            id: r.get("id"),
+            message_id: r.get("message_id"),
+            task_id: r.get("task_id"),
+            task: r.get("task"),
+            executor: r.get("executor"),
+            reason: r.get("reason"),
+            reason_kind: r.get("reason_kind"),
+            death: r.get("death"),
+            headers: r.get("headers"),
+            body: r.get("body"),
+            body_truncated: r.get("body_truncated"),
+            dead_at: r.get("dead_at"),
+            recorded_at: r.get("recorded_at"),
+            replayed_at: r.get("replayed_at"),
+            replay_count: r.get("replay_count"),
+            purged_at: r.get("purged_at"),
+        }
     }
 }

@@ -11,11 +11,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "retries and replay",
+        sql: include_str!("migrations/0002_retries_and_replay.sql"),
+    },
+];
 
 /// Arbitrary constant naming Gantry's migration lock.
 const LOCK_KEY: i64 = 0x6761_6e74_7279;

@@ -19,9 +19,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::NoTls;
 use tracing::warn;
 
-pub use dead_letters::DeadLetter;
+pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterRecord};
 pub use state::TaskState;
-pub use tasks::{Applied, Change, TaskRecord};
+pub use tasks::{Applied, Change, ResultWrite, TaskRecord};
 
 use crate::{Error, Result};
 

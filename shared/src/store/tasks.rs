@@ -70,6 +70,16 @@ impl TaskRecord {
     }
 }
 
+/// How the recorder files one result: usually in the state its status names; a retryable
+/// failure with attempts left becomes `retrying`, one without becomes `dead_lettered`.
+#[derive(Debug, Clone)]
+pub struct ResultWrite<'a> {
+    pub result: &'a TaskResult,
+    pub state: TaskState,
+    /// Why the state differs from the status, for the event.
+    pub note: Option<Value>,
+}
+
 /// One transition to apply.
 #[derive(Debug, Clone, Default)]
 pub struct Change {
@@ -117,8 +127,8 @@ impl Store {
         let inserted = tx
             .execute(
                 "INSERT INTO tasks (task_id, task, executor, state, attempt, reply_to,
-                     idempotency_key, traceparent, deadline, submitted_at)
-                 VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8, $9)
+                     idempotency_key, traceparent, deadline, submitted_at, envelope)
+                 VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (task_id) DO NOTHING",
                 &[
                     &task.id.as_uuid(),
@@ -130,6 +140,7 @@ impl Store {
                     &task.traceparent,
                     &task.deadline,
                     &task.submitted_at,
+                    &serde_json::to_value(task.envelope())?,
                 ],
             )
             .await
@@ -141,6 +152,20 @@ impl Store {
             let change = Change::default();
             match transition_in(&tx, task.id, task.attempt, TaskState::Received, &change).await? {
                 Applied::Stale { current, attempt } => (current, attempt),
+                Applied::Changed { .. } => {
+                    // A new attempt (retry or replay) may carry a new deadline.
+                    tx.execute(
+                        "UPDATE tasks SET envelope = $2, deadline = $3 WHERE task_id = $1",
+                        &[
+                            &task.id.as_uuid(),
+                            &serde_json::to_value(task.envelope())?,
+                            &task.deadline,
+                        ],
+                    )
+                    .await
+                    .map_err(pg("update envelope"))?;
+                    (TaskState::Received, attempt)
+                }
                 _ => (TaskState::Received, attempt),
             }
         };
@@ -167,32 +192,120 @@ impl Store {
         Ok(applied)
     }
 
+    /// Records a batch of results, each in the state its own status names. See
+    /// [`Store::record_result_writes`].
+    ///
+    /// # Errors
+    /// Postgres errors; then nothing of the batch is recorded.
+    pub async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<Applied>> {
+        let writes: Vec<ResultWrite<'_>> = results
+            .iter()
+            .map(|r| ResultWrite {
+                result: r,
+                state: r.status.into(),
+                note: None,
+            })
+            .collect();
+        self.record_result_writes(&writes).await
+    }
+
     /// Records a batch of results in one transaction; each terminal change is announced on
     /// [`DONE_CHANNEL`] when the transaction commits.
     ///
     /// # Errors
     /// Postgres errors; then nothing of the batch is recorded.
-    #[instrument(skip_all, fields(batch = results.len()))]
-    pub async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<Applied>> {
+    #[instrument(skip_all, fields(batch = writes.len()))]
+    pub async fn record_result_writes(&self, writes: &[ResultWrite<'_>]) -> Result<Vec<Applied>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
-        let mut outcomes = Vec::with_capacity(results.len());
-        for r in results {
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for w in writes {
+            let r = w.result;
+            let mut detail = json!({"reported_by": r.reported_by, "status": r.status});
+            if let Some(note) = &w.note {
+                detail["note"] = note.clone();
+            }
+            if let Some(e) = &r.error {
+                detail["error"] = serde_json::to_value(e)?;
+            }
             let change = Change {
                 evidence: r.evidence.clone(),
                 started_at: r.started_at,
-                finished_at: Some(r.finished_at),
+                finished_at: w.state.is_terminal().then_some(r.finished_at),
                 result: Some(serde_json::to_value(r)?),
                 error: r.error.as_ref().map(serde_json::to_value).transpose()?,
-                detail: Some(json!({"reported_by": r.reported_by})),
+                detail: Some(detail),
                 ..Change::default()
             };
-            let applied =
-                transition_in(&tx, r.task_id, r.attempt, r.status.into(), &change).await?;
-            outcomes.push(applied);
+            outcomes.push(transition_in(&tx, r.task_id, r.attempt, w.state, &change).await?);
         }
         tx.commit().await.map_err(pg("commit results"))?;
         Ok(outcomes)
+    }
+
+    /// The task as it was received (its latest attempt), to publish it again.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn envelope(&self, id: TaskId) -> Result<Option<Value>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT envelope FROM tasks WHERE task_id = $1",
+                &[&id.as_uuid()],
+            )
+            .await
+            .map_err(pg("read envelope"))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// Reopens a task for a replay of its dead letter: the one way out of a terminal state,
+    /// recorded as a `replayed` event of the new attempt. Idempotent: replaying the same
+    /// dead letter again changes nothing.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn record_replay(
+        &self,
+        id: TaskId,
+        new_attempt: u32,
+        dead_letter_id: uuid::Uuid,
+    ) -> Result<Applied> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg("begin"))?;
+        let new_attempt = attempt_i32(new_attempt);
+        let Some(row) = tx
+            .query_opt(
+                "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
+                &[&id.as_uuid()],
+            )
+            .await
+            .map_err(pg("lock task"))?
+        else {
+            return Ok(Applied::Unknown);
+        };
+        let current: TaskState = row
+            .get::<_, String>(0)
+            .parse()
+            .unwrap_or(TaskState::Received);
+        let attempt: i32 = row.get(1);
+        let detail = json!({"dead_letter_id": dead_letter_id, "from_state": current.as_str()});
+        if attempt >= new_attempt
+            || !insert_event(&tx, id, new_attempt, "replayed", Some(&detail)).await?
+        {
+            return Ok(Applied::Duplicate);
+        }
+        // `retrying` at the old attempt: the dispatcher takes the new attempt from there.
+        tx.execute(
+            "UPDATE tasks SET state = 'retrying', updated_at = now() WHERE task_id = $1",
+            &[&id.as_uuid()],
+        )
+        .await
+        .map_err(pg("reopen task"))?;
+        tx.commit().await.map_err(pg("commit replay"))?;
+        Ok(Applied::Changed {
+            reply_to: row.get(2),
+        })
     }
 
     /// Notes that a task's result was forwarded to its `reply_to`.
