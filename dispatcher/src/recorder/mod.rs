@@ -4,6 +4,7 @@
 
 mod audit;
 mod results;
+mod retry;
 
 use std::time::Duration;
 

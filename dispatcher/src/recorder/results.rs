@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use gantry_shared::message::TaskResult;
-use gantry_shared::retry;
-use gantry_shared::store::Applied;
+use gantry_shared::message::{ExecutorClass, TaskResult};
+use gantry_shared::store::{Applied, ResultWrite};
 use gantry_shared::telemetry::chain;
 use lapin::Consumer;
 use lapin::message::Delivery;
 use tracing::{debug, info, warn};
 
+use super::retry::{self, Plan};
 use super::{ack_batch, next_batch};
 use crate::consume::{SessionEnd, Source, open_until_shutdown};
 use crate::metrics::inc;
@@ -85,30 +85,59 @@ async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
     if results.is_empty() {
         return Ok(());
     }
-    let outcomes = ctx
-        .persist("record results", || ctx.store.record_results(&results))
+    let ids: Vec<_> = results.iter().map(|r| r.task_id).collect();
+    let executors = ctx
+        .persist("read executors", || ctx.store.executors(&ids))
         .await?;
-    for (result, outcome) in results.iter().zip(outcomes) {
+    let plans: Vec<Plan> = results
+        .iter()
+        .map(|r| {
+            let policy = executors
+                .get(&r.task_id)
+                .and_then(|e| ExecutorClass::parse(e).ok())
+                .and_then(|c| ctx.settings.catalog.get(&c).map(|s| s.retry.clone()));
+            retry::plan(policy.as_ref(), r)
+        })
+        .collect();
+    let writes: Vec<ResultWrite<'_>> = results
+        .iter()
+        .zip(&plans)
+        .map(|(r, p)| ResultWrite {
+            result: r,
+            state: p.state(r),
+            note: p.note(),
+        })
+        .collect();
+    let outcomes = ctx
+        .persist("record results", || ctx.store.record_result_writes(&writes))
+        .await?;
+    for ((result, plan), outcome) in results.iter().zip(&plans).zip(outcomes) {
         match outcome {
             Applied::Changed { reply_to } => {
                 inc(&ctx.metrics.results_recorded);
                 info!(task_id = %result.task_id, status = %result.status, attempt = result.attempt, reported_by = %result.reported_by, "result recorded");
-                if let Some(queue) = reply_to {
+                follow_plan(ctx, result, plan).await?;
+                if let Some(queue) = reply_to.filter(|_| plan.state(result).is_terminal()) {
                     forward(ctx, result, &queue).await?;
                 }
             }
             Applied::Duplicate => {
                 inc(&ctx.metrics.results_duplicate);
                 debug!(task_id = %result.task_id, "duplicate result; nothing changed");
-                // A crash between commit and forward leaves the forward to the redelivery.
+                // A crash between commit and publish leaves the retry, dead letter or
+                // forward to the redelivery; each is safe to repeat.
                 if let Some(record) = ctx
                     .persist("read task", || ctx.store.task(result.task_id))
                     .await?
-                    && record.forwarded_at.is_none()
-                    && let Some(queue) = record.reply_to
-                    && record.state == result.status.as_str()
+                    && record.attempt == result.attempt as i32
+                    && record.state == plan.state(result).as_str()
                 {
-                    forward(ctx, result, &queue).await?;
+                    follow_plan(ctx, result, plan).await?;
+                    if let Some(queue) = record.reply_to.filter(|_| record.forwarded_at.is_none())
+                        && plan.state(result).is_terminal()
+                    {
+                        forward(ctx, result, &queue).await?;
+                    }
                 }
             }
             Applied::Stale { current, attempt } => {
@@ -123,6 +152,15 @@ async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
     Ok(())
 }
 
+/// Publishes what the plan asks for beyond the record: the next attempt or the dead letter.
+async fn follow_plan(ctx: &Ctx, result: &TaskResult, plan: &Plan) -> Result<()> {
+    match plan {
+        Plan::Record => Ok(()),
+        Plan::Retry { delay } => retry::schedule(ctx, result, *delay).await,
+        Plan::Exhausted { reason } => retry::dead_letter(ctx, result, reason).await,
+    }
+}
+
 /// Sends the durable result to the caller's reply queue, then notes it.
 async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
     let (body, props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
@@ -134,7 +172,7 @@ async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
             &body,
             props,
             false,
-            retry::for_at_most(std::time::Duration::from_secs(30)),
+            gantry_shared::retry::for_at_most(std::time::Duration::from_secs(30)),
         )
         .await;
     match sent {

@@ -243,6 +243,29 @@ impl Store {
         Ok(outcomes)
     }
 
+    /// The executor class of each known task among `ids`.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn executors(
+        &self,
+        ids: &[TaskId],
+    ) -> Result<std::collections::HashMap<TaskId, String>> {
+        let client = self.client().await?;
+        let uuids: Vec<uuid::Uuid> = ids.iter().map(TaskId::as_uuid).collect();
+        let rows = client
+            .query(
+                "SELECT task_id, executor FROM tasks WHERE task_id = ANY($1)",
+                &[&uuids],
+            )
+            .await
+            .map_err(pg("read executors"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (TaskId::from(r.get::<_, uuid::Uuid>(0)), r.get(1)))
+            .collect())
+    }
+
     /// The task as it was received (its latest attempt), to publish it again.
     ///
     /// # Errors

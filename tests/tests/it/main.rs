@@ -6,4 +6,5 @@ mod bad_input;
 mod contract;
 mod lifecycle;
 mod restart;
+mod retries;
 mod topology;
