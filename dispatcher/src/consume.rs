@@ -42,7 +42,9 @@ impl Session {
     pub(crate) async fn close(self, end: &SessionEnd, queue: &str) {
         let _ = self.conn.close(200, "bye".into()).await;
         if let SessionEnd::Broken = end {
-            warn!(queue, "consumer lost its channel; reconnecting");
+            // A pause before reconnecting, so a failure that repeats does not spin.
+            warn!(queue, "consumer session ended; reconnecting in a second");
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }

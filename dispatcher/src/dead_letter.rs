@@ -33,7 +33,10 @@ pub(crate) async fn publish(
         table.insert(k.into(), AMQPValue::LongString(v.into()));
     };
     put(headers::REASON, reason);
-    put(headers::DEAD_LETTER_ID, &Uuid::new_v4().to_string());
+    put(
+        headers::DEAD_LETTER_ID,
+        &letter_id(queue, delivery, reason).to_string(),
+    );
     put(headers::ORIGINAL_QUEUE, queue);
     put(headers::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
     table.insert(
@@ -55,6 +58,26 @@ pub(crate) async fn publish(
             |e| warn!(error = %e, "could not dead-letter a message; it stays in its queue"),
         )?;
     Ok(())
+}
+
+/// The same id for the same message refused for the same reason, so a redelivery after a
+/// lost ack (the dead letter is published again) is recorded once.
+fn letter_id(queue: &str, delivery: &Delivery, reason: &str) -> Uuid {
+    let mut key = Vec::with_capacity(delivery.data.len() + 128);
+    for part in [
+        queue,
+        reason,
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map_or("", |m| m.as_str()),
+    ] {
+        key.extend_from_slice(part.as_bytes());
+        key.push(0);
+    }
+    key.extend_from_slice(&delivery.data);
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, &key)
 }
 
 /// The same properties without `expiration`.

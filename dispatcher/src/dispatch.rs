@@ -69,18 +69,23 @@ async fn consume(
             }
             None => break SessionEnd::Broken,
         };
-        // Wait for capacity with the delivery in hand: it stays un-acked meanwhile.
-        let permit = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break SessionEnd::Shutdown,
-            p = capacity.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break SessionEnd::Shutdown,
+        let (ctx, class, queue) = (ctx.clone(), class.clone(), queue.to_owned());
+        let parsed = parse(&ctx, &class, &delivery);
+        let step = match parsed {
+            // A refusal needs no capacity.
+            Err(rejection) => Step::Refuse(rejection),
+            // Wait for capacity with the delivery in hand: it stays un-acked meanwhile,
+            // but not so long that RabbitMQ's consumer_timeout closes the channel.
+            Ok(task) => tokio::select! {
+                _ = ctx.shutdown.cancelled() => break SessionEnd::Shutdown,
+                p = capacity.clone().acquire_owned() => match p {
+                    Ok(permit) => Step::Dispatch(Box::new(task), permit),
+                    Err(_) => break SessionEnd::Shutdown,
+                },
+                _ = tokio::time::sleep(ctx.settings.dispatcher.max_hold) => Step::Requeue(Box::new(task)),
             },
         };
-        let ctx = ctx.clone();
-        let class = class.clone();
-        let queue = queue.to_owned();
-        handlers.spawn(async move { handle(ctx, class, queue, delivery, permit).await });
+        handlers.spawn(async move { handle(ctx, class, queue, delivery, step).await });
         while handlers.try_join_next().is_some() {}
     };
     // Let in-flight hand-offs finish (each is a few quick writes) before the channel
@@ -89,12 +94,20 @@ async fn consume(
     end
 }
 
+/// What to do with one delivery.
+enum Step {
+    Refuse(Rejection),
+    Dispatch(Box<Task>, OwnedSemaphorePermit),
+    /// Held too long waiting for capacity: back to the end of the queue.
+    Requeue(Box<Task>),
+}
+
 async fn handle(
     ctx: Arc<Ctx>,
     class: ExecutorClass,
     queue: String,
     delivery: Delivery,
-    permit: OwnedSemaphorePermit,
+    step: Step,
 ) {
     let message_id = delivery
         .properties
@@ -104,7 +117,12 @@ async fn handle(
         .unwrap_or_default();
     let span = info_span!("task", %message_id, executor = %class);
     async {
-        match dispatch(&ctx, &class, &queue, &delivery, permit).await {
+        let done = match step {
+            Step::Refuse(rejection) => refuse(&ctx, &queue, &delivery, &rejection).await,
+            Step::Dispatch(task, permit) => dispatch(&ctx, &class, &delivery, *task, permit).await,
+            Step::Requeue(task) => requeue(&ctx, &queue, &delivery, &task).await,
+        };
+        match done {
             Ok(()) => {}
             Err(Error::ShuttingDown) => {}
             Err(e) => {
@@ -116,31 +134,53 @@ async fn handle(
     .await;
 }
 
+/// Dead-letters a message that is not a valid task, with its reason, then acks it.
+async fn refuse(ctx: &Ctx, queue: &str, delivery: &Delivery, rejection: &Rejection) -> Result<()> {
+    let reason = rejection.to_string();
+    let count = ctx.metrics.rejected(rejection.metric_label());
+    warn!(%reason, rejected_total = count, "rejected message; dead-lettering it");
+    dead_letter::publish(
+        &ctx.publisher,
+        &ctx.topology.dlx(),
+        queue,
+        delivery,
+        &reason,
+    )
+    .await?;
+    ack(delivery).await;
+    Ok(())
+}
+
+/// Puts a task that waited too long for capacity back at the end of its queue, as a new
+/// publish (confirmed, then the original is acked): a nack would count as a delivery
+/// towards the poison limit.
+async fn requeue(ctx: &Ctx, queue: &str, delivery: &Delivery, task: &Task) -> Result<()> {
+    let (body, props) = match task.to_amqp(Utc::now()) {
+        Ok(m) => m,
+        Err(rejection) => return refuse(ctx, queue, delivery, &rejection).await,
+    };
+    ctx.publisher
+        .publish(
+            &ctx.topology.tasks_exchange(),
+            task.executor.as_str(),
+            &body,
+            props,
+            true,
+            gantry_shared::retry::for_at_most(std::time::Duration::from_secs(60)),
+        )
+        .await?;
+    ack(delivery).await;
+    info!(task_id = %task.id, "held too long waiting for capacity; requeued at the end of the queue");
+    Ok(())
+}
+
 async fn dispatch(
     ctx: &Arc<Ctx>,
     class: &ExecutorClass,
-    queue: &str,
     delivery: &Delivery,
+    task: Task,
     permit: OwnedSemaphorePermit,
 ) -> Result<()> {
-    let task = match parse(ctx, class, delivery) {
-        Ok(task) => task,
-        Err(rejection) => {
-            let reason = rejection.to_string();
-            let count = ctx.metrics.rejected(rejection.metric_label());
-            warn!(%reason, rejected_total = count, "rejected message; dead-lettering it");
-            dead_letter::publish(
-                &ctx.publisher,
-                &ctx.topology.dlx(),
-                queue,
-                delivery,
-                &reason,
-            )
-            .await?;
-            ack(delivery).await;
-            return Ok(());
-        }
-    };
     let (state, attempt) = ctx
         .persist("record received", || ctx.store.record_received(&task))
         .await?;
@@ -156,8 +196,8 @@ async fn dispatch(
             message: format!("executor class {class} left the catalog"),
         });
     };
-    let dispatch_id = Uuid::new_v4().to_string();
     let runtime = ctx.runtime.as_ref().ok_or(Error::ShuttingDown)?;
+    let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
     let started = match runtime.start(&task, spec, &dispatch_id) {
         Ok(s) => s,
         Err(e) => {
@@ -176,6 +216,7 @@ async fn dispatch(
                 },
             );
             ctx.publish_result(&result).await?;
+            runtime.mark_handled(&JobName::for_task(task.id, task.attempt));
             ack(delivery).await;
             return Ok(());
         }
@@ -368,8 +409,13 @@ pub(crate) async fn reconcile(
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
         .await?;
     for record in unfinished {
-        let on_this_node = record.node.as_deref() == Some(runtime.node());
-        let Some(job_name) = record.job_name.as_deref().filter(|_| on_this_node) else {
+        // Only tasks this state directory dispatched: another dispatcher on the same machine
+        // has its own jobs.
+        let ours = record
+            .dispatch_id
+            .as_deref()
+            .is_some_and(|d| d.starts_with(&format!("{}.", runtime.instance())));
+        let Some(job_name) = record.job_name.as_deref().filter(|_| ours) else {
             continue;
         };
         let attempt = u32::try_from(record.attempt).unwrap_or(1);

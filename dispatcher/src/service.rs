@@ -178,21 +178,21 @@ pub async fn run(
         for (class, sem) in capacity {
             roles.spawn(dispatch::run_class(ctx.clone(), class, sem));
         }
-        let housekeeping = ctx.clone();
-        roles.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = housekeeping.shutdown.cancelled() => return,
-                    _ = tick.tick() => {
-                        housekeeping.metrics.log("periodic");
-                        if let Some(rt) = housekeeping.runtime.as_ref() { rt.sweep(); }
-                    }
+    }
+    let housekeeping = ctx.clone();
+    roles.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = housekeeping.shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    housekeeping.metrics.log("periodic");
+                    if let Some(rt) = housekeeping.runtime.as_ref() { rt.sweep(); }
                 }
             }
-        });
-    }
+        }
+    });
     info!("dispatcher ready");
     while let Some(r) = roles.join_next().await {
         if let Err(e) = r {

@@ -84,6 +84,10 @@ pub struct DispatcherSection {
     pub record_linger: Duration,
     /// Deliveries held waiting for capacity, at most, per executor class.
     pub max_waiting: u16,
+    /// Longest a delivery is held waiting for capacity before it is put back at the end of
+    /// its queue; keep `max_waiting` × this under RabbitMQ's `consumer_timeout` (30 min).
+    #[serde(with = "humantime_serde_compat")]
+    pub max_hold: Duration,
     /// After a task's deadline, how long its executor has to report before it is stopped.
     #[serde(with = "humantime_serde_compat")]
     pub deadline_grace: Duration,
@@ -108,6 +112,7 @@ impl Default for DispatcherSection {
             record_batch: 200,
             record_linger: Duration::from_millis(5),
             max_waiting: 2,
+            max_hold: Duration::from_secs(600),
             deadline_grace: Duration::from_secs(5),
             kill_grace: Duration::from_secs(5),
             job_retention: Duration::from_secs(600),
@@ -178,6 +183,8 @@ impl Settings {
         }
         env_parse("GANTRY_RECORD_BATCH", &mut d.record_batch)?;
         env_parse("GANTRY_MAX_WAITING", &mut d.max_waiting)?;
+        env_duration("GANTRY_MAX_HOLD", &mut d.max_hold)?;
+        env_duration("GANTRY_RECORD_LINGER", &mut d.record_linger)?;
         env_duration("GANTRY_DEADLINE_GRACE", &mut d.deadline_grace)?;
         env_duration("GANTRY_KILL_GRACE", &mut d.kill_grace)?;
         env_duration("GANTRY_JOB_RETENTION", &mut d.job_retention)?;

@@ -21,7 +21,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://gantry:gantry@127.0.0.1:5432/
 
 /// Settings every Gantry binary shares.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub amqp_url: SecretString,
     pub database_url: SecretString,
@@ -36,6 +36,9 @@ pub struct Config {
     pub db_pool_size: usize,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
+    /// The dispatcher's own section of the same file, read by the dispatcher. Named here so
+    /// that any other unknown key (a misspelling) is an error rather than ignored.
+    pub dispatcher: Option<serde_norway::Value>,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             broker_timeout: Duration::from_secs(15),
             db_pool_size: 8,
             log_format: LogFormat::Text,
+            dispatcher: None,
         }
     }
 }
@@ -226,6 +230,9 @@ mod tests {
         assert_eq!(c.queues.delivery_limit, 4);
         assert_eq!(c.queues.retry_delays.len(), 5);
         assert_eq!(c.db_pool_size, 8);
+        std::fs::write(&path, "prefixx: x\n").unwrap();
+        let typo = read_file::<Config>(Some(&path)).unwrap_err().to_string();
+        assert!(typo.contains("prefixx"), "{typo}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -94,6 +94,18 @@ impl DeadLetter {
         }
     }
 
+    /// Whether this dead letter ends its task. A refused *result* message names a task
+    /// whose job may still run and report properly, so it does not.
+    pub fn ends_task(&self) -> bool {
+        // Task queues are `<prefix>.tasks.<class>` and a class has no dots, so only the
+        // results queue ends with `.results`.
+        !self
+            .headers
+            .get(headers::ORIGINAL_QUEUE)
+            .and_then(Value::as_str)
+            .is_some_and(|q| q.ends_with(".results"))
+    }
+
     /// The reason kind: the text before the first colon (`invalid`, `expired`, …).
     pub fn reason_kind(&self) -> &str {
         self.reason

@@ -2,19 +2,19 @@
 
 use std::sync::Arc;
 
-use gantry_shared::message::{ExecutorClass, TaskResult};
+use gantry_shared::message::{ExecutorClass, ResultStatus, TaskError, TaskResult};
 use gantry_shared::store::{Applied, ResultWrite};
 use gantry_shared::telemetry::chain;
 use lapin::Consumer;
 use lapin::message::Delivery;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::retry::{self, Plan};
 use super::{ack_batch, next_batch};
 use crate::consume::{SessionEnd, Source, open_until_shutdown};
 use crate::metrics::inc;
 use crate::service::Ctx;
-use crate::{Result, dead_letter};
+use crate::{Error, Result, dead_letter};
 
 pub(crate) async fn run_results(ctx: Arc<Ctx>) {
     let d = &ctx.settings.dispatcher;
@@ -64,9 +64,13 @@ async fn record_batches(ctx: &Ctx, consumer: &mut Consumer) -> SessionEnd {
 
 async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
     let mut results = Vec::with_capacity(batch.len());
+    let mut origin = Vec::with_capacity(batch.len());
     for delivery in batch {
         match TaskResult::from_amqp(&delivery.properties, &delivery.data) {
-            Ok(r) => results.push(r),
+            Ok(r) => {
+                results.push(r);
+                origin.push(delivery);
+            }
             Err(rejection) => {
                 let reason = format!("{rejection} (result message)");
                 ctx.metrics.rejected("bad_result");
@@ -108,10 +112,19 @@ async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             note: p.note(),
         })
         .collect();
-    let outcomes = ctx
+    let outcomes = match ctx
         .persist("record results", || ctx.store.record_result_writes(&writes))
-        .await?;
+        .await
+    {
+        Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
+        Err(Error::ShuttingDown) => return Err(Error::ShuttingDown),
+        Err(e) => {
+            warn!(error = %chain(&e), "Postgres refused the batch; recording its results one by one");
+            one_by_one(ctx, &writes, &origin).await?
+        }
+    };
     for ((result, plan), outcome) in results.iter().zip(&plans).zip(outcomes) {
+        let Some(outcome) = outcome else { continue };
         match outcome {
             Applied::Changed { reply_to } => {
                 inc(&ctx.metrics.results_recorded);
@@ -152,6 +165,58 @@ async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
     Ok(())
 }
 
+/// Records each result alone; one that Postgres refuses for good is dead-lettered for
+/// operators and its attempt recorded failed (`result_unrecordable`), so the task still ends
+/// and the results behind it are not held up. `None` marks those.
+async fn one_by_one(
+    ctx: &Ctx,
+    writes: &[ResultWrite<'_>],
+    origin: &[&Delivery],
+) -> Result<Vec<Option<Applied>>> {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for (write, delivery) in writes.iter().zip(origin) {
+        let single = std::slice::from_ref(write);
+        match ctx
+            .persist("record result", || ctx.store.record_result_writes(single))
+            .await
+        {
+            Ok(mut o) => outcomes.push(o.pop()),
+            Err(Error::ShuttingDown) => return Err(Error::ShuttingDown),
+            Err(e) => {
+                let why = chain(&e);
+                error!(task_id = %write.result.task_id, error = %why, "result cannot be recorded; dead-lettering it");
+                ctx.metrics.rejected("unrecordable_result");
+                let reason = format!("invalid: result cannot be recorded ({why})");
+                dead_letter::publish(
+                    &ctx.publisher,
+                    &ctx.topology.dlx(),
+                    &ctx.topology.results_queue(),
+                    delivery,
+                    &reason,
+                )
+                .await?;
+                let substitute = TaskResult {
+                    status: ResultStatus::Failed,
+                    output: None,
+                    error: Some(TaskError {
+                        kind: "result_unrecordable".into(),
+                        message: reason,
+                        retryable: false,
+                    }),
+                    reported_by: "dispatcher".into(),
+                    ..write.result.clone()
+                };
+                ctx.persist("record substitute result", || {
+                    ctx.store.record_results(std::slice::from_ref(&substitute))
+                })
+                .await?;
+                outcomes.push(None);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
 /// Publishes what the plan asks for beyond the record: the next attempt or the dead letter.
 async fn follow_plan(ctx: &Ctx, result: &TaskResult, plan: &Plan) -> Result<()> {
     match plan {
@@ -161,7 +226,9 @@ async fn follow_plan(ctx: &Ctx, result: &TaskResult, plan: &Plan) -> Result<()> 
     }
 }
 
-/// Sends the durable result to the caller's reply queue, then notes it.
+/// Sends the durable result to the caller's reply queue, then notes it. A reply queue that
+/// no longer exists is noted and skipped; a broker failure leaves the batch unacked, so the
+/// redelivery forwards it (the result itself is already durable).
 async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
     let (body, props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
     let sent = ctx
@@ -171,21 +238,20 @@ async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
             queue,
             &body,
             props,
-            false,
+            true,
             gantry_shared::retry::for_at_most(std::time::Duration::from_secs(30)),
         )
         .await;
     match sent {
-        Ok(()) => {
-            inc(&ctx.metrics.forwarded);
-            ctx.persist("mark forwarded", || {
-                ctx.store.mark_forwarded(result.task_id)
-            })
-            .await?;
+        Ok(()) => inc(&ctx.metrics.forwarded),
+        Err(gantry_shared::Error::Unroutable { .. }) => {
+            warn!(task_id = %result.task_id, queue, "the caller's reply queue no longer exists; the result stays in Postgres");
         }
-        Err(e) => {
-            warn!(task_id = %result.task_id, queue, error = %chain(&e), "could not forward the result to reply_to; it stays in Postgres")
-        }
+        Err(e) => return Err(e.into()),
     }
+    ctx.persist("mark forwarded", || {
+        ctx.store.mark_forwarded(result.task_id)
+    })
+    .await?;
     Ok(())
 }

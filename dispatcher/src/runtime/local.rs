@@ -44,6 +44,9 @@ pub(crate) struct LocalRuntime {
     deadline_grace: Duration,
     kill_grace: Duration,
     retention: Duration,
+    /// Identifies this state directory in dispatch ids, so reconciliation only touches
+    /// tasks it dispatched itself.
+    instance: String,
     /// Held for the life of the dispatcher: one dispatcher per state directory.
     _state_lock: File,
 }
@@ -133,6 +136,7 @@ impl LocalRuntime {
             }
             Err(TryLockError::Error(e)) => return Err(io_err(e)),
         }
+        let instance = instance_id(&o.state_dir).map_err(io_err)?;
         if !o.executor_bin.is_file() {
             return Err(Error::ExecutorMissing(o.executor_bin.display().to_string()));
         }
@@ -144,12 +148,13 @@ impl LocalRuntime {
             deadline_grace: o.deadline_grace,
             kill_grace: o.kill_grace,
             retention: o.retention,
+            instance,
             _state_lock: lock,
         })
     }
 
-    pub(crate) fn node(&self) -> &str {
-        &self.node
+    pub(crate) fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Whether the job has a directory here (in any phase).
@@ -399,7 +404,11 @@ impl LocalRuntime {
 
     /// Marks a job's end as dealt with; its directory is removed after the retention time.
     pub(crate) fn mark_handled(&self, name: &JobName) {
-        let path = self.jobs_dir.join(name.as_str()).join("handled");
+        let dir = self.jobs_dir.join(name.as_str());
+        if !dir.is_dir() {
+            return;
+        }
+        let path = dir.join("handled");
         if let Err(e) = fs::write(&path, b"") {
             warn!(path = %path.display(), error = %e, "cannot mark job handled");
         }
@@ -441,6 +450,19 @@ impl LocalRuntime {
     fn kill(&self, dir: &Path, pid: Option<u32>) {
         if let Some(pid) = pid.or_else(|| read_pid(dir)) {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The state directory's own id, made once and kept in `instance-id`.
+fn instance_id(state_dir: &Path) -> io::Result<String> {
+    let path = state_dir.join("instance-id");
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+            write_atomic(&path, id.as_bytes())?;
+            Ok(id)
         }
     }
 }

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::tasks::{Applied, Change};
-use super::{Store, TaskState, pg};
+use super::{Store, TaskState, pg, scrub};
 use crate::Result;
 pub use crate::dead_letter::DeadLetter;
 use crate::message::TaskId;
@@ -36,8 +36,8 @@ impl Store {
                         &d.executor,
                         &d.reason,
                         &d.reason_kind(),
-                        &d.death,
-                        &d.headers,
+                        &d.death.as_ref().map(scrub),
+                        &scrub(&d.headers),
                         &d.body,
                         &d.body_truncated,
                         &d.dead_at,
@@ -46,6 +46,7 @@ impl Store {
                 .await
                 .map_err(pg("insert dead letter"))?;
             let applied = match (inserted, d.task_id) {
+                (1, Some(_)) if !d.ends_task() => Applied::Unknown,
                 (1, Some(task_id)) => {
                     let state = if d.reason_kind() == "expired" {
                         TaskState::Expired
@@ -64,14 +65,12 @@ impl Store {
                         detail: Some(json!({"dead_letter_id": d.id, "reason": d.reason})),
                         ..Change::default()
                     };
-                    super::tasks::transition_in(
-                        &tx,
-                        task_id,
-                        d.attempt.unwrap_or(1),
-                        state,
-                        &change,
-                    )
-                    .await?
+                    let attempt = d.attempt.unwrap_or(1);
+                    match super::tasks::transition_in(&tx, task_id, attempt, state, &change).await?
+                    {
+                        Applied::Unknown => never_received(&tx, d, task_id, state).await?,
+                        other => other,
+                    }
                 }
                 (1, None) => Applied::Unknown,
                 _ => Applied::Duplicate,
@@ -202,6 +201,61 @@ impl Store {
             .map_err(pg("mark purged"))?;
         Ok(())
     }
+}
+
+/// A task that died before any dispatcher received it (expired in its queue, refused as
+/// invalid) still gets a row, so `gantry status` and `gantry wait` can say how it ended.
+async fn never_received(
+    tx: &tokio_postgres::Transaction<'_>,
+    d: &DeadLetter,
+    task_id: TaskId,
+    state: TaskState,
+) -> Result<Applied> {
+    let envelope: Option<crate::message::TaskEnvelope> = serde_json::from_slice(&d.body).ok();
+    let (deadline, submitted_at) = envelope
+        .as_ref()
+        .map_or((d.dead_at, d.dead_at), |e| (e.deadline, e.submitted_at));
+    let attempt = i32::try_from(d.attempt.unwrap_or(1)).unwrap_or(1).max(1);
+    let error = json!({"kind": d.reason_kind(), "message": d.reason, "retryable": false});
+    let inserted = tx
+        .execute(
+            "INSERT INTO tasks (task_id, task, executor, state, attempt, deadline, submitted_at,
+                 received_at, finished_at, terminal_reason, error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10)
+             ON CONFLICT (task_id) DO NOTHING",
+            &[
+                &task_id.as_uuid(),
+                &d.task.clone().unwrap_or_default(),
+                &d.executor.clone().unwrap_or_default(),
+                &state.as_str(),
+                &attempt,
+                &deadline,
+                &submitted_at,
+                &d.dead_at,
+                &d.reason,
+                &error,
+            ],
+        )
+        .await
+        .map_err(pg("insert dead task"))?;
+    if inserted == 0 {
+        return Ok(Applied::Duplicate);
+    }
+    let detail = json!({"dead_letter_id": d.id, "reason": d.reason, "never_received": true});
+    tx.execute(
+        "INSERT INTO task_events (task_id, attempt, event, detail) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (task_id, attempt, event) DO NOTHING",
+        &[&task_id.as_uuid(), &attempt, &state.as_str(), &detail],
+    )
+    .await
+    .map_err(pg("insert task event"))?;
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&super::DONE_CHANNEL, &task_id.to_string()],
+    )
+    .await
+    .map_err(pg("notify"))?;
+    Ok(Applied::Changed { reply_to: None })
 }
 
 /// Which dead letters to select; every field that is set must match.

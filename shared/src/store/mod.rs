@@ -94,6 +94,19 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The same JSON without NUL characters, which Postgres refuses in `jsonb` (U+0000 becomes
+/// U+FFFD): one odd byte in an output must not make a whole batch unrecordable.
+pub(crate) fn scrub(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let clean = |s: &str| s.replace('\u{0}', "\u{FFFD}");
+    match v {
+        Value::String(s) if s.contains('\u{0}') => Value::String(clean(s)),
+        Value::Array(a) => Value::Array(a.iter().map(scrub).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (clean(k), scrub(v))).collect()),
+        other => other.clone(),
+    }
+}
+
 fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
     move |source| Error::Postgres { operation, source }
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
 use tracing::{debug, instrument};
 
-use super::{DONE_CHANNEL, Store, TaskState, pg};
+use super::{DONE_CHANNEL, Store, TaskState, pg, scrub};
 use crate::message::{Evidence, Task, TaskId, TaskResult};
 use crate::{Error, Result};
 
@@ -140,7 +140,7 @@ impl Store {
                     &task.traceparent,
                     &task.deadline,
                     &task.submitted_at,
-                    &serde_json::to_value(task.envelope())?,
+                    &scrub(&serde_json::to_value(task.envelope())?),
                 ],
             )
             .await
@@ -158,7 +158,7 @@ impl Store {
                         "UPDATE tasks SET envelope = $2, deadline = $3 WHERE task_id = $1",
                         &[
                             &task.id.as_uuid(),
-                            &serde_json::to_value(task.envelope())?,
+                            &scrub(&serde_json::to_value(task.envelope())?),
                             &task.deadline,
                         ],
                     )
@@ -466,6 +466,7 @@ async fn insert_event(
     event: &str,
     detail: Option<&Value>,
 ) -> Result<bool> {
+    let detail = detail.map(scrub);
     let n = tx
         .execute(
             "INSERT INTO task_events (task_id, attempt, event, detail) VALUES ($1, $2, $3, $4)
@@ -543,6 +544,10 @@ pub(super) async fn transition_in(
         .started_at
         .or((state == TaskState::Running).then_some(now));
     let e = &change.evidence;
+    let (result, error) = (
+        change.result.as_ref().map(scrub),
+        change.error.as_ref().map(scrub),
+    );
     tx.execute(
         "UPDATE tasks SET state = $2, attempt = $3, updated_at = now(),
              dispatch_id = coalesce($4, dispatch_id), job_name = coalesce($5, job_name),
@@ -565,8 +570,8 @@ pub(super) async fn transition_in(
             &dispatched_at,
             &started_at,
             &change.finished_at,
-            &change.result,
-            &change.error,
+            &result,
+            &error,
         ],
     )
     .await

@@ -231,3 +231,97 @@ executors:
     producer.close().await;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn an_output_postgres_would_refuse_is_stored_cleaned_and_holds_up_nothing()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let _dispatcher = env.dispatcher()?;
+    let producer = env.producer().await?;
+    // jsonb refuses U+0000; one such output must not stop the recorder.
+    let odd = submit(
+        &producer,
+        "echo",
+        json!({"text": "nul\u{0}byte"}),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let plain = submit(
+        &producer,
+        "echo",
+        json!({"text": "plain"}),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let odd = producer.wait(odd, WAIT).await?;
+    assert_eq!(odd.state, "succeeded");
+    let output = odd.result.as_ref().map(|r| r["output"]["text"].clone());
+    assert_eq!(output, Some(json!("nul\u{FFFD}byte")));
+    assert_eq!(producer.wait(plain, WAIT).await?.state, "succeeded");
+    producer.close().await;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_task_that_expires_in_its_queue_ends_expired_and_wait_says_so() -> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let producer = env.producer().await?;
+    let id = submit(&producer, "echo", json!({}), Duration::from_millis(300)).await?;
+    let dead = env.topology().dead_queue();
+    // No dispatcher yet: the task's TTL runs out in its queue.
+    eventually(
+        "the task to expire into the dead-letter queue",
+        WAIT,
+        || async { Ok((env.queue_depth(&dead).await? == 1).then_some(())) },
+    )
+    .await?;
+    let _dispatcher = env.dispatcher()?;
+    let record = producer.wait(id, WAIT).await?;
+    assert_eq!(record.state, "expired");
+    let reason = record.terminal_reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("expired: the task's TTL ran out while it waited in"),
+        "{reason}"
+    );
+    producer.close().await;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_task_held_too_long_for_capacity_goes_back_to_the_queue_instead_of_timing_out()
+-> anyhow::Result<()> {
+    let catalog = "executors:\n  echo:\n    engine: { kind: echo }\n    max_active_jobs: 1\n";
+    let env = TestEnv::new(Some(catalog)).await?;
+    let dispatcher = gantry_tests::Dispatcher::start(&env, &[("GANTRY_MAX_HOLD", "300ms")])?;
+    let producer = env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            submit(
+                &producer,
+                "echo",
+                json!({"sleep_ms": 1500}),
+                Duration::from_secs(120),
+            )
+            .await?,
+        );
+    }
+    for id in &ids {
+        let record = producer.wait(*id, WAIT).await?;
+        assert_eq!(record.state, "succeeded");
+        assert_eq!(record.attempt, 1, "requeueing is not a new attempt");
+    }
+    assert!(
+        dispatcher
+            .log_text()
+            .contains("requeued at the end of the queue"),
+        "tasks waiting for the one slot were put back"
+    );
+    let store = env.store().await?;
+    assert!(
+        store.dead_letters(10).await?.is_empty(),
+        "requeueing never counts towards the poison limit"
+    );
+    producer.close().await;
+    env.cleanup().await
+}
