@@ -36,6 +36,12 @@ impl JobDir {
         JobDir { path }
     }
 
+    /// `engine.pgid`: the command engine's process group while it runs, so the runtime can
+    /// stop the program if this executor dies before it (the program has its own group).
+    pub(crate) fn engine_group_file(&self) -> PathBuf {
+        self.path.join("engine.pgid")
+    }
+
     /// Writes `started` with this process's id and the time.
     ///
     /// # Errors

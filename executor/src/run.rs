@@ -113,7 +113,8 @@ pub(crate) async fn run(
     info!(task = %task.task, deadline = %task.deadline, "task read");
 
     let started_at = Utc::now();
-    let verdict = match execute(&settings.engine, &task, shutdown).await {
+    let group_file = settings.job_dir.as_ref().map(JobDir::engine_group_file);
+    let verdict = match execute(&settings.engine, &task, group_file.as_deref(), shutdown).await {
         Execution::Done(verdict) => verdict,
         Execution::Exit(code) => return Outcome::Crash(code),
     };
@@ -246,6 +247,7 @@ impl Verdict {
 pub(crate) async fn execute(
     engine: &Engine,
     task: &TaskEnvelope,
+    group_file: Option<&std::path::Path>,
     shutdown: impl Future<Output = ()>,
 ) -> Execution {
     let expired = |message: String| {
@@ -268,7 +270,7 @@ pub(crate) async fn execute(
             () = shutdown => StopReason::Signal,
         }
     };
-    match engine.run(task, stop).await {
+    match engine.run(task, group_file, stop).await {
         Finished::Output(output) => Execution::Done(Verdict {
             status: ResultStatus::Succeeded,
             output: Some(output),

@@ -9,6 +9,8 @@
 //! - `pid`, `executor.log` (the executor's stdout and stderr);
 //! - `started`, then `exit.json`: written by the executor when it starts and after it
 //!   published (or failed to publish) its result;
+//! - `engine.pgid`: the command engine's process group while the program runs (it has a
+//!   group of its own), so a program whose executor died is stopped too;
 //! - `handled`: written once the dispatcher has dealt with the job's end.
 //!
 //! From these a restarted dispatcher tells a job that never started (lock free, no
@@ -380,6 +382,11 @@ impl LocalRuntime {
             .ok()
             .and_then(|b| serde_json::from_slice::<ExitReport>(&b).ok())
             .is_some_and(|r| r.published);
+        if !published {
+            // The executor died before its program: the program has its own process group,
+            // recorded in engine.pgid while it runs. Stop it so nothing outlives the job.
+            kill_engine_group(&job.dir);
+        }
         JobEnd {
             task_id: job.task_id,
             attempt: job.attempt,
@@ -451,6 +458,7 @@ impl LocalRuntime {
         if let Some(pid) = pid.or_else(|| read_pid(dir)) {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
+        kill_engine_group(dir);
     }
 }
 
@@ -496,6 +504,21 @@ fn lock_held(dir: &Path) -> bool {
         Ok(f) => matches!(f.try_lock(), Err(TryLockError::WouldBlock)),
         Err(_) => false,
     }
+}
+
+/// SIGKILLs the command engine's process group, if the executor left its id behind.
+fn kill_engine_group(dir: &Path) {
+    let file = dir.join("engine.pgid");
+    let Some(pgid) = fs::read_to_string(&file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    if pgid > 1 && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+        warn!(pgid, dir = %dir.display(), "stopped the program its executor left running");
+    }
+    let _ = fs::remove_file(file);
 }
 
 fn read_pid(dir: &Path) -> Option<u32> {

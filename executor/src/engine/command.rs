@@ -37,6 +37,7 @@ const HIDDEN_ENV: [&str; 2] = ["GANTRY_AMQP_URL", "GANTRY_DATABASE_URL"];
 pub(super) async fn run(
     argv: &[String],
     task: &TaskEnvelope,
+    group_file: Option<&std::path::Path>,
     stop: impl Future<Output = StopReason>,
 ) -> Finished {
     let Some((program, args)) = argv.split_first() else {
@@ -78,7 +79,17 @@ pub(super) async fn run(
         ));
     };
     info!(pid = group.pid.as_raw(), "command started");
-    supervise(&mut group, input, stop).await
+    if let Some(file) = group_file
+        && let Err(e) = std::fs::write(file, group.pid.as_raw().to_string())
+    {
+        warn!(file = %file.display(), error = %e, "cannot record the command's process group");
+    }
+    let finished = supervise(&mut group, input, stop).await;
+    // The group is killed and reaped by now; its id must not outlive it.
+    if let Some(file) = group_file {
+        let _ = std::fs::remove_file(file);
+    }
+    finished
 }
 
 /// Feeds the program, collects its output and waits for it, stopping it on `stop`.

@@ -14,7 +14,7 @@ fn sh(script: &str) -> Vec<String> {
 }
 
 async fn run_sh(script: &str) -> Finished {
-    run(&sh(script), &task(json!({"n": 1})), pending()).await
+    run(&sh(script), &task(json!({"n": 1})), None, pending()).await
 }
 
 fn failure(finished: Finished) -> TaskError {
@@ -33,7 +33,7 @@ async fn json_on_stdout_is_the_output() {
 #[tokio::test]
 async fn the_task_envelope_arrives_on_stdin() {
     let task = task(json!({"n": 1}));
-    let Finished::Output(output) = run(&sh("cat"), &task, pending()).await else {
+    let Finished::Output(output) = run(&sh("cat"), &task, None, pending()).await else {
         panic!("cat should echo the task");
     };
     assert_eq!(output, serde_json::to_value(&task).unwrap());
@@ -86,7 +86,7 @@ async fn too_much_stdout_is_output_too_large() {
 #[tokio::test]
 async fn a_missing_program_is_a_spawn_failure() {
     let argv = vec!["/nonexistent/gantry-no-such-program".to_owned()];
-    let error = failure(run(&argv, &task(Value::Null), pending()).await);
+    let error = failure(run(&argv, &task(Value::Null), None, pending()).await);
     assert_eq!(error.kind, "spawn_failed");
     assert!(
         error
@@ -125,7 +125,7 @@ async fn stop_kills_the_whole_group() {
         StopReason::Signal
     };
     let started = Instant::now();
-    let finished = run(&sh(&script), &task(Value::Null), stop).await;
+    let finished = run(&sh(&script), &task(Value::Null), None, stop).await;
     assert_eq!(finished, Finished::Stopped(StopReason::Signal));
     assert!(started.elapsed() < Duration::from_secs(5));
     let pids = wait_for_pids(Path::new(&pids)).await;

@@ -45,14 +45,17 @@ pub(crate) enum Finished {
 
 impl Engine {
     /// Runs the task until it finishes or `stop` fires.
+    /// `group_file`, when given, holds the command's process group id while it runs, so
+    /// the runtime can stop the program even if this executor dies first.
     pub(crate) async fn run(
         &self,
         task: &TaskEnvelope,
+        group_file: Option<&std::path::Path>,
         stop: impl Future<Output = StopReason>,
     ) -> Finished {
         match self {
             Engine::Echo => echo::run(task, stop).await,
-            Engine::Command(argv) => command::run(argv, task, stop).await,
+            Engine::Command(argv) => command::run(argv, task, group_file, stop).await,
         }
     }
 }

@@ -79,3 +79,70 @@ executors:
     producer.close().await;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn a_program_whose_executor_dies_is_stopped_with_it() -> anyhow::Result<()> {
+    let pids_dir = tempfile::tempdir()?;
+    let pids = pids_dir.path().join("program.pid");
+    let catalog = format!(
+        r#"
+executors:
+  long:
+    engine: {{ kind: command, command: ["sh", "-c", "cat >/dev/null; echo $$ > {pids}; exec sleep 60"] }}
+    max_active_jobs: 1
+    retry: {{ max_attempts: 1 }}
+"#,
+        pids = pids.display()
+    );
+    let env = TestEnv::new(Some(&catalog)).await?;
+    let _dispatcher = env.dispatcher()?;
+    let producer = env.producer().await?;
+    let spec = TaskSpec {
+        executor: ExecutorClass::parse("long")?,
+        name: TaskName::parse("restart.long")?,
+        payload: json!({}),
+        ttl: Duration::from_secs(120),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    };
+    let id = producer.submit(spec).await?;
+    let program: i32 = eventually("the program to start", Duration::from_secs(30), || async {
+        Ok(std::fs::read_to_string(&pids)
+            .ok()
+            .and_then(|s| s.trim().parse().ok()))
+    })
+    .await?;
+    let job_dir = env
+        .dir
+        .path()
+        .join("state/jobs")
+        .join(format!("gantry-{}-a1", id.as_uuid().simple()));
+    let executor: i32 = std::fs::read_to_string(job_dir.join("pid"))?
+        .trim()
+        .parse()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(executor),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+
+    // A crash is retryable; with one attempt allowed, the task is dead-lettered.
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(record.state, "dead_lettered");
+    assert_eq!(
+        record.error.as_ref().map(|e| e["kind"].clone()),
+        Some(json!("executor_crashed"))
+    );
+    eventually(
+        "the orphaned program to be gone",
+        Duration::from_secs(10),
+        || async {
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(program), None).is_ok();
+            Ok((!alive).then_some(()))
+        },
+    )
+    .await?;
+    producer.close().await;
+    env.cleanup().await
+}
