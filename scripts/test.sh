@@ -23,6 +23,22 @@ export GANTRY_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
 # The tests create their own fresh databases with this role (it has CREATEDB).
 export GANTRY_DATABASE_URL='postgres://gantry:gantry@127.0.0.1:5432/gantry'
 
+step "kubernetes-validate (checks rendered Jobs against the official schemas)"
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    # A venv of our own: Debian's system Python refuses `pip install` (PEP 668).
+    venv="$PWD/target/tools-venv"
+    if [[ ! -x "$venv/bin/kubernetes-validate" ]]; then
+        python3 -m venv "$venv" 2>/dev/null || {
+            echo "test: installing python3-venv"
+            apt-get install -y --no-install-recommends python3-venv >/dev/null
+            python3 -m venv "$venv"
+        }
+        "$venv/bin/pip" install --quiet kubernetes-validate
+    fi
+    export GANTRY_KUBERNETES_VALIDATE="$venv/bin/kubernetes-validate"
+fi
+"${GANTRY_KUBERNETES_VALIDATE:-kubernetes-validate}" --version
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

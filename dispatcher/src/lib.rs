@@ -11,6 +11,7 @@
 //! - `recorder`: results and dead letters into Postgres, then forwarding to `reply_to`.
 //! - `consume`: the reconnecting consumer loop every role shares.
 //! - `metrics`: counters, logged periodically and at shutdown.
+//! - `render`: [`render_job`], the Job and Secret a task would get, as YAML.
 
 mod consume;
 mod dead_letter;
@@ -18,10 +19,12 @@ mod dispatch;
 mod error;
 mod metrics;
 mod recorder;
+mod render;
 mod runtime;
 mod service;
 pub mod settings;
 
 pub use error::{Error, Result};
+pub use render::render_job;
 pub use service::run;
 pub use settings::{Role, RuntimeKind, Settings};

@@ -16,8 +16,10 @@ use gantry_shared::telemetry;
 /// Configuration comes from defaults, then the YAML file given by --config (or
 /// GANTRY_CONFIG), then GANTRY_* environment variables, then these flags.
 #[derive(Debug, Parser)]
-#[command(name = "gantry-dispatcher", version, after_help = AFTER_HELP)]
+#[command(name = "gantry-dispatcher", version, after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// YAML configuration file (shared settings and a `dispatcher:` section).
     #[arg(long, env = "GANTRY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -47,6 +49,29 @@ struct Args {
     prefix: Option<String>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print the Job and Secret a task would get on the kubernetes runtime, as YAML, without
+    /// contacting anything.
+    #[command(
+        after_help = "Example:\n  gantry-dispatcher render-job --task task.json --catalog catalog.yaml | kubectl apply --dry-run=server -f -"
+    )]
+    RenderJob {
+        /// The task: a `gantry.task/v1` message body (JSON); `-` reads standard input.
+        #[arg(long, value_name = "FILE")]
+        task: PathBuf,
+        /// YAML configuration file (its `dispatcher.kubernetes` section shapes the Job).
+        #[arg(long, env = "GANTRY_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Executor catalog (YAML) naming the class's image, GPUs, selector, tolerations.
+        #[arg(long, value_name = "FILE")]
+        catalog: Option<PathBuf>,
+        /// Namespace of the Job (default: dispatcher.kubernetes.namespace, else `default`).
+        #[arg(long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
+    },
+}
+
 const AFTER_HELP: &str = "\
 Examples:
   gantry-dispatcher --runtime local
@@ -60,6 +85,24 @@ More: docs/configuration.md and docs/architecture.md.";
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::RenderJob {
+        task,
+        config,
+        catalog,
+        namespace,
+    }) = args.command
+    {
+        return match render(&task, config, catalog, namespace) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gantry-dispatcher render-job: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,6 +121,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn render(
+    task: &std::path::Path,
+    config: Option<PathBuf>,
+    catalog: Option<PathBuf>,
+    namespace: Option<String>,
+) -> anyhow::Result<String> {
+    let common = Config::load(config.as_deref()).context("loading configuration")?;
+    let mut dispatcher = Settings::load(config.as_deref()).context("loading configuration")?;
+    if let Some(c) = catalog {
+        dispatcher.catalog = Some(c);
+    }
+    let namespace = namespace
+        .or_else(|| dispatcher.kubernetes.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let settings =
+        Settings::resolve(common, dispatcher, config).context("loading the executor catalog")?;
+    let text = if task.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the task from standard input")?
+    } else {
+        std::fs::read_to_string(task).with_context(|| format!("reading {}", task.display()))?
+    };
+    let envelope = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a gantry.task/v1 message body", task.display()))?;
+    Ok(gantry_dispatcher::render_job(
+        &settings,
+        envelope,
+        &namespace,
+        chrono::Utc::now(),
+    )?)
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

@@ -99,6 +99,8 @@ pub struct DispatcherSection {
     pub job_retention: Duration,
     /// Name of this machine in the runtime evidence.
     pub node_name: Option<String>,
+    /// How the `kubernetes` runtime makes Jobs.
+    pub kubernetes: KubernetesSection,
 }
 
 impl Default for DispatcherSection {
@@ -117,6 +119,7 @@ impl Default for DispatcherSection {
             kill_grace: Duration::from_secs(5),
             job_retention: Duration::from_secs(600),
             node_name: None,
+            kubernetes: KubernetesSection::default(),
         }
     }
 }
@@ -188,6 +191,9 @@ impl Settings {
         env_duration("GANTRY_DEADLINE_GRACE", &mut d.deadline_grace)?;
         env_duration("GANTRY_KILL_GRACE", &mut d.kill_grace)?;
         env_duration("GANTRY_JOB_RETENTION", &mut d.job_retention)?;
+        if let Some(v) = env("GANTRY_NAMESPACE") {
+            d.kubernetes.namespace = Some(v);
+        }
         Ok(d)
     }
 
@@ -216,5 +222,36 @@ impl Settings {
 
     pub fn has_role(&self, role: Role) -> bool {
         self.dispatcher.roles.contains(&role)
+    }
+}
+
+/// The `kubernetes:` part of the `dispatcher:` section: how Jobs are made.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// Namespace of the Jobs; default: the dispatcher's own (in a cluster), else `default`.
+    pub namespace: Option<String>,
+    /// How long a finished Job (and its pod and Secret) is kept (`ttlSecondsAfterFinished`).
+    #[serde(with = "humantime_serde_compat")]
+    pub ttl_after_finished: Duration,
+    /// The Secret and key holding the AMQP URL executors publish with; never inlined.
+    pub amqp_secret_name: String,
+    pub amqp_secret_key: String,
+    /// Where the task Secret is mounted in the executor's container.
+    pub task_mount_path: String,
+    /// The non-root user the executor runs as.
+    pub run_as_user: i64,
+}
+
+impl Default for KubernetesSection {
+    fn default() -> Self {
+        KubernetesSection {
+            namespace: None,
+            ttl_after_finished: Duration::from_secs(300),
+            amqp_secret_name: "gantry-amqp".into(),
+            amqp_secret_key: "url".into(),
+            task_mount_path: "/var/run/gantry/task".into(),
+            run_as_user: 65532,
+        }
     }
 }

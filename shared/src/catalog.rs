@@ -51,6 +51,45 @@ pub struct ExecutorSpec {
     /// How failed attempts are retried.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Node labels a job's pod must run on (Kubernetes `nodeSelector`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints a job's pod tolerates (Kubernetes tolerations).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// CPU and memory of a job's container, as Kubernetes quantities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ContainerLimits>,
+}
+
+/// A Kubernetes toleration, as written in a pod spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Toleration {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `Exists` or `Equal` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; empty matches all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<i64>,
+}
+
+/// Container CPU and memory (requests equal limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerLimits {
+    /// e.g. `"4"` or `"500m"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// e.g. `"32Gi"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
 }
 
 /// Retries of one executor class: attempts, backoff, and which failures are worth another
@@ -131,6 +170,9 @@ impl Catalog {
                 image: None,
                 resources: None,
                 retry: RetryPolicy::default(),
+                node_selector: BTreeMap::new(),
+                tolerations: Vec::new(),
+                limits: None,
             },
         );
         Catalog { executors }

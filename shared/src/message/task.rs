@@ -303,6 +303,27 @@ impl Task {
                 task_id: envelope.task_id,
             });
         }
+        let tracestate = headers.get_str(headers::TRACESTATE).map(str::to_owned);
+        let mut task = Task::from_envelope(envelope, limits, now)?;
+        task.reply_to = props.reply_to().as_ref().map(|r| r.to_string());
+        task.traceparent = headers
+            .get_str(headers::TRACEPARENT)
+            .filter(|tp| traceparent::is_valid(tp))
+            .map(str::to_owned);
+        task.tracestate = tracestate;
+        task.check(limits, now)?;
+        Ok(task)
+    }
+
+    /// Validates a task envelope on its own (no AMQP context: no reply-to, no trace).
+    ///
+    /// # Errors
+    /// A [`Rejection`] saying what is wrong.
+    pub fn from_envelope(
+        envelope: TaskEnvelope,
+        limits: &Limits,
+        now: DateTime<Utc>,
+    ) -> Result<Task, Rejection> {
         let bad = |field: &'static str| {
             move |e: super::names::InvalidName| Rejection::BadField { field, detail: e.0 }
         };
@@ -317,12 +338,9 @@ impl Task {
             priority: envelope.priority,
             submitted_at: envelope.submitted_at,
             attempt: envelope.attempt,
-            reply_to: props.reply_to().as_ref().map(|r| r.to_string()),
-            traceparent: headers
-                .get_str(headers::TRACEPARENT)
-                .filter(|tp| traceparent::is_valid(tp))
-                .map(str::to_owned),
-            tracestate: headers.get_str(headers::TRACESTATE).map(str::to_owned),
+            reply_to: None,
+            traceparent: None,
+            tracestate: None,
         };
         task.check(limits, now)?;
         Ok(task)

@@ -4,7 +4,9 @@
 
 mod bad_input;
 mod contract;
+mod dlq;
 mod lifecycle;
+mod manifests;
 mod restart;
 mod retries;
 mod topology;
