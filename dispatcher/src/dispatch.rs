@@ -126,7 +126,13 @@ async fn handle(
             Ok(()) => {}
             Err(Error::ShuttingDown) => {}
             Err(e) => {
-                error!(error = %chain(&e), "could not dispatch; the message stays in the queue and comes back");
+                // Back to the queue; a message that fails every time reaches the delivery
+                // limit and is dead-lettered as poison instead of holding a prefetch slot.
+                error!(error = %chain(&e), "could not hand the message off; returning it to its queue");
+                let requeue = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };
+                if let Err(e) = delivery.nack(requeue).await {
+                    warn!(error = %e, "nack failed; the message comes back when the channel closes");
+                }
             }
         }
     }
@@ -408,7 +414,12 @@ pub(crate) async fn reconcile(
     let unfinished = ctx
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
         .await?;
-    for record in unfinished {
+    // Only tasks whose job should exist: a `retrying` task waits in a delay queue.
+    let running = [TaskState::Dispatched.as_str(), TaskState::Running.as_str()];
+    for record in unfinished
+        .into_iter()
+        .filter(|r| running.contains(&r.state.as_str()))
+    {
         // Only tasks this state directory dispatched: another dispatcher on the same machine
         // has its own jobs.
         let ours = record

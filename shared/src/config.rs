@@ -84,6 +84,7 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Config> {
         let mut config: Config = read_file(file)?;
         config.apply_env()?;
+        config.queues.validate()?;
         Ok(config)
     }
 

@@ -32,6 +32,36 @@ impl Default for QueueSettings {
     }
 }
 
+impl QueueSettings {
+    /// Checks the settings make a topology.
+    ///
+    /// # Errors
+    /// No retry tier, or two tiers with the same name (e.g. `500ms` and `1s`).
+    pub fn validate(&self) -> Result<()> {
+        let err = |message: String| Error::Config {
+            origin: "queues".into(),
+            message,
+        };
+        if self.retry_delays.is_empty() {
+            return Err(err(
+                "retry_delays needs at least one delay, e.g. [1s, 30s, 10m]".into(),
+            ));
+        }
+        let mut names: Vec<String> = self.retry_delays.iter().map(|d| tier_name(*d)).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(err(format!(
+                "two retry_delays share the tier name {:?}; use whole seconds that differ",
+                w[0]
+            )));
+        }
+        if self.delivery_limit == 0 {
+            return Err(err("delivery_limit must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 mod humantime_list {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -319,6 +349,21 @@ fn conflict_or_amqp(what: &'static str, name: &str, source: lapin::Error) -> Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_settings_that_make_no_topology_are_refused() {
+        assert!(QueueSettings::default().validate().is_ok());
+        let none = QueueSettings {
+            retry_delays: vec![],
+            ..QueueSettings::default()
+        };
+        assert!(none.validate().is_err());
+        let clash = QueueSettings {
+            retry_delays: vec![Duration::from_millis(500), Duration::from_secs(1)],
+            ..QueueSettings::default()
+        };
+        assert!(clash.validate().unwrap_err().to_string().contains("\"1s\""));
+    }
 
     #[test]
     fn names_carry_the_prefix() {

@@ -15,7 +15,7 @@ use gantry_shared::message::{
 use gantry_shared::retry;
 use gantry_shared::store::TaskState;
 use gantry_shared::topology::{RETRY_TIER_HEADER, tier_name};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -94,6 +94,19 @@ pub(crate) fn tier_for(delay: Duration, tiers: &[Duration]) -> Option<Duration> 
 /// Publishes attempt + 1 of the task through the delay queue that fits `delay`.
 pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) -> Result<()> {
     let Some(mut task) = stored_task(ctx, result).await? else {
+        // Nothing to publish again: the attempt's failure is final.
+        let change = gantry_shared::store::Change {
+            finished_at: Some(Utc::now()),
+            error: Some(
+                json!({"kind": "retry_impossible", "message": "the task as received is not stored, so it cannot be published again", "retryable": false}),
+            ),
+            ..Default::default()
+        };
+        ctx.persist("record failed", || {
+            ctx.store
+                .transition(result.task_id, result.attempt, TaskState::Failed, &change)
+        })
+        .await?;
         return Ok(());
     };
     task.attempt = result.attempt + 1;
@@ -180,12 +193,23 @@ pub(crate) async fn dead_letter(ctx: &Ctx, result: &TaskResult, reason: &str) ->
         AMQPValue::Timestamp(Utc::now().timestamp().max(0) as u64),
     );
     // No expiration: a dead letter must not expire out of gantry.dead.
-    let props = lapin::BasicProperties::default()
+    let mut props = lapin::BasicProperties::default()
         .with_headers(table)
         .with_content_type(gantry_shared::message::CONTENT_TYPE.into())
         .with_delivery_mode(2)
         .with_message_id(task.id.to_string().into())
         .with_correlation_id(task.id.to_string().into());
+    // A replay of the dead letter must still answer the caller.
+    if let Some(reply_to) = task
+        .reply_to
+        .as_deref()
+        .and_then(|r| ShortString::try_new(r).ok())
+    {
+        props = props.with_reply_to(reply_to);
+    }
+    if let Some(p) = task.priority {
+        props = props.with_priority(p);
+    }
     ctx.publisher
         .publish(
             &ctx.topology.dlx(),
@@ -207,7 +231,7 @@ async fn stored_task(ctx: &Ctx, result: &TaskResult) -> Result<Option<Task>> {
         .persist("read envelope", || ctx.store.envelope(id))
         .await?;
     let record = ctx.persist("read task", || ctx.store.task(id)).await?;
-    let (Some(envelope), Some(record)) = (envelope, record) else {
+    let (Some((envelope, traceparent)), Some(record)) = (envelope, record) else {
         warn!(task_id = %id, "cannot retry or dead-letter: the task as received is not stored");
         return Ok(None);
     };
@@ -236,7 +260,7 @@ async fn stored_task(ctx: &Ctx, result: &TaskResult) -> Result<Option<Task>> {
         submitted_at: env.submitted_at,
         attempt: result.attempt,
         reply_to: record.reply_to,
-        traceparent: None,
+        traceparent,
         tracestate: None,
     }))
 }

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::tasks::{Applied, Change};
-use super::{Store, TaskState, pg, scrub};
+use super::{Store, TaskState, clean, pg, scrub};
 use crate::Result;
 pub use crate::dead_letter::DeadLetter;
 use crate::message::TaskId;
@@ -30,12 +30,12 @@ impl Store {
                      ON CONFLICT (id) DO NOTHING",
                     &[
                         &d.id,
-                        &d.message_id,
+                        &clean(d.message_id.as_deref()),
                         &d.task_id.map(|t| t.as_uuid()),
-                        &d.task,
-                        &d.executor,
-                        &d.reason,
-                        &d.reason_kind(),
+                        &clean(d.task.as_deref()),
+                        &clean(d.executor.as_deref()),
+                        &clean(Some(&d.reason)),
+                        &clean(Some(d.reason_kind())),
                         &d.death.as_ref().map(scrub),
                         &scrub(&d.headers),
                         &d.body,
@@ -225,15 +225,15 @@ async fn never_received(
              ON CONFLICT (task_id) DO NOTHING",
             &[
                 &task_id.as_uuid(),
-                &d.task.clone().unwrap_or_default(),
-                &d.executor.clone().unwrap_or_default(),
+                &clean(d.task.as_deref()).unwrap_or_default(),
+                &clean(d.executor.as_deref()).unwrap_or_default(),
                 &state.as_str(),
                 &attempt,
                 &deadline,
                 &submitted_at,
                 &d.dead_at,
-                &d.reason,
-                &error,
+                &clean(Some(&d.reason)),
+                &scrub(&error),
             ],
         )
         .await

@@ -107,6 +107,11 @@ pub(crate) fn scrub(v: &serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Text without NUL characters, which Postgres refuses in `text` columns.
+pub(crate) fn clean(s: Option<&str>) -> Option<String> {
+    s.map(|s| s.replace('\u{0}', "\u{FFFD}"))
+}
+
 fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
     move |source| Error::Postgres { operation, source }
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
 use tracing::{debug, instrument};
 
-use super::{DONE_CHANNEL, Store, TaskState, pg, scrub};
+use super::{DONE_CHANNEL, Store, TaskState, clean, pg, scrub};
 use crate::message::{Evidence, Task, TaskId, TaskResult};
 use crate::{Error, Result};
 
@@ -266,20 +266,21 @@ impl Store {
             .collect())
     }
 
-    /// The task as it was received (its latest attempt), to publish it again.
+    /// The task as it was received (its latest attempt) and its trace context, to publish
+    /// it again.
     ///
     /// # Errors
     /// Postgres errors.
-    pub async fn envelope(&self, id: TaskId) -> Result<Option<Value>> {
+    pub async fn envelope(&self, id: TaskId) -> Result<Option<(Value, Option<String>)>> {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT envelope FROM tasks WHERE task_id = $1",
+                "SELECT envelope, traceparent FROM tasks WHERE task_id = $1 AND envelope IS NOT NULL",
                 &[&id.as_uuid()],
             )
             .await
             .map_err(pg("read envelope"))?;
-        Ok(row.and_then(|r| r.get(0)))
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// Reopens a task for a replay of its dead letter: the one way out of a terminal state,
@@ -544,6 +545,13 @@ pub(super) async fn transition_in(
         .started_at
         .or((state == TaskState::Running).then_some(now));
     let e = &change.evidence;
+    let (dispatch_id, job_name, pod_name, node, terminal_reason) = (
+        clean(e.dispatch_id.as_deref()),
+        clean(e.job_name.as_deref()),
+        clean(e.pod_name.as_deref()),
+        clean(e.node.as_deref()),
+        clean(e.terminal_reason.as_deref()),
+    );
     let (result, error) = (
         change.result.as_ref().map(scrub),
         change.error.as_ref().map(scrub),
@@ -562,11 +570,11 @@ pub(super) async fn transition_in(
             &id.as_uuid(),
             &event,
             &attempt,
-            &e.dispatch_id,
-            &e.job_name,
-            &e.pod_name,
-            &e.node,
-            &e.terminal_reason,
+            &dispatch_id,
+            &job_name,
+            &pod_name,
+            &node,
+            &terminal_reason,
             &dispatched_at,
             &started_at,
             &change.finished_at,
