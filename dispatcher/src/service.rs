@@ -159,8 +159,8 @@ pub async fn run(
 
     let mut roles = tokio::task::JoinSet::new();
     if ctx.settings.has_role(Role::Record) {
-        roles.spawn(recorder::run_results(ctx.clone()));
-        roles.spawn(recorder::run_audit(ctx.clone()));
+        roles.spawn(recorder::run(ctx.clone(), recorder::Stream::Results));
+        roles.spawn(recorder::run(ctx.clone(), recorder::Stream::DeadLetters));
     }
     if ctx.settings.has_role(Role::Dispatch) {
         let capacity: HashMap<_, _> = ctx

@@ -8,15 +8,83 @@ mod retry;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures_util::StreamExt;
+use gantry_shared::telemetry::chain;
 use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-pub(crate) use audit::run_audit;
-pub(crate) use results::run_results;
+use crate::consume::{SessionEnd, Source, open_until_shutdown};
+use crate::service::Ctx;
+
+/// The two queues the recorder consumes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stream {
+    Results,
+    DeadLetters,
+}
+
+/// Consumes `stream` in batches until shutdown, reconnecting when the broker goes away.
+pub(crate) async fn run(ctx: Arc<Ctx>, stream: Stream) {
+    let d = &ctx.settings.dispatcher;
+    let (name, queue) = match stream {
+        Stream::Results => ("gantry-recorder/results", ctx.topology.results_queue()),
+        Stream::DeadLetters => (
+            "gantry-recorder/dead-letters",
+            ctx.topology.dead_audit_queue(),
+        ),
+    };
+    let source = Source {
+        url: &ctx.settings.common.amqp_url,
+        name: name.into(),
+        queue,
+        prefetch: u16::try_from(d.record_batch * 2).unwrap_or(u16::MAX),
+        timeout: ctx.settings.common.broker_timeout,
+    };
+    while let Some(mut session) = open_until_shutdown(&source, &ctx.shutdown).await {
+        let end = batches(&ctx, stream, &mut session.consumer).await;
+        let stop = matches!(end, SessionEnd::Shutdown);
+        session.close(&end, &source.queue).await;
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Records batch after batch, acking each after its commit, until the session ends.
+async fn batches(ctx: &Ctx, stream: Stream, consumer: &mut Consumer) -> SessionEnd {
+    let d = &ctx.settings.dispatcher;
+    let ended = || {
+        if ctx.shutdown.is_cancelled() {
+            SessionEnd::Shutdown
+        } else {
+            SessionEnd::Broken
+        }
+    };
+    loop {
+        let Some(batch) =
+            next_batch(consumer, d.record_batch, d.record_linger, &ctx.shutdown).await
+        else {
+            return ended();
+        };
+        let recorded = match stream {
+            Stream::Results => results::record(ctx, &batch).await,
+            Stream::DeadLetters => audit::record(ctx, &batch).await,
+        };
+        match recorded {
+            Ok(()) => ack_batch(&batch).await,
+            // Not acked: the batch comes back after the reconnect or restart.
+            Err(e) => {
+                warn!(?stream, error = %chain(&e), "batch not recorded");
+                return ended();
+            }
+        }
+    }
+}
 
 /// The next batch: waits for one delivery, then takes what arrives within `linger`, up to
 /// `max`. `None` when the consumer ended (reconnect) or shutdown was asked for.

@@ -1,68 +1,18 @@
 //! Results: `gantry.results` → `tasks` and `task_events`, then forward to `reply_to`.
 
-use std::sync::Arc;
-
 use gantry_shared::message::{ExecutorClass, ResultStatus, TaskError, TaskResult};
 use gantry_shared::store::{Applied, ResultWrite};
 use gantry_shared::telemetry::chain;
-use lapin::Consumer;
 use lapin::message::Delivery;
 use tracing::{debug, error, info, warn};
 
 use super::retry::{self, Plan};
-use super::{ack_batch, next_batch};
-use crate::consume::{SessionEnd, Source, open_until_shutdown};
 use crate::metrics::inc;
 use crate::service::Ctx;
 use crate::{Error, Result, dead_letter};
 
-pub(crate) async fn run_results(ctx: Arc<Ctx>) {
-    let d = &ctx.settings.dispatcher;
-    let source = Source {
-        url: &ctx.settings.common.amqp_url,
-        name: "gantry-recorder/results".into(),
-        queue: ctx.topology.results_queue(),
-        prefetch: u16::try_from(d.record_batch * 2).unwrap_or(u16::MAX),
-        timeout: ctx.settings.common.broker_timeout,
-    };
-    while let Some(mut session) = open_until_shutdown(&source, &ctx.shutdown).await {
-        let end = record_batches(&ctx, &mut session.consumer).await;
-        let stop = matches!(end, SessionEnd::Shutdown);
-        session.close(&end, &source.queue).await;
-        if stop {
-            return;
-        }
-    }
-}
-
-async fn record_batches(ctx: &Ctx, consumer: &mut Consumer) -> SessionEnd {
-    let d = &ctx.settings.dispatcher;
-    loop {
-        let Some(batch) =
-            next_batch(consumer, d.record_batch, d.record_linger, &ctx.shutdown).await
-        else {
-            return if ctx.shutdown.is_cancelled() {
-                SessionEnd::Shutdown
-            } else {
-                SessionEnd::Broken
-            };
-        };
-        match record(ctx, &batch).await {
-            Ok(()) => ack_batch(&batch).await,
-            // Not acked: the batch comes back after the reconnect or restart.
-            Err(e) => {
-                warn!(error = %chain(&e), "batch not recorded");
-                return if ctx.shutdown.is_cancelled() {
-                    SessionEnd::Shutdown
-                } else {
-                    SessionEnd::Broken
-                };
-            }
-        }
-    }
-}
-
-async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
+/// Records one batch of results, then publishes what follows from them.
+pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
     let mut results = Vec::with_capacity(batch.len());
     let mut origin = Vec::with_capacity(batch.len());
     for delivery in batch {

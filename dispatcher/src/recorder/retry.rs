@@ -94,41 +94,17 @@ pub(crate) fn tier_for(delay: Duration, tiers: &[Duration]) -> Option<Duration> 
 /// Publishes attempt + 1 of the task through the delay queue that fits `delay`.
 pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) -> Result<()> {
     let Some(mut task) = stored_task(ctx, result).await? else {
-        // Nothing to publish again: the attempt's failure is final.
-        let change = gantry_shared::store::Change {
-            finished_at: Some(Utc::now()),
-            error: Some(
-                json!({"kind": "retry_impossible", "message": "the task as received is not stored, so it cannot be published again", "retryable": false}),
-            ),
-            ..Default::default()
-        };
-        ctx.persist("record failed", || {
-            ctx.store
-                .transition(result.task_id, result.attempt, TaskState::Failed, &change)
-        })
-        .await?;
-        return Ok(());
+        let why = "the task as received is not stored, so it cannot be published again";
+        return end_attempt(ctx, result, TaskState::Failed, "retry_impossible", why).await;
     };
     task.attempt = result.attempt + 1;
     let now = Utc::now();
     let (body, props) = match task.to_amqp(now) {
         Ok(m) => m,
         Err(_) => {
-            // No time left for another attempt: the task ends expired.
             info!(task_id = %task.id, "no time left before the deadline for a retry");
-            let change = gantry_shared::store::Change {
-                finished_at: Some(now),
-                error: Some(
-                    json!({"kind": "deadline_exceeded", "message": "the deadline passed before the next attempt", "retryable": false}),
-                ),
-                ..Default::default()
-            };
-            ctx.persist("record expired", || {
-                ctx.store
-                    .transition(task.id, result.attempt, TaskState::Expired, &change)
-            })
-            .await?;
-            return Ok(());
+            let why = "the deadline passed before the next attempt";
+            return end_attempt(ctx, result, TaskState::Expired, "deadline_exceeded", why).await;
         }
     };
     let tiers = &ctx.settings.common.queues.retry_delays;
@@ -155,6 +131,27 @@ pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) ->
         )
         .await?;
     info!(task_id = %task.id, next_attempt = task.attempt, ?delay, tier = %tier_name(tier), "retry scheduled");
+    Ok(())
+}
+
+/// Ends a `retrying` attempt that cannot be retried after all.
+async fn end_attempt(
+    ctx: &Ctx,
+    result: &TaskResult,
+    state: TaskState,
+    kind: &str,
+    message: &str,
+) -> Result<()> {
+    let change = gantry_shared::store::Change {
+        finished_at: Some(Utc::now()),
+        error: Some(json!({"kind": kind, "message": message, "retryable": false})),
+        ..Default::default()
+    };
+    ctx.persist("end attempt", || {
+        ctx.store
+            .transition(result.task_id, result.attempt, state, &change)
+    })
+    .await?;
     Ok(())
 }
 

@@ -298,21 +298,14 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
         let new_attempt = attempt_i32(new_attempt);
-        let Some(row) = tx
-            .query_opt(
-                "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
-                &[&id.as_uuid()],
-            )
-            .await
-            .map_err(pg("lock task"))?
+        let Some(Locked {
+            state: current,
+            attempt,
+            reply_to,
+        }) = lock(&tx, id).await?
         else {
             return Ok(Applied::Unknown);
         };
-        let current: TaskState = row
-            .get::<_, String>(0)
-            .parse()
-            .unwrap_or(TaskState::Received);
-        let attempt: i32 = row.get(1);
         let detail = json!({"dead_letter_id": dead_letter_id, "from_state": current.as_str()});
         if attempt >= new_attempt
             || !insert_event(&tx, id, new_attempt, "replayed", Some(&detail)).await?
@@ -327,9 +320,7 @@ impl Store {
         .await
         .map_err(pg("reopen task"))?;
         tx.commit().await.map_err(pg("commit replay"))?;
-        Ok(Applied::Changed {
-            reply_to: row.get(2),
-        })
+        Ok(Applied::Changed { reply_to })
     }
 
     /// Notes that a task's result was forwarded to its `reply_to`.
@@ -479,6 +470,31 @@ async fn insert_event(
     Ok(n == 1)
 }
 
+/// A task row, locked for the rest of the transaction.
+struct Locked {
+    state: TaskState,
+    attempt: i32,
+    reply_to: Option<String>,
+}
+
+async fn lock(tx: &Transaction<'_>, id: TaskId) -> Result<Option<Locked>> {
+    let row = tx
+        .query_opt(
+            "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
+            &[&id.as_uuid()],
+        )
+        .await
+        .map_err(pg("lock task"))?;
+    Ok(row.map(|row| Locked {
+        state: row
+            .get::<_, String>(0)
+            .parse()
+            .unwrap_or(TaskState::Received),
+        attempt: row.get(1),
+        reply_to: row.get(2),
+    }))
+}
+
 /// The transition rule, applied under a row lock.
 pub(super) async fn transition_in(
     tx: &Transaction<'_>,
@@ -488,22 +504,14 @@ pub(super) async fn transition_in(
     change: &Change,
 ) -> Result<Applied> {
     let attempt = attempt_i32(attempt);
-    let Some(row) = tx
-        .query_opt(
-            "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
-            &[&id.as_uuid()],
-        )
-        .await
-        .map_err(pg("lock task"))?
+    let Some(Locked {
+        state: current,
+        attempt: current_attempt,
+        reply_to,
+    }) = lock(tx, id).await?
     else {
         return Ok(Applied::Unknown);
     };
-    let current: TaskState = row
-        .get::<_, String>(0)
-        .parse()
-        .unwrap_or(TaskState::Received);
-    let current_attempt: i32 = row.get(1);
-    let reply_to: Option<String> = row.get(2);
     let event = state.as_str();
     if !current.can_become(current_attempt.max(0) as u32, state, attempt.max(0) as u32) {
         let seen = tx
