@@ -20,7 +20,7 @@ mod error;
 mod metrics;
 mod recorder;
 mod render;
-mod runtime;
+pub mod runtime;
 mod service;
 pub mod settings;
 

@@ -21,4 +21,4 @@ pub(crate) struct JobEnd {
     pub(crate) log_tail: String,
     pub(crate) evidence: Evidence,
 }
-pub(crate) mod kubernetes;
+pub mod kubernetes;

@@ -32,25 +32,25 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::settings::KubernetesSection;
 
 /// Label and annotation keys Gantry puts on its objects.
-pub(crate) mod keys {
-    pub(crate) const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-    pub(crate) const TASK_ID: &str = "gantry.dev/task-id";
-    pub(crate) const EXECUTOR: &str = "gantry.dev/executor";
-    pub(crate) const ATTEMPT: &str = "gantry.dev/attempt";
-    pub(crate) const CORRELATION_ID: &str = "gantry.dev/correlation-id";
-    pub(crate) const TRACEPARENT: &str = "gantry.dev/traceparent";
-    pub(crate) const TASK_NAME: &str = "gantry.dev/task";
-    pub(crate) const DISPATCH_ID: &str = "gantry.dev/dispatch-id";
+pub mod keys {
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const TASK_ID: &str = "gantry.dev/task-id";
+    pub const EXECUTOR: &str = "gantry.dev/executor";
+    pub const ATTEMPT: &str = "gantry.dev/attempt";
+    pub const CORRELATION_ID: &str = "gantry.dev/correlation-id";
+    pub const TRACEPARENT: &str = "gantry.dev/traceparent";
+    pub const TASK_NAME: &str = "gantry.dev/task";
+    pub const DISPATCH_ID: &str = "gantry.dev/dispatch-id";
 }
 
 /// The Secret key holding the task envelope.
-pub(crate) const TASK_FILE: &str = "task.json";
+pub const TASK_FILE: &str = "task.json";
 const GPU: &str = "nvidia.com/gpu";
 const CONTAINER: &str = "executor";
 
 /// Why a Job cannot be built for a task.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BuildError {
+pub enum BuildError {
     #[error("executor class {0} has no image in the catalog; add `image:` (digest-pinned) to it")]
     NoImage(String),
     #[error("the task's deadline {0} has passed; it is not dispatched")]
@@ -69,7 +69,7 @@ pub(crate) enum BuildError {
 ///
 /// # Errors
 /// The class has no image, or the deadline has passed.
-pub(crate) fn build(
+pub fn build(
     task: &Task,
     spec: &ExecutorSpec,
     settings: &KubernetesSection,
@@ -155,7 +155,7 @@ pub(crate) fn build(
 }
 
 /// The labels of every object of a task attempt; the watcher selects on `MANAGED_BY`.
-pub(crate) fn labels(task: &Task) -> BTreeMap<String, String> {
+pub fn labels(task: &Task) -> BTreeMap<String, String> {
     BTreeMap::from([
         (keys::MANAGED_BY.to_owned(), "gantry".to_owned()),
         (keys::TASK_ID.to_owned(), task.id.to_string()),

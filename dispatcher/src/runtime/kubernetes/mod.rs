@@ -4,4 +4,5 @@
 //! This module holds what the runtime sends to the API server; the client, the watcher and
 //! the mapping of Job and Pod ends to results build on it.
 
-pub(crate) mod job;
+pub mod client;
+pub mod job;

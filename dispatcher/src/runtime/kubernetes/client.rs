@@ -1,0 +1,244 @@
+//! The runtime's writes to the Kubernetes API: create a task's Job and its owned Secret,
+//! delete a Job. Writes pass a client-side token bucket (so a burst of tasks does not flood
+//! the API server) and are retried with backoff on 5xx, 429 (after `Retry-After`, which kube's
+//! client honours itself) and transport failures. AlreadyExists on the Job means the attempt
+//! already has its Job (a redelivered message): success, never a second Job.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use kube::{Api, Client};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// Errors of the runtime's API calls.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot configure the Kubernetes client (in-cluster or kubeconfig): {0}")]
+    Config(#[source] kube::Error),
+    #[error("the Kubernetes API refused {what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Whether the job was made by this call or was there already.
+#[derive(Debug, Clone)]
+pub enum Created {
+    New(Box<Job>),
+    Existing(Box<Job>),
+}
+
+impl Created {
+    pub fn job(&self) -> &Job {
+        match self {
+            Created::New(j) | Created::Existing(j) => j,
+        }
+    }
+}
+
+/// A token bucket: `rate` writes per second, bursts up to `burst`.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: u32) -> Bucket {
+        let burst = f64::from(burst.max(1));
+        Bucket {
+            rate: rate.max(0.001),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Waits for one token.
+    async fn take(&self) {
+        loop {
+            let wait = {
+                let mut state = self.state.lock().await;
+                let (tokens, last) = *state;
+                let now = Instant::now();
+                let tokens =
+                    (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+                if tokens >= 1.0 {
+                    *state = (tokens - 1.0, now);
+                    return;
+                }
+                *state = (tokens, now);
+                Duration::from_secs_f64((1.0 - tokens) / self.rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The runtime's API client for one namespace.
+pub struct JobClient {
+    jobs: Api<Job>,
+    secrets: Api<Secret>,
+    bucket: Bucket,
+    retry: ExponentialBuilder,
+}
+
+impl JobClient {
+    /// A client for `namespace` (default: the client's own, i.e. the dispatcher's in a
+    /// cluster), writing at most `writes_per_second` with bursts of `burst`.
+    pub fn new(
+        client: Client,
+        namespace: Option<&str>,
+        writes_per_second: f64,
+        burst: u32,
+    ) -> JobClient {
+        let (jobs, secrets) = match namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+            None => (
+                Api::default_namespaced(client.clone()),
+                Api::default_namespaced(client),
+            ),
+        };
+        JobClient {
+            jobs,
+            secrets,
+            bucket: Bucket::new(writes_per_second, burst),
+            retry: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .with_jitter()
+                .with_max_times(8),
+        }
+    }
+
+    /// A client from the in-cluster configuration or the local kubeconfig.
+    ///
+    /// # Errors
+    /// Neither is usable.
+    pub async fn infer(
+        namespace: Option<&str>,
+        writes_per_second: f64,
+        burst: u32,
+    ) -> Result<JobClient, KubeError> {
+        let client = Client::try_default().await.map_err(KubeError::Config)?;
+        Ok(JobClient::new(client, namespace, writes_per_second, burst))
+    }
+
+    /// Creates the Job, then its Secret owned by it: two API writes. A Job that exists is
+    /// returned as it is; a Secret that exists is left alone.
+    ///
+    /// # Errors
+    /// The API refused a write for good (invalid object, forbidden) or kept failing.
+    pub async fn create(&self, job: &Job, mut secret: Secret) -> Result<Created, KubeError> {
+        let name = job.metadata.name.clone().unwrap_or_default();
+        let post = PostParams::default();
+        let created = match self
+            .write("create Job", || self.jobs.create(&post, job))
+            .await
+        {
+            Ok(job) => Created::New(Box::new(job)),
+            Err(KubeError::Api {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.is_already_exists() => {
+                debug!(job = %name, "job exists already; a redelivered task finds it");
+                let existing = self.write("read Job", || self.jobs.get(&name)).await?;
+                Created::Existing(Box::new(existing))
+            }
+            Err(e) => return Err(e),
+        };
+        let owner = created.job();
+        if let (Some(job_name), Some(uid)) = (&owner.metadata.name, &owner.metadata.uid) {
+            secret.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "batch/v1".into(),
+                kind: "Job".into(),
+                name: job_name.clone(),
+                uid: uid.clone(),
+                controller: Some(false),
+                block_owner_deletion: Some(false),
+            }]);
+        }
+        match self
+            .write("create Secret", || self.secrets.create(&post, &secret))
+            .await
+        {
+            Ok(_) => {}
+            Err(KubeError::Api {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.is_already_exists() => {}
+            Err(e) => return Err(e),
+        }
+        Ok(created)
+    }
+
+    /// Deletes a Job with background propagation (its pods and Secret go with it). A Job
+    /// that is already gone is not an error.
+    ///
+    /// # Errors
+    /// The API refused the delete.
+    pub async fn delete(&self, name: &str) -> Result<(), KubeError> {
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match self
+            .write("delete Job", || self.jobs.delete(name, &params))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(KubeError::Api {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One API call behind the token bucket, retried while the failure may pass.
+    async fn write<T, F, Fut>(&self, what: &str, call: F) -> Result<T, KubeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let mut call = call;
+        let attempt = || {
+            let fut = call();
+            async {
+                self.bucket.take().await;
+                fut.await
+            }
+        };
+        attempt
+            .retry(self.retry)
+            .when(transient)
+            .notify(
+                |e, delay| warn!(what, error = %e, ?delay, "Kubernetes API call failed; retrying"),
+            )
+            .await
+            .map_err(|source| KubeError::Api {
+                what: what.to_owned(),
+                source,
+            })
+    }
+}
+
+/// Failures worth another try: server errors, throttling, transport.
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
