@@ -23,8 +23,7 @@ use uuid::Uuid;
 
 use crate::consume::{SessionEnd, Source, open_until_shutdown};
 use crate::metrics::inc;
-use crate::runtime::JobEnd;
-use crate::runtime::local::{LocalJob, Started};
+use crate::runtime::{End, JobEnd, RuntimeJob};
 use crate::service::Ctx;
 use crate::{Error, Result, dead_letter};
 
@@ -204,11 +203,11 @@ async fn dispatch(
     };
     let runtime = ctx.runtime.as_ref().ok_or(Error::ShuttingDown)?;
     let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
-    let started = match runtime.start(&task, spec, &dispatch_id) {
+    let (job, _ended) = match runtime.start(&task, spec, &dispatch_id).await {
         Ok(s) => s,
         Err(e) => {
-            // The executor cannot start here (missing program, full disk): fail the
-            // attempt with the reason rather than loop on it.
+            // The job cannot start (missing program, refused by the API server, full
+            // disk): fail the attempt with the reason rather than loop on it.
             error!(task_id = %task.id, error = %chain(&e), "cannot start the job");
             let result = synthesized(
                 &task,
@@ -227,32 +226,37 @@ async fn dispatch(
             return Ok(());
         }
     };
-    let job = match started {
-        Started::Created(job) | Started::Running(job) | Started::Ended(job) => job,
-    };
-    let mut evidence = runtime.evidence(&job.name);
+    let mut evidence = runtime.evidence(job.name());
     evidence.dispatch_id = Some(dispatch_id);
     let dispatched = Change {
         evidence,
         ..Change::default()
-    };
-    let running = Change {
-        started_at: job.started_at,
-        ..dispatched.clone()
     };
     ctx.persist("record dispatched", || {
         ctx.store
             .transition(task.id, task.attempt, TaskState::Dispatched, &dispatched)
     })
     .await?;
-    ctx.persist("record running", || {
-        ctx.store
-            .transition(task.id, task.attempt, TaskState::Running, &running)
-    })
-    .await?;
+    if runtime.runs_at_start() {
+        let running = Change {
+            started_at: runtime.started_at(&job),
+            ..dispatched.clone()
+        };
+        ctx.persist("record running", || {
+            ctx.store
+                .transition(task.id, task.attempt, TaskState::Running, &running)
+        })
+        .await?;
+    }
     ack(delivery).await;
     inc(&ctx.metrics.dispatched);
-    tokio::spawn(follow(ctx.clone(), job, Some(permit)));
+    tokio::spawn(follow(
+        ctx.clone(),
+        task.id,
+        task.attempt,
+        job,
+        Some(permit),
+    ));
     Ok(())
 }
 
@@ -285,23 +289,50 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-/// Follows a job to its end; publishes a result on the executor's behalf if it could not.
-pub(crate) async fn follow(ctx: Arc<Ctx>, job: LocalJob, permit: Option<OwnedSemaphorePermit>) {
+/// Follows a job to its end: records `running` when its pod runs (where the runtime learns
+/// that later), and publishes a result on the executor's behalf if it could not.
+pub(crate) async fn follow(
+    ctx: Arc<Ctx>,
+    task_id: gantry_shared::message::TaskId,
+    attempt: u32,
+    job: RuntimeJob,
+    permit: Option<OwnedSemaphorePermit>,
+) {
     let _permit = permit;
     let Some(runtime) = ctx.runtime.as_ref() else {
         return;
     };
-    let name = job.name.clone();
+    let name = job.name().clone();
     // A duplicate delivery or a restart may find a job that is already followed.
     let Some(_following) = ctx.follow_guard(&name) else {
         return;
     };
+    let running = tokio::select! {
+        r = runtime.running(&job) => r,
+        _ = ctx.shutdown.cancelled() => return,
+    };
+    if let Some((evidence, started_at)) = running {
+        let change = Change {
+            evidence,
+            started_at,
+            ..Change::default()
+        };
+        let recorded = ctx
+            .persist("record running", || {
+                ctx.store
+                    .transition(task_id, attempt, TaskState::Running, &change)
+            })
+            .await;
+        if recorded.is_err() {
+            return;
+        }
+    }
     let end = tokio::select! {
         end = runtime.wait(job) => end,
         // The job keeps running; a restarted dispatcher adopts it.
         _ = ctx.shutdown.cancelled() => return,
     };
-    if !end.published {
+    if end.end != End::Published {
         let result = synthesize(&end);
         warn!(task_id = %end.task_id, job = %end.job_name, status = %result.status, exit = %end.exit, "job ended without publishing a result; publishing one on its behalf");
         if let Err(e) = ctx.publish_result(&result).await {
@@ -316,8 +347,15 @@ pub(crate) async fn follow(ctx: Arc<Ctx>, job: LocalJob, permit: Option<OwnedSem
 /// The result of a job whose executor did not report.
 fn synthesize(end: &JobEnd) -> TaskResult {
     let mut evidence = end.evidence.clone();
-    let (status, kind, message, retryable, reason) = if end.stopped_at_deadline {
-        (
+    let with_tail = |mut message: String| {
+        if !end.log_tail.is_empty() {
+            message.push_str(": ");
+            message.push_str(&end.log_tail);
+        }
+        message
+    };
+    let (status, kind, message, retryable, reason) = match &end.end {
+        End::Deadline => (
             ResultStatus::Expired,
             "deadline_exceeded",
             format!(
@@ -326,23 +364,28 @@ fn synthesize(end: &JobEnd) -> TaskResult {
             ),
             false,
             "DeadlineExceeded",
-        )
-    } else {
-        let mut message = format!(
-            "the executor ended ({}) without reporting a result",
-            end.exit
-        );
-        if !end.log_tail.is_empty() {
-            message.push_str(": ");
-            message.push_str(&end.log_tail);
-        }
-        (
+        ),
+        End::Failure {
+            kind,
+            retryable,
+            reason,
+        } => (
+            ResultStatus::Failed,
+            *kind,
+            with_tail(end.exit.clone()),
+            *retryable,
+            *reason,
+        ),
+        End::Crashed | End::Published => (
             ResultStatus::Failed,
             "executor_crashed",
-            message,
+            with_tail(format!(
+                "the executor ended ({}) without reporting a result",
+                end.exit
+            )),
             true,
             "Error",
-        )
+        ),
     };
     evidence.terminal_reason = Some(reason.into());
     TaskResult {
@@ -404,12 +447,16 @@ pub(crate) async fn reconcile(
     };
     runtime.sweep();
     for (job, running) in runtime.scan()? {
-        let permit = ExecutorClass::parse(&job.executor)
+        let permit = ExecutorClass::parse(job.executor())
             .ok()
             .and_then(|c| capacity.get(&c).cloned())
             .and_then(|s| s.try_acquire_owned().ok());
-        info!(job = %job.name, running, "reconciling a job found in the state directory");
-        tokio::spawn(follow(ctx.clone(), job, permit));
+        info!(job = %job.name(), running, "reconciling a job found at start");
+        let (task_id, attempt) = match &job {
+            RuntimeJob::Local(j) => (j.task_id, j.attempt),
+            RuntimeJob::Kube(j) => (j.task_id, j.attempt),
+        };
+        tokio::spawn(follow(ctx.clone(), task_id, attempt, job, permit));
     }
     let unfinished = ctx
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
@@ -439,8 +486,7 @@ pub(crate) async fn reconcile(
             task_id: record.task_id,
             attempt,
             job_name: name.clone(),
-            published: false,
-            stopped_at_deadline: false,
+            end: End::Crashed,
             exit: "job lost: its directory no longer exists".into(),
             log_tail: String::new(),
             evidence: runtime.evidence(&name),

@@ -31,7 +31,11 @@ pub fn render_job(
         ))
     })?;
     let kube = &settings.dispatcher.kubernetes;
-    let (job, secret) = job::build(&task, spec, kube, namespace, "render-job", now)
+    let target = job::Target {
+        namespace,
+        prefix: &settings.common.prefix,
+    };
+    let (job, secret) = job::build(&task, spec, kube, &target, "render-job", now)
         .map_err(|e| invalid(e.to_string()))?;
     let job = serde_norway::to_string(&job).map_err(|e| invalid(e.to_string()))?;
     let secret = serde_norway::to_string(&secret).map_err(|e| invalid(e.to_string()))?;

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+use crate::runtime::kubernetes::runtime::KubeRuntime;
 use crate::runtime::local::{LocalOptions, LocalRuntime};
 use crate::settings::{Role, RuntimeKind, Settings};
 use crate::{Error, Result, dispatch, recorder};
@@ -30,7 +32,7 @@ pub(crate) struct Ctx {
     pub(crate) topology: Topology,
     pub(crate) store: Store,
     pub(crate) publisher: Publisher,
-    pub(crate) runtime: Option<LocalRuntime>,
+    pub(crate) runtime: Option<Runtime>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: CancellationToken,
     following: Mutex<HashSet<JobName>>,
@@ -142,7 +144,7 @@ pub async fn run(
     )
     .await?;
     let runtime = if settings.has_role(Role::Dispatch) {
-        Some(open_runtime(&settings)?)
+        Some(open_runtime(&settings, token.clone()).await?)
     } else {
         None
     };
@@ -205,8 +207,18 @@ pub async fn run(
     Ok(())
 }
 
-fn open_runtime(settings: &Settings) -> Result<LocalRuntime> {
-    let RuntimeKind::Local = settings.dispatcher.runtime;
+async fn open_runtime(settings: &Settings, shutdown: CancellationToken) -> Result<Runtime> {
+    match settings.dispatcher.runtime {
+        RuntimeKind::Local => Ok(Runtime::Local(open_local(settings)?)),
+        RuntimeKind::Kubernetes => {
+            let kube = &settings.dispatcher.kubernetes;
+            let runtime = KubeRuntime::open(kube, &settings.common.prefix, shutdown).await?;
+            Ok(Runtime::Kubernetes(Box::new(runtime)))
+        }
+    }
+}
+
+fn open_local(settings: &Settings) -> Result<LocalRuntime> {
     let d = &settings.dispatcher;
     let executor_bin = d.executor_bin.clone().unwrap_or_else(default_executor_bin);
     let node = d.node_name.clone().unwrap_or_else(hostname);

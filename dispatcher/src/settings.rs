@@ -26,6 +26,8 @@ use crate::Result;
 pub enum RuntimeKind {
     /// The executor runs as a child process on this machine.
     Local,
+    /// Each attempt is a `batch/v1` Job.
+    Kubernetes,
 }
 
 impl FromStr for RuntimeKind {
@@ -33,11 +35,10 @@ impl FromStr for RuntimeKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "local" => Ok(RuntimeKind::Local),
-            "kubernetes" => Err(
-                "the kubernetes runtime is not available in this build yet; use --runtime local"
-                    .into(),
-            ),
-            _ => Err(format!("unknown runtime {s:?}; use \"local\"")),
+            "kubernetes" => Ok(RuntimeKind::Kubernetes),
+            _ => Err(format!(
+                "unknown runtime {s:?}; use \"local\" or \"kubernetes\""
+            )),
         }
     }
 }
@@ -191,6 +192,14 @@ impl Settings {
         env_duration("GANTRY_DEADLINE_GRACE", &mut d.deadline_grace)?;
         env_duration("GANTRY_KILL_GRACE", &mut d.kill_grace)?;
         env_duration("GANTRY_JOB_RETENTION", &mut d.job_retention)?;
+        env_duration(
+            "GANTRY_IMAGE_PULL_LIMIT",
+            &mut d.kubernetes.image_pull_limit,
+        )?;
+        env_duration(
+            "GANTRY_UNSCHEDULABLE_LIMIT",
+            &mut d.kubernetes.unschedulable_limit,
+        )?;
         if let Some(v) = env("GANTRY_NAMESPACE") {
             d.kubernetes.namespace = Some(v);
         }
@@ -241,6 +250,15 @@ pub struct KubernetesSection {
     pub task_mount_path: String,
     /// The non-root user the executor runs as.
     pub run_as_user: i64,
+    /// API writes per second at most (token bucket), and the burst allowed above it.
+    pub writes_per_second: f64,
+    pub write_burst: u32,
+    /// A pod that cannot pull its image this long fails the attempt (`image_pull`).
+    #[serde(with = "humantime_serde_compat")]
+    pub image_pull_limit: Duration,
+    /// A pod no node can take this long fails the attempt (`unschedulable`, retryable).
+    #[serde(with = "humantime_serde_compat")]
+    pub unschedulable_limit: Duration,
 }
 
 impl Default for KubernetesSection {
@@ -252,6 +270,10 @@ impl Default for KubernetesSection {
             amqp_secret_key: "url".into(),
             task_mount_path: "/var/run/gantry/task".into(),
             run_as_user: 65532,
+            writes_per_second: 20.0,
+            write_burst: 40,
+            image_pull_limit: Duration::from_secs(120),
+            unschedulable_limit: Duration::from_secs(600),
         }
     }
 }

@@ -7,6 +7,9 @@
 //! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up.
 //! - [`Dispatcher`]: a `gantry-dispatcher` process, with SIGTERM and SIGKILL.
 //! - [`bin_path`]: where the built binaries are.
+//! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
+
+pub mod kube_double;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -253,7 +256,7 @@ impl Dispatcher {
         let out = std::fs::File::create(&log)?;
         let config = env.config();
         let child = Command::new(bin_path("gantry-dispatcher"))
-            .args(["--runtime", "local"])
+            .env("GANTRY_RUNTIME", "local")
             .env("GANTRY_AMQP_URL", config.amqp_url.expose_secret())
             .env("GANTRY_DATABASE_URL", &env.database_url)
             .env("GANTRY_PREFIX", &env.prefix)

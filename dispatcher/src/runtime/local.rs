@@ -34,7 +34,7 @@ use serde::Deserialize;
 use tokio::process::Child;
 use tracing::{debug, info, instrument, warn};
 
-use super::JobEnd;
+use super::{End, JobEnd};
 use crate::{Error, Result};
 
 /// The local runtime, owning one state directory.
@@ -387,12 +387,18 @@ impl LocalRuntime {
             // recorded in engine.pgid while it runs. Stop it so nothing outlives the job.
             kill_engine_group(&job.dir);
         }
+        let end = if published {
+            End::Published
+        } else if stopped_at_deadline {
+            End::Deadline
+        } else {
+            End::Crashed
+        };
         JobEnd {
             task_id: job.task_id,
             attempt: job.attempt,
             job_name: job.name.clone(),
-            published,
-            stopped_at_deadline,
+            end,
             exit,
             log_tail: tail(&job.dir.join("executor.log"), 2048),
             evidence: self.evidence(&job.name),

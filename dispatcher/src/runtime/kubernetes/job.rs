@@ -65,6 +65,14 @@ pub enum BuildError {
     Encode(#[from] serde_json::Error),
 }
 
+/// Where the Job goes and where its executor reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    /// The topology prefix the executor publishes under.
+    pub prefix: &'a str,
+}
+
 /// The Job and its payload Secret for one attempt of `task`, as of `now`.
 ///
 /// # Errors
@@ -73,10 +81,11 @@ pub fn build(
     task: &Task,
     spec: &ExecutorSpec,
     settings: &KubernetesSection,
-    namespace: &str,
+    target: &Target<'_>,
     dispatch_id: &str,
     now: DateTime<Utc>,
 ) -> Result<(Job, Secret), BuildError> {
+    let namespace = target.namespace;
     let image = spec
         .image
         .clone()
@@ -145,7 +154,15 @@ pub fn build(
                     labels: Some(labels),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(pod_spec(task, spec, settings, &name, &image, dispatch_id)),
+                spec: Some(pod_spec(
+                    task,
+                    spec,
+                    settings,
+                    &name,
+                    &image,
+                    dispatch_id,
+                    target.prefix,
+                )),
             },
             ..JobSpec::default()
         }),
@@ -171,6 +188,7 @@ fn pod_spec(
     name: &str,
     image: &str,
     dispatch_id: &str,
+    prefix: &str,
 ) -> PodSpec {
     let gpus = task
         .resources
@@ -242,7 +260,7 @@ fn pod_spec(
             name: CONTAINER.into(),
             image: Some(image.to_owned()),
             image_pull_policy: Some("IfNotPresent".into()),
-            env: Some(env(task, spec, settings, name, mount, dispatch_id)),
+            env: Some(env(task, spec, settings, name, mount, dispatch_id, prefix)),
             resources: (!limits.is_empty()).then(|| ResourceRequirements {
                 requests: Some(limits.clone()),
                 limits: Some(limits),
@@ -303,6 +321,7 @@ fn env(
     name: &str,
     mount: &str,
     dispatch_id: &str,
+    prefix: &str,
 ) -> Vec<EnvVar> {
     let value = |k: &str, v: String| EnvVar {
         name: k.into(),
@@ -334,6 +353,7 @@ fn env(
                 ..EnvVarSource::default()
             }),
         },
+        value("GANTRY_PREFIX", prefix.to_owned()),
         value("GANTRY_JOB_NAME", name.to_owned()),
         value("GANTRY_DISPATCH_ID", dispatch_id.to_owned()),
         field("GANTRY_POD_NAME", "metadata.name"),
@@ -395,11 +415,15 @@ mod tests {
     fn build_for(task: &Task) -> Result<(Job, Secret), BuildError> {
         let catalog = catalog();
         let spec = catalog.get(&task.executor).unwrap();
+        let target = Target {
+            namespace: "ml",
+            prefix: "gantry",
+        };
         build(
             task,
             spec,
             &KubernetesSection::default(),
-            "ml",
+            &target,
             "d-1",
             Utc::now(),
         )

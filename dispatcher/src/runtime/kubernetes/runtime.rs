@@ -1,0 +1,502 @@
+//! The `kubernetes` runtime: creates each attempt's Job through [`JobClient`] and follows
+//! Jobs and Pods through one watch each (by the `managed-by: gantry` label) into a cache,
+//! instead of polling per task. A Job that ends without a result from its executor is mapped
+//! to the failure a result must carry:
+//!
+//! | what the cluster says | status | error kind | retryable |
+//! |---|---|---|---|
+//! | Job `Failed`, reason `DeadlineExceeded` | expired | `deadline_exceeded` | no |
+//! | container terminated `OOMKilled` | failed | `oom` | no |
+//! | `ErrImagePull` / `ImagePullBackOff` past `image_pull_limit` (Job deleted) | failed | `image_pull` | no |
+//! | Pending and unschedulable past `unschedulable_limit` (Job deleted) | failed | `unschedulable` | yes |
+//! | pod `Evicted`, `DisruptionTarget`, `NodeLost` | failed | `evicted` / `node_lost` | yes |
+//! | any other failed container | failed | `executor_crashed` | yes |
+//!
+//! A Job that is `Complete` had an executor that exited 0, which it does only once its result
+//! is published.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use gantry_shared::catalog::ExecutorSpec;
+use gantry_shared::message::{Evidence, JobName, Task, TaskId};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::client::{Created, JobClient};
+use super::job::{self, keys};
+use crate::runtime::{End, JobEnd};
+use crate::settings::KubernetesSection;
+use crate::{Error, Result};
+
+/// One attempt's Job, as the runtime follows it.
+#[derive(Debug, Clone)]
+pub(crate) struct KubeJob {
+    pub(crate) name: JobName,
+    pub(crate) task_id: TaskId,
+    pub(crate) attempt: u32,
+    pub(crate) executor: String,
+    pub(crate) created_at: DateTime<Utc>,
+}
+
+/// The runtime: an API client and the watch caches.
+pub(crate) struct KubeRuntime {
+    client: JobClient,
+    namespace: String,
+    prefix: String,
+    settings: KubernetesSection,
+    jobs: Store<Job>,
+    pods: Store<Pod>,
+    changed: watch::Receiver<u64>,
+}
+
+impl KubeRuntime {
+    /// Connects (in-cluster configuration or kubeconfig), starts the watches and waits for
+    /// their first listing.
+    ///
+    /// # Errors
+    /// No usable configuration, or the API server cannot be listed.
+    pub(crate) async fn open(
+        settings: &KubernetesSection,
+        prefix: &str,
+        shutdown: CancellationToken,
+    ) -> Result<KubeRuntime> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| kube_error("configure the client", e))?;
+        let namespace = settings
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let (tx, changed) = watch::channel(0u64);
+        let tx = Arc::new(tx);
+        let selector = format!("{}=gantry", keys::MANAGED_BY);
+        let jobs = spawn_reflector::<Job>(
+            Api::namespaced(client.clone(), &namespace),
+            &selector,
+            tx.clone(),
+            shutdown.clone(),
+        );
+        let pods = spawn_reflector::<Pod>(
+            Api::namespaced(client.clone(), &namespace),
+            &selector,
+            tx,
+            shutdown,
+        );
+        let ready = async {
+            jobs.wait_until_ready().await.ok();
+            pods.wait_until_ready().await.ok();
+        };
+        if tokio::time::timeout(Duration::from_secs(60), ready)
+            .await
+            .is_err()
+        {
+            return Err(Error::Job {
+                job: "watch".into(),
+                message: format!(
+                    "cannot list Jobs and Pods in namespace {namespace} within a minute; check the API server and RBAC (list/watch jobs and pods)"
+                ),
+            });
+        }
+        info!(%namespace, jobs = jobs.state().len(), "kubernetes runtime watching");
+        Ok(KubeRuntime {
+            client: JobClient::new(
+                client,
+                Some(&namespace),
+                settings.writes_per_second,
+                settings.write_burst,
+            ),
+            namespace,
+            prefix: prefix.to_owned(),
+            settings: settings.clone(),
+            jobs,
+            pods,
+            changed,
+        })
+    }
+
+    pub(crate) fn instance(&self) -> String {
+        format!("k8s-{}", self.namespace)
+    }
+
+    /// Creates the attempt's Job (or finds it).
+    pub(crate) async fn start(
+        &self,
+        task: &Task,
+        spec: &ExecutorSpec,
+        dispatch_id: &str,
+    ) -> Result<(KubeJob, bool)> {
+        let target = job::Target {
+            namespace: &self.namespace,
+            prefix: &self.prefix,
+        };
+        let (job, secret) =
+            job::build(task, spec, &self.settings, &target, dispatch_id, Utc::now()).map_err(
+                |e| Error::Job {
+                    job: task.id.to_string(),
+                    message: e.to_string(),
+                },
+            )?;
+        let created = self
+            .client
+            .create(&job, secret)
+            .await
+            .map_err(|e| Error::Job {
+                job: task.id.to_string(),
+                message: gantry_shared::telemetry::chain(&e),
+            })?;
+        let is_new = matches!(created, Created::New(_));
+        let created_at = created
+            .job()
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(Utc::now, to_chrono);
+        Ok((
+            KubeJob {
+                name: JobName::for_task(task.id, task.attempt),
+                task_id: task.id,
+                attempt: task.attempt,
+                executor: task.executor.to_string(),
+                created_at,
+            },
+            is_new,
+        ))
+    }
+
+    /// Deletes a Job (and with it its pod and Secret).
+    pub(crate) async fn delete(&self, name: &JobName) -> Result<()> {
+        self.client
+            .delete(name.as_str())
+            .await
+            .map_err(|e| Error::Job {
+                job: name.to_string(),
+                message: gantry_shared::telemetry::chain(&e),
+            })
+    }
+
+    /// The evidence of a job so far: its pod and node once scheduled.
+    pub(crate) fn evidence(&self, name: &JobName) -> Evidence {
+        let pod = self.pod_of(name);
+        Evidence {
+            job_name: Some(name.to_string()),
+            pod_name: pod.as_ref().and_then(|p| p.metadata.name.clone()),
+            node: pod
+                .as_ref()
+                .and_then(|p| p.spec.as_ref()?.node_name.clone()),
+            ..Evidence::default()
+        }
+    }
+
+    /// Whether the cache knows the Job.
+    pub(crate) fn knows(&self, name: &JobName) -> bool {
+        self.jobs
+            .get(&ObjectRef::new(name.as_str()).within(&self.namespace))
+            .is_some()
+    }
+
+    /// Jobs in the cache, with whether they still run: for adoption at start.
+    pub(crate) fn scan(&self) -> Vec<(KubeJob, bool)> {
+        self.jobs
+            .state()
+            .iter()
+            .filter_map(|job| {
+                let labels = job.metadata.labels.as_ref()?;
+                let task_id: TaskId = labels.get(keys::TASK_ID)?.parse().ok()?;
+                let attempt: u32 = labels.get(keys::ATTEMPT)?.parse().ok()?;
+                let running = finished(job).is_none();
+                Some((
+                    KubeJob {
+                        name: JobName::for_task(task_id, attempt),
+                        task_id,
+                        attempt,
+                        executor: labels.get(keys::EXECUTOR).cloned().unwrap_or_default(),
+                        created_at: job
+                            .metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map_or_else(Utc::now, to_chrono),
+                    },
+                    running,
+                ))
+            })
+            .collect()
+    }
+
+    /// Waits until the job's pod runs; its evidence and start time. `None` if the job ended
+    /// (or vanished) first.
+    pub(crate) async fn running(&self, job: &KubeJob) -> Option<(Evidence, Option<DateTime<Utc>>)> {
+        let mut changed = self.changed.clone();
+        loop {
+            if let Some(pod) = self.pod_of(&job.name) {
+                let status = pod.status.as_ref();
+                let phase = status.and_then(|s| s.phase.as_deref());
+                if matches!(phase, Some("Running" | "Succeeded" | "Failed")) {
+                    let started = status.and_then(|s| s.start_time.as_ref()).map(to_chrono);
+                    return Some((self.evidence(&job.name), started));
+                }
+            }
+            match self
+                .jobs
+                .get(&ObjectRef::new(job.name.as_str()).within(&self.namespace))
+            {
+                Some(j) if finished(&j).is_some() => return None,
+                None if Utc::now() - job.created_at > chrono::Duration::seconds(30) => return None,
+                _ => {}
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+        }
+    }
+
+    /// Waits for the job to end and says how. Jobs stuck pulling their image or waiting for
+    /// a node past their limits are deleted and end as failures.
+    pub(crate) async fn wait(&self, job: &KubeJob) -> JobEnd {
+        let mut changed = self.changed.clone();
+        let key = ObjectRef::new(job.name.as_str()).within(&self.namespace);
+        loop {
+            let evidence = self.evidence(&job.name);
+            let end = |end: End, exit: String| JobEnd {
+                task_id: job.task_id,
+                attempt: job.attempt,
+                job_name: job.name.clone(),
+                end,
+                exit,
+                log_tail: String::new(),
+                evidence: evidence.clone(),
+            };
+            let pod = self.pod_of(&job.name);
+            match self.jobs.get(&key) {
+                Some(k8s_job) => {
+                    if let Some((end_kind, exit)) =
+                        finished(&k8s_job).map(|reason| classify(&reason, pod.as_deref()))
+                    {
+                        return end(end_kind, exit);
+                    }
+                    if let Some((end_kind, exit)) = self.stuck(job, pod.as_deref()) {
+                        warn!(job = %job.name, %exit, "job is stuck; deleting it");
+                        if let Err(e) = self.delete(&job.name).await {
+                            warn!(job = %job.name, error = %e, "cannot delete the stuck job");
+                        }
+                        return end(end_kind, exit);
+                    }
+                }
+                None if Utc::now() - job.created_at > chrono::Duration::seconds(30) => {
+                    return end(
+                        End::Crashed,
+                        "the Job disappeared before it finished (deleted from outside?)".into(),
+                    );
+                }
+                None => {}
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+        }
+    }
+
+    fn pod_of(&self, name: &JobName) -> Option<Arc<Pod>> {
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| {
+                        l.get("job-name")
+                            .or_else(|| l.get("batch.kubernetes.io/job-name"))
+                    })
+                    .is_some_and(|j| j == name.as_str())
+            })
+            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(to_chrono))
+    }
+
+    /// A pending job past one of its limits.
+    fn stuck(&self, job: &KubeJob, pod: Option<&Pod>) -> Option<(End, String)> {
+        let pod = pod?;
+        let status = pod.status.as_ref()?;
+        if status.phase.as_deref() != Some("Pending") {
+            return None;
+        }
+        let age = (Utc::now() - job.created_at).to_std().unwrap_or_default();
+        let waiting = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
+        if matches!(
+            waiting.as_deref(),
+            Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
+        ) && age > self.settings.image_pull_limit
+        {
+            return Some((
+                End::Failure {
+                    kind: "image_pull",
+                    retryable: false,
+                    reason: "ImagePullBackOff",
+                },
+                format!(
+                    "the image could not be pulled for {} ({})",
+                    humantime::format_duration(self.settings.image_pull_limit),
+                    waiting.unwrap_or_default()
+                ),
+            ));
+        }
+        let unschedulable = status.conditions.iter().flatten().any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        });
+        if unschedulable && age > self.settings.unschedulable_limit {
+            return Some((
+                End::Failure {
+                    kind: "unschedulable",
+                    retryable: true,
+                    reason: "Unschedulable",
+                },
+                format!(
+                    "no node could take the pod for {}",
+                    humantime::format_duration(self.settings.unschedulable_limit)
+                ),
+            ));
+        }
+        None
+    }
+}
+
+/// Why a finished Job finished: `Complete`, or the reason of its `Failed` condition.
+fn finished(job: &Job) -> Option<String> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .find_map(|c| match (c.type_.as_str(), c.status.as_str()) {
+            ("Complete", "True") => Some("Complete".to_owned()),
+            ("Failed", "True") => Some(c.reason.clone().unwrap_or_else(|| "Failed".into())),
+            _ => None,
+        })
+}
+
+/// The end of a finished Job, from its reason and its pod.
+fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
+    if reason == "Complete" {
+        return (End::Published, "completed".into());
+    }
+    if reason == "DeadlineExceeded" {
+        return (End::Deadline, "activeDeadlineSeconds passed".into());
+    }
+    let status = pod.and_then(|p| p.status.as_ref());
+    let pod_reason = status.and_then(|s| s.reason.clone()).unwrap_or_default();
+    let disrupted = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+        });
+    let terminated = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref()?.terminated.clone());
+    if terminated.as_ref().and_then(|t| t.reason.as_deref()) == Some("OOMKilled") {
+        return (
+            End::Failure {
+                kind: "oom",
+                retryable: false,
+                reason: "OOMKilled",
+            },
+            "the container ran out of memory (OOMKilled)".into(),
+        );
+    }
+    if pod_reason == "Evicted" || disrupted {
+        return (
+            End::Failure {
+                kind: "evicted",
+                retryable: true,
+                reason: "Evicted",
+            },
+            format!(
+                "the pod was evicted ({})",
+                status.and_then(|s| s.message.clone()).unwrap_or(pod_reason)
+            ),
+        );
+    }
+    if pod_reason == "NodeLost" {
+        return (
+            End::Failure {
+                kind: "node_lost",
+                retryable: true,
+                reason: "NodeLost",
+            },
+            "the pod's node was lost".into(),
+        );
+    }
+    let exit = match &terminated {
+        Some(t) => {
+            let mut s = format!("exit code {}", t.exit_code);
+            if let Some(m) = t.message.as_deref().filter(|m| !m.is_empty()) {
+                s.push_str(": ");
+                s.push_str(m.trim());
+            }
+            s
+        }
+        None => format!("the Job failed ({reason})"),
+    };
+    (End::Crashed, exit)
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    selector: &str,
+    changed: Arc<watch::Sender<u64>>,
+    shutdown: CancellationToken,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(selector)),
+    )
+    .default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(Ok(_)) => changed.send_modify(|n| *n = n.wrapping_add(1)),
+                    Some(Err(e)) => warn!(error = %e, "watch failed; it restarts with backoff"),
+                    None => return,
+                },
+            }
+        }
+    });
+    reader
+}
+
+/// A Kubernetes timestamp as chrono's.
+fn to_chrono(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> DateTime<Utc> {
+    let nanos = u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0);
+    DateTime::from_timestamp(t.0.as_second(), nanos).unwrap_or_else(Utc::now)
+}
+
+fn kube_error(what: &str, e: kube::Error) -> Error {
+    Error::Job {
+        job: "kubernetes".into(),
+        message: format!(
+            "cannot {what}: {e}; the dispatcher needs a kubeconfig or to run in a cluster"
+        ),
+    }
+}

@@ -1,0 +1,354 @@
+//! The Kubernetes runtime's API writes, through the real `kube::Client` against the API
+//! double: one Job per attempt whatever happens, its Secret owned by it, throttled writes.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use gantry_dispatcher::runtime::kubernetes::client::{Created, JobClient};
+use gantry_dispatcher::runtime::kubernetes::job;
+use gantry_dispatcher::settings::KubernetesSection;
+use gantry_shared::catalog::Catalog;
+use gantry_shared::message::{ExecutorClass, Limits, Task, TaskName, TaskSpec};
+use gantry_tests::kube_double::{FaultSpec, KubeDouble};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::json;
+
+const CATALOG: &str = "executors:\n  echo:\n    engine: { kind: echo }\n    image: registry.example.com/executor-echo@sha256:1111111111111111111111111111111111111111111111111111111111111111\n";
+
+fn objects(namespace: &str) -> (Task, Job, Secret) {
+    let catalog = Catalog::parse(CATALOG, "test").expect("catalog");
+    let task = Task::new(
+        TaskSpec {
+            executor: ExecutorClass::parse("echo").expect("class"),
+            name: TaskName::parse("k8s.echo").expect("name"),
+            payload: json!({"hello": "world"}),
+            ttl: Duration::from_secs(300),
+            reply_to: None,
+            idempotency_key: None,
+            priority: None,
+            resources: None,
+        },
+        &Limits::default(),
+    )
+    .expect("task");
+    let spec = catalog.get(&task.executor).expect("class in catalog");
+    let target = job::Target {
+        namespace,
+        prefix: "gantry",
+    };
+    let (job, secret) = job::build(
+        &task,
+        spec,
+        &KubernetesSection::default(),
+        &target,
+        "d-1",
+        Utc::now(),
+    )
+    .expect("job builds");
+    (task, job, secret)
+}
+
+fn job_creates(double: &KubeDouble) -> usize {
+    double
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_redelivered_task_finds_its_job_and_never_creates_a_second_one() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    let client = JobClient::new(double.client(), Some(double.namespace()), 100.0, 10);
+    let (_, job, secret) = objects(double.namespace());
+
+    let first = client.create(&job, secret.clone()).await?;
+    assert!(matches!(first, Created::New(_)));
+    let again = client.create(&job, secret).await?;
+    assert!(matches!(again, Created::Existing(_)));
+    assert_eq!(again.job().metadata.uid, first.job().metadata.uid);
+    assert_eq!(double.jobs_created(), 1);
+
+    let name = job.metadata.name.clone().expect("name");
+    let stored = double.get_secret(&name).expect("the Secret exists");
+    let owner = &stored.metadata.owner_references.expect("owned")[0];
+    assert_eq!(owner.kind, "Job");
+    assert_eq!(Some(owner.uid.clone()), first.job().metadata.uid);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_costs_two_api_writes() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    let client = JobClient::new(double.client(), Some(double.namespace()), 100.0, 10);
+    let (_, job, secret) = objects(double.namespace());
+    client.create(&job, secret).await?;
+    let writes = double.requests().iter().filter(|r| r.is_write()).count();
+    assert_eq!(writes, 2, "{:#?}", double.requests());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_500_on_create_is_retried_and_yields_one_job() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    double.fail_next(1, FaultSpec::internal_error("POST", "/jobs"));
+    let client = JobClient::new(double.client(), Some(double.namespace()), 100.0, 10);
+    let (_, job, secret) = objects(double.namespace());
+    let created = client.create(&job, secret).await?;
+    assert!(matches!(created, Created::New(_)));
+    assert_eq!(double.jobs_created(), 1);
+    let statuses: Vec<Option<u16>> = double
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [Some(500), Some(201)]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_429_is_waited_out_as_retry_after_asks() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    double.fail_next(1, FaultSpec::too_many_requests("POST", "/jobs", 1));
+    let client = JobClient::new(double.client(), Some(double.namespace()), 100.0, 10);
+    let (_, job, secret) = objects(double.namespace());
+    let start = Instant::now();
+    client.create(&job, secret).await?;
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "the retry waited for Retry-After"
+    );
+    assert_eq!(double.jobs_created(), 1);
+    assert_eq!(job_creates(&double), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_job_is_refused_at_once_without_retries() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    let client = JobClient::new(double.client(), Some(double.namespace()), 100.0, 10);
+    let (_, mut job, secret) = objects(double.namespace());
+    job.metadata.name = Some("Not_A_Name".into());
+    let refused = client.create(&job, secret).await;
+    assert!(refused.is_err());
+    assert_eq!(job_creates(&double), 1, "a 422 is final");
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_job_takes_its_pod_and_secret_with_it() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    let client = JobClient::new(double.client(), Some(double.namespace()), 100.0, 10);
+    let (_, job, secret) = objects(double.namespace());
+    let name = job.metadata.name.clone().expect("name");
+    client.create(&job, secret).await?;
+    double
+        .wait_for("the job's pod", Duration::from_secs(5), |d| {
+            (!d.pods_of_job(&name).is_empty()).then_some(())
+        })
+        .await?;
+    client.delete(&name).await?;
+    double
+        .wait_for("the pod and Secret to go", Duration::from_secs(5), |d| {
+            (d.pods_of_job(&name).is_empty() && d.get_secret(&name).is_none()).then_some(())
+        })
+        .await?;
+    client.delete(&name).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn writes_are_throttled_by_the_token_bucket() -> anyhow::Result<()> {
+    let double = KubeDouble::start().await;
+    // 10 writes per second, no burst: 5 tasks (10 writes) need at least 0.9 s.
+    let client = JobClient::new(double.client(), Some(double.namespace()), 10.0, 1);
+    let start = Instant::now();
+    for _ in 0..5 {
+        let (_, job, secret) = objects(double.namespace());
+        client.create(&job, secret).await?;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(double.jobs_created(), 5);
+    Ok(())
+}
+
+/// A dispatcher with `--runtime kubernetes`, pointed at the double by a kubeconfig, and the
+/// double running the real executor as the image's entrypoint.
+struct Cluster {
+    double: KubeDouble,
+    env: gantry_tests::TestEnv,
+    dispatcher: gantry_tests::Dispatcher,
+}
+
+const IMAGE: &str = "registry.example.com/executor-echo@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+async fn cluster(extra_catalog: &str) -> anyhow::Result<Cluster> {
+    let double = KubeDouble::start().await;
+    double.set_image_entrypoint(
+        IMAGE,
+        vec![
+            gantry_tests::bin_path("gantry-executor")
+                .display()
+                .to_string(),
+        ],
+    );
+    let catalog = format!(
+        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: 4\n{extra_catalog}"
+    );
+    let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
+    // The executor's AMQP URL comes from this Secret, never inline.
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(double.client(), double.namespace());
+    let amqp = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("gantry-amqp".into()),
+            ..Default::default()
+        },
+        string_data: Some([("url".to_owned(), gantry_tests::amqp_url())].into()),
+        ..Default::default()
+    };
+    secrets
+        .create(&kube::api::PostParams::default(), &amqp)
+        .await?;
+    let kubeconfig = env.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: test, user: {{}}}}]\ncontexts: [{{name: double, context: {{cluster: double, user: test, namespace: {}}}}}]\ncurrent-context: double\n",
+            double.url(),
+            double.namespace()
+        ),
+    )?;
+    let kubeconfig = kubeconfig.display().to_string();
+    let dispatcher = gantry_tests::Dispatcher::start(
+        &env,
+        &[
+            ("GANTRY_RUNTIME", "kubernetes"),
+            ("KUBECONFIG", kubeconfig.as_str()),
+        ],
+    )?;
+    Ok(Cluster {
+        double,
+        env,
+        dispatcher,
+    })
+}
+
+async fn submit(
+    env: &gantry_tests::TestEnv,
+    payload: serde_json::Value,
+    ttl: Duration,
+) -> anyhow::Result<(gantry_producer::Producer, gantry_shared::message::TaskId)> {
+    let producer = env.producer().await?;
+    let id = producer
+        .submit(TaskSpec {
+            executor: ExecutorClass::parse("echo")?,
+            name: TaskName::parse("k8s.echo")?,
+            payload,
+            ttl,
+            reply_to: None,
+            idempotency_key: None,
+            priority: None,
+            resources: None,
+        })
+        .await?;
+    Ok((producer, id))
+}
+
+// The double serves from this process while the test blocks on the dispatcher's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_runs_as_a_job_and_succeeds_with_job_pod_and_node_recorded() -> anyhow::Result<()> {
+    let c = cluster("").await?;
+    let (producer, id) = submit(&c.env, json!({"hello": "k8s"}), Duration::from_secs(120)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        record.state,
+        "succeeded",
+        "{:?}\n{}",
+        record.error,
+        c.dispatcher.log_text()
+    );
+    let result: gantry_shared::message::TaskResult =
+        serde_json::from_value(record.result.clone().expect("result"))?;
+    assert_eq!(result.output, Some(json!({"hello": "k8s"})));
+    let job = format!("gantry-{}-a1", id.as_uuid().simple());
+    assert_eq!(record.job_name.as_deref(), Some(job.as_str()));
+    let pod = record.pod_name.clone().expect("pod recorded");
+    assert!(pod.starts_with(&job), "pod {pod} of job {job}");
+    assert_eq!(record.node.as_deref(), Some("node-1"));
+    let events: Vec<String> = producer
+        .events(id)
+        .await?
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["received", "dispatched", "running", "succeeded"]);
+    assert_eq!(c.double.jobs_created(), 1);
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+// The double serves from this process while the test blocks on the dispatcher's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_deadline_ends_expired() -> anyhow::Result<()> {
+    let c = cluster("").await?;
+    let (producer, id) =
+        submit(&c.env, json!({"sleep_ms": 60_000}), Duration::from_secs(2)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(record.state, "expired");
+    assert_eq!(
+        record.error.as_ref().map(|e| e["kind"].clone()),
+        Some(json!("deadline_exceeded"))
+    );
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+// The double serves from this process while the test blocks on the dispatcher's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_killed_job_fails_with_kind_oom() -> anyhow::Result<()> {
+    let c = cluster("").await?;
+    c.double.script_next(gantry_tests::kube_double::Script::Oom);
+    let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        record.state,
+        "failed",
+        "{:?}\n{}",
+        record.error,
+        c.dispatcher.log_text()
+    );
+    assert_eq!(
+        record.error.as_ref().map(|e| e["kind"].clone()),
+        Some(json!("oom"))
+    );
+    assert_eq!(record.terminal_reason.as_deref(), Some("OOMKilled"));
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+// The double serves from this process while the test blocks on the dispatcher's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_job_is_retried_and_succeeds_on_its_second_attempt() -> anyhow::Result<()> {
+    let c = cluster("").await?;
+    c.double
+        .script_next(gantry_tests::kube_double::Script::Evict);
+    let (producer, id) = submit(&c.env, json!({"n": 1}), Duration::from_secs(120)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(record.state, "succeeded", "{:?}", record.error);
+    assert_eq!(record.attempt, 2, "eviction is retryable");
+    let events: Vec<(i32, String)> = producer
+        .events(id)
+        .await?
+        .into_iter()
+        .map(|e| (e.attempt, e.event))
+        .collect();
+    assert!(events.contains(&(1, "retrying".into())), "{events:?}");
+    producer.close().await;
+    c.env.cleanup().await
+}
