@@ -32,8 +32,10 @@
 //! - [`Producer`]: publishes tasks with confirms; follows them through its tracker.
 //! - [`Tracker`]: reads a task's state and history from Postgres and waits for its end.
 //! - [`topology`]: declares the exchanges and queues for a catalog (`gantry topology apply`).
+//! - [`dlq`]: lists, shows, replays and purges dead letters (`gantry dlq …`).
 //! - [`Error`]: everything that can go wrong here, each variant saying what to do.
 
+pub mod dlq;
 mod error;
 mod producer;
 pub mod topology;

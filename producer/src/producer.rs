@@ -177,7 +177,7 @@ impl Producer {
 
 /// Whether the broker closed the channel with 404 NOT_FOUND (publishing to an exchange that
 /// does not exist).
-fn is_not_found(e: &lapin::Error) -> bool {
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     matches!(
         e.kind(),
         lapin::ErrorKind::ProtocolError(amqp)

@@ -143,7 +143,7 @@ impl Tracker {
         }
     }
 
-    fn database_error(&self, source: gantry_shared::Error) -> Error {
+    pub(crate) fn database_error(&self, source: gantry_shared::Error) -> Error {
         Error::Database {
             url: self.database_url_redacted(),
             source: Box::new(source),

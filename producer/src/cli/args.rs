@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use gantry_shared::config::Config;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName};
 
+pub(crate) use super::dlq::DlqCommand;
+
 const ABOUT: &str = "Submit GPU tasks to Gantry and follow them to their end";
 
 const LONG_ABOUT: &str = "\
@@ -14,7 +16,8 @@ Submit GPU tasks to Gantry and follow them to their end.
 
 A task is published to RabbitMQ (exchange <prefix>.tasks, routing key = executor class); a
 dispatcher runs it as a job and records every state in Postgres. `submit` needs RabbitMQ;
-`status` and `wait` need only Postgres; `topology apply` needs only RabbitMQ.";
+`status` and `wait` need only Postgres; `topology apply` needs only RabbitMQ. Tasks that
+could not run end in <prefix>.dead: `dlq` lists, shows, replays and purges them.";
 
 const AFTER_HELP: &str = "\
 Configuration, later wins: built-in defaults, the --config file, GANTRY_* environment
@@ -23,7 +26,8 @@ Prefer the environment for URLs that carry a password: flags show up in `ps`.
 
 Exit codes:
   0  the task succeeded, or the command did its job
-  1  the task failed, expired, was cancelled or dead-lettered; `status` of an unknown task
+  1  the task failed, expired, was cancelled or dead-lettered; `status` of an unknown task;
+     `dlq show` of an unknown dead letter; a `dlq replay` or `purge` that left some behind
   2  usage error, invalid task or payload, RabbitMQ or Postgres unreachable
   3  timed out waiting: the task is still queued or running
 
@@ -33,6 +37,8 @@ Examples:
   gantry submit --executor echo --task demo.echo --payload @request.json --wait --json
   gantry status 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90
   gantry wait 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --timeout 5m
+  gantry dlq list --reason expired --since 2h
+  gantry dlq replay --reason expired --since 2h --dry-run
 
 Logs go to stderr; RUST_LOG sets their level (e.g. RUST_LOG=debug).";
 
@@ -110,6 +116,9 @@ pub(crate) enum Command {
     /// Manage the RabbitMQ exchanges and queues
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// Inspect, replay and purge dead letters (tasks that could not run)
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
 
 const SUBMIT_AFTER_HELP: &str = "\

@@ -27,6 +27,7 @@ pub(crate) async fn run(command: Command, config: &Config) -> Result<Exit> {
         Command::Status(args) => status(config, args).await,
         Command::Wait(args) => wait(config, args).await,
         Command::Topology(TopologyCommand::Apply(args)) => apply(config, args).await,
+        Command::Dlq(command) => super::dlq::run(command, config).await,
     }
 }
 

@@ -18,6 +18,10 @@ pub(crate) enum Exit {
 }
 
 impl Exit {
+    /// `dlq show` of an unknown dead letter; a `dlq replay` or `purge` that left some of the
+    /// dead letters it selected in the queue, or was interrupted.
+    pub(crate) const INCOMPLETE: Exit = Exit::TaskDidNotSucceed;
+
     /// The exit for a task that a wait returned.
     pub(crate) fn for_state(state: TaskState) -> Exit {
         match state {

@@ -1,4 +1,5 @@
 //! How a task is shown: an aligned key/value block for people, one JSON object for scripts.
+//! The block and the timestamp format are shared with `gantry dlq` (see `dlq_view`).
 
 use std::fmt::Write as _;
 
@@ -132,22 +133,22 @@ const KEY_WIDTH: usize = "terminal_reason".len() + 2;
 
 /// Rows of `key  value`, the values aligned; a multi-line value continues under itself.
 #[derive(Default)]
-struct Block {
+pub(crate) struct Block {
     rows: Vec<(&'static str, String)>,
 }
 
 impl Block {
-    fn row(&mut self, key: &'static str, value: impl Into<String>) {
+    pub(crate) fn row(&mut self, key: &'static str, value: impl Into<String>) {
         self.rows.push((key, value.into()));
     }
 
-    fn opt(&mut self, key: &'static str, value: Option<impl Into<String>>) {
+    pub(crate) fn opt(&mut self, key: &'static str, value: Option<impl Into<String>>) {
         if let Some(value) = value {
             self.row(key, value);
         }
     }
 
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let width = self
             .rows
             .iter()
@@ -172,7 +173,7 @@ pub(crate) fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn pretty(v: &Value) -> String {
+pub(crate) fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 

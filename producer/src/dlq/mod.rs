@@ -1,0 +1,293 @@
+//! The operator side of dead letters, behind `gantry dlq`: list and show them from Postgres,
+//! and replay or purge them from `<prefix>.dead`.
+//!
+//! Postgres (`dead_letters`, written by the recorder from `<prefix>.dead.audit`) answers
+//! *what died and why*; the queue `<prefix>.dead` holds the messages themselves. Listing
+//! reads Postgres and also reports how many messages the queue really holds (a passive
+//! `queue.declare`; nothing is taken from it), so a difference between the two is visible.
+//! Replaying and purging read the queue itself, in one pass (see [`pass`](self#the-pass)).
+//!
+//! # The pass
+//!
+//! A replay or purge opens an exclusive consumer with manual acks on `<prefix>.dead`, reads
+//! the queue's depth `N` at the start, and takes exactly `N` deliveries (or fewer, if the
+//! queue gives no more within a short idle time). Each is read with
+//! [`DeadLetter::from_message`], the same way the recorder read it, so its id is the id in
+//! Postgres. A delivery the [`Selection`] does not match is held un-acked: it is never
+//! nacked with requeue during the pass, which would bring it back to be read twice. When
+//! the pass ends, the channel closes and every held message returns to the queue
+//! (`<prefix>.dead` has no delivery limit, so returns cost nothing).
+//!
+//! A matching delivery is replayed in this order: the task's new attempt is recorded
+//! (`Store::record_replay`: a `replayed` event, the task reopened), the message built by
+//! [`DeadLetter::replay`] is published to `<prefix>.tasks` with the executor class as
+//! routing key, `mandatory`, on a separate publishing connection, and awaited until the
+//! broker confirms it; only then is the dead letter acked, and then marked replayed in
+//! Postgres. A publish that no queue takes (no queue for that executor class) leaves the
+//! dead letter held and is reported as failed. A purge acks the matching deliveries and
+//! marks them purged.
+//!
+//! # Interruption
+//!
+//! A pass can be killed at any point (SIGKILL included) without losing a dead letter: a
+//! message leaves `<prefix>.dead` only by its ack, which comes after the broker confirmed
+//! the replay; everything un-acked returns when the connection drops. A pass can also
+//! publish a dead letter whose ack never arrived; the next pass replays it again. That
+//! runs nothing twice: the attempt number comes from the dead letter's body (so both
+//! copies carry the same attempt), the dispatcher names a job after `(task_id, attempt)`
+//! and finds the job it already has, and `record_replay` records one `replayed` event per
+//! attempt. So an interrupted replay is simply run again.
+//!
+//! # Layout
+//!
+//! - [`DeadLetters`]: the handle; `list`, `show`, `queue_depth`, `replay`, `purge`.
+//! - [`Selection`], [`parse_time`], [`parse_age`]: what a command acts on.
+//! - [`ReplayOptions`], [`PurgeOptions`], [`Summary`]: how a pass runs and what it did.
+
+mod pass;
+mod pipeline;
+mod record;
+mod selection;
+mod writes;
+
+use std::fmt;
+use std::time::Duration;
+
+use gantry_shared::amqp::{self, timed};
+use gantry_shared::config::Config;
+use gantry_shared::store::{DeadLetterFilter, DeadLetterRecord};
+use gantry_shared::topology::Topology;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::Serialize;
+use tracing::instrument;
+use uuid::Uuid;
+
+pub use gantry_shared::dead_letter::DeadLetter;
+pub use pass::{Action, DEFAULT_IN_FLIGHT, Entry, Failure, PurgeOptions, ReplayOptions, Summary};
+pub use selection::{Selection, parse_age, parse_time};
+
+use crate::producer::is_not_found;
+use crate::{Error, Result, Tracker};
+
+/// The name the connections of `gantry dlq` show in RabbitMQ's management UI.
+const CONNECTION_NAME: &str = "gantry-dlq";
+
+/// Reads, replays and purges the dead letters of one prefix. Connects nothing until a
+/// method needs it: Postgres for `list` and `show`, RabbitMQ for the queue.
+#[derive(Clone)]
+pub struct DeadLetters {
+    tracker: Tracker,
+    topology: Topology,
+}
+
+impl fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("queue", &self.topology.dead_queue())
+            .field("tracker", &self.tracker)
+            .finish()
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listing {
+    /// Dead letters matching the filter, on every page.
+    pub total: i64,
+    /// This page's number, from 1.
+    pub page: u32,
+    /// Dead letters per page.
+    pub limit: u32,
+    /// Newest first.
+    pub dead_letters: Vec<DeadLetterRecord>,
+}
+
+impl Listing {
+    /// How many pages the matching dead letters fill (at least 1).
+    pub fn pages(&self) -> u32 {
+        let limit = i64::from(self.limit.max(1));
+        u32::try_from((self.total + limit - 1) / limit)
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+}
+
+impl DeadLetters {
+    /// A handle for the configured prefix and database.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid prefix.
+    pub fn new(config: &Config) -> Result<DeadLetters> {
+        Ok(DeadLetters {
+            tracker: Tracker::new(config),
+            topology: Topology::new(&config.prefix).map_err(Error::config)?,
+        })
+    }
+
+    /// The queue that keeps dead letters for operators, `<prefix>.dead`.
+    pub fn queue(&self) -> String {
+        self.topology.dead_queue()
+    }
+
+    /// The reader of Postgres this handle uses.
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    fn config(&self) -> &Config {
+        self.tracker.config()
+    }
+
+    /// Recorded dead letters matching `filter`, newest first, page `page` (from 1) of
+    /// `limit` each.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    #[instrument(skip(self, filter))]
+    pub async fn list(&self, filter: &DeadLetterFilter, page: u32, limit: u32) -> Result<Listing> {
+        let store = self.tracker.store().await?;
+        let page = page.max(1);
+        let limit = limit.max(1);
+        let offset = i64::from(page - 1) * i64::from(limit);
+        let (dead_letters, total) = store
+            .find_dead_letters(filter, i64::from(limit), offset)
+            .await
+            .map_err(|e| self.tracker.database_error(e))?;
+        Ok(Listing {
+            total,
+            page,
+            limit,
+            dead_letters,
+        })
+    }
+
+    /// How many recorded dead letters are neither replayed nor purged: what
+    /// `<prefix>.dead` should hold once the recorder has caught up.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn unhandled(&self) -> Result<i64> {
+        Ok(self.list(&DeadLetterFilter::default(), 1, 1).await?.total)
+    }
+
+    /// One recorded dead letter, or `None` if no dead letter has this id.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    #[instrument(skip(self))]
+    pub async fn show(&self, id: Uuid) -> Result<Option<DeadLetterRecord>> {
+        let store = self.tracker.store().await?;
+        store
+            .dead_letter(id)
+            .await
+            .map_err(|e| self.tracker.database_error(e))
+    }
+
+    /// Messages ready in `<prefix>.dead` right now (a passive declare: nothing is taken,
+    /// nothing is redelivered). Messages a running pass holds are not counted.
+    ///
+    /// # Errors
+    /// [`Error::NoDeadQueue`], or [`Error::Broker`] when RabbitMQ cannot be reached.
+    #[instrument(skip(self))]
+    pub async fn queue_depth(&self) -> Result<u32> {
+        let conn = self.connect("depth").await?;
+        let opened = timed(
+            "channel.open",
+            self.config().broker_timeout,
+            conn.create_channel(),
+        )
+        .await;
+        match opened {
+            Ok(channel) => {
+                let depth = self.depth(&channel).await;
+                close(Some(&channel), &conn).await;
+                depth
+            }
+            Err(e) => {
+                close(None, &conn).await;
+                Err(Error::broker(e))
+            }
+        }
+    }
+
+    /// Replays the selected dead letters: see [the pass](self#the-pass). `shutdown`
+    /// stops reading (Ctrl-C); what is in flight finishes first.
+    ///
+    /// # Errors
+    /// [`Error::NothingSelected`], [`Error::NoDeadQueue`], [`Error::DeadQueueBusy`],
+    /// [`Error::Broker`] or [`Error::Database`] when the pass cannot start. Failures of
+    /// single dead letters are reported in the [`Summary`], not as errors.
+    pub async fn replay(
+        &self,
+        selection: &Selection,
+        options: &ReplayOptions,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Summary> {
+        pass::run(self, selection, Action::Replay(options.clone()), shutdown).await
+    }
+
+    /// Purges the selected dead letters: acks (removes) them from `<prefix>.dead` and marks
+    /// them purged in Postgres. The rest stays in the queue.
+    ///
+    /// # Errors
+    /// As [`DeadLetters::replay`].
+    pub async fn purge(
+        &self,
+        selection: &Selection,
+        options: &PurgeOptions,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Summary> {
+        pass::run(self, selection, Action::Purge(options.clone()), shutdown).await
+    }
+
+    async fn connect(&self, name: &str) -> Result<Connection> {
+        let name = format!("{CONNECTION_NAME}/{name}");
+        amqp::connect(&self.config().amqp_url, &name, self.config().broker_timeout)
+            .await
+            .map_err(Error::broker)
+    }
+
+    /// The passive declare of `<prefix>.dead` on `channel` (which a missing queue closes).
+    async fn depth(&self, channel: &Channel) -> Result<u32> {
+        let queue = self.queue();
+        let declared = timed(
+            "queue.declare",
+            self.config().broker_timeout,
+            channel.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(q) => Ok(q.message_count()),
+            Err(gantry_shared::Error::Amqp { source, .. }) if is_not_found(&source) => {
+                Err(Error::NoDeadQueue {
+                    queue,
+                    prefix: self.topology.prefix().to_owned(),
+                })
+            }
+            Err(e) => Err(Error::broker(e)),
+        }
+    }
+}
+
+/// Closes a channel (if still open) and its connection, politely and briefly: the broker
+/// cleans up after a dropped connection as well. Un-acked deliveries return to their queue.
+async fn close(channel: Option<&Channel>, conn: &Connection) {
+    let closing = async {
+        if let Some(channel) = channel.filter(|c| c.status().connected()) {
+            let _ = channel.close(200, "bye".into()).await;
+        }
+        if conn.status().connected() {
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+}
