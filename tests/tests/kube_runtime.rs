@@ -189,6 +189,14 @@ struct Cluster {
 const IMAGE: &str = "registry.example.com/executor-echo@sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
 async fn cluster(extra_catalog: &str) -> anyhow::Result<Cluster> {
+    cluster_with(extra_catalog, 4, &[]).await
+}
+
+async fn cluster_with(
+    extra_catalog: &str,
+    max_active: u32,
+    env_extra: &[(&str, &str)],
+) -> anyhow::Result<Cluster> {
     let double = KubeDouble::start().await;
     double.set_image_entrypoint(
         IMAGE,
@@ -199,7 +207,7 @@ async fn cluster(extra_catalog: &str) -> anyhow::Result<Cluster> {
         ],
     );
     let catalog = format!(
-        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: 4\n{extra_catalog}"
+        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
     );
     let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
     // The executor's AMQP URL comes from this Secret, never inline.
@@ -225,13 +233,12 @@ async fn cluster(extra_catalog: &str) -> anyhow::Result<Cluster> {
         ),
     )?;
     let kubeconfig = kubeconfig.display().to_string();
-    let dispatcher = gantry_tests::Dispatcher::start(
-        &env,
-        &[
-            ("GANTRY_RUNTIME", "kubernetes"),
-            ("KUBECONFIG", kubeconfig.as_str()),
-        ],
-    )?;
+    let mut vars = vec![
+        ("GANTRY_RUNTIME", "kubernetes"),
+        ("KUBECONFIG", kubeconfig.as_str()),
+    ];
+    vars.extend_from_slice(env_extra);
+    let dispatcher = gantry_tests::Dispatcher::start(&env, &vars)?;
     Ok(Cluster {
         double,
         env,
@@ -351,4 +358,150 @@ async fn an_evicted_job_is_retried_and_succeeds_on_its_second_attempt() -> anyho
     assert!(events.contains(&(1, "retrying".into())), "{events:?}");
     producer.close().await;
     c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_pull_its_image_is_deleted_and_fails_with_kind_image_pull()
+-> anyhow::Result<()> {
+    let c = cluster_with("", 4, &[("GANTRY_IMAGE_PULL_LIMIT", "1s")]).await?;
+    c.double
+        .script_next(gantry_tests::kube_double::Script::ImagePull);
+    let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(record.state, "failed", "{:?}", record.error);
+    assert_eq!(
+        record.error.as_ref().map(|e| e["kind"].clone()),
+        Some(json!("image_pull"))
+    );
+    let job = format!("gantry-{}-a1", id.as_uuid().simple());
+    c.double
+        .wait_for(
+            "the stuck Job to be deleted",
+            Duration::from_secs(10),
+            |d| d.job(&job).is_none().then_some(()),
+        )
+        .await?;
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_no_node_can_take_fails_as_unschedulable_and_is_retried() -> anyhow::Result<()> {
+    let c = cluster_with(
+        "    retry: { max_attempts: 2, min_delay: 1s, max_delay: 1s }\n",
+        4,
+        &[("GANTRY_UNSCHEDULABLE_LIMIT", "1s")],
+    )
+    .await?;
+    c.double
+        .script_next(gantry_tests::kube_double::Script::PendingForever);
+    let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    // The first attempt found no node; the retry ran.
+    assert_eq!(record.state, "succeeded", "{:?}", record.error);
+    assert_eq!(record.attempt, 2);
+    let events = producer.events(id).await?;
+    let retry = events
+        .iter()
+        .find(|e| e.attempt == 1 && e.event == "retrying")
+        .expect("a retry");
+    let detail = retry.detail.clone().unwrap_or_default();
+    assert_eq!(detail["error"]["kind"], json!("unschedulable"), "{detail}");
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_more_than_max_active_jobs_run_at_once_while_30_tasks_wait() -> anyhow::Result<()> {
+    let c = cluster_with("", 3, &[]).await?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let (_, id) = (
+            (),
+            producer
+                .submit(TaskSpec {
+                    executor: ExecutorClass::parse("echo")?,
+                    name: TaskName::parse("k8s.echo")?,
+                    payload: json!({"i": i, "sleep_ms": 100}),
+                    ttl: Duration::from_secs(300),
+                    reply_to: None,
+                    idempotency_key: None,
+                    priority: None,
+                    resources: None,
+                })
+                .await?,
+        );
+        ids.push(id);
+    }
+    for id in &ids {
+        assert_eq!(
+            producer.wait(*id, Duration::from_secs(120)).await?.state,
+            "succeeded"
+        );
+    }
+    assert_eq!(c.double.jobs_created(), 30);
+    assert!(
+        c.double.peak_active_jobs() <= 3,
+        "peak {}",
+        c.double.peak_active_jobs()
+    );
+    assert_eq!(c.double.peak_active_jobs(), 3, "the capacity was used");
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_with_20_jobs_running_is_restarted_without_duplicates()
+-> anyhow::Result<()> {
+    let c = cluster_with("", 20, &[]).await?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let id = producer
+            .submit(TaskSpec {
+                executor: ExecutorClass::parse("echo")?,
+                name: TaskName::parse("k8s.echo")?,
+                payload: json!({"i": i, "sleep_ms": 1500}),
+                ttl: Duration::from_secs(300),
+                reply_to: None,
+                idempotency_key: None,
+                priority: None,
+                resources: None,
+            })
+            .await?;
+        ids.push(id);
+    }
+    c.double
+        .wait_for("20 Jobs", Duration::from_secs(60), |d| {
+            (d.jobs_created() >= 20).then_some(())
+        })
+        .await?;
+    let Cluster {
+        double,
+        env,
+        dispatcher,
+    } = c;
+    dispatcher.kill_hard()?;
+    let kubeconfig = env.dir.path().join("kubeconfig").display().to_string();
+    let restarted = gantry_tests::Dispatcher::start(
+        &env,
+        &[
+            ("GANTRY_RUNTIME", "kubernetes"),
+            ("KUBECONFIG", kubeconfig.as_str()),
+        ],
+    )?;
+    for id in &ids {
+        let record = producer.wait(*id, Duration::from_secs(120)).await?;
+        assert_eq!(record.state, "succeeded", "{:?}", record.error);
+        assert_eq!(record.attempt, 1);
+    }
+    assert_eq!(double.jobs_created(), 20, "no Job was created twice");
+    assert!(
+        restarted
+            .log_text()
+            .contains("reconciling a job found at start")
+    );
+    producer.close().await;
+    env.cleanup().await
 }

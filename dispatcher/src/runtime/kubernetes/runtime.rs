@@ -243,6 +243,10 @@ impl KubeRuntime {
                     let started = status.and_then(|s| s.start_time.as_ref()).map(to_chrono);
                     return Some((self.evidence(&job.name), started));
                 }
+                // A pod stuck pending never runs: `wait` ends it.
+                if self.stuck(job, Some(&pod)).is_some() {
+                    return None;
+                }
             }
             match self
                 .jobs
