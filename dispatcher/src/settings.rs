@@ -259,6 +259,9 @@ pub struct KubernetesSection {
     /// A pod no node can take this long fails the attempt (`unschedulable`, retryable).
     #[serde(with = "humantime_serde_compat")]
     pub unschedulable_limit: Duration,
+    /// Registries executor images may come from (`registry.example.com`,
+    /// `ghcr.io/acme`); an image from anywhere else is refused. Empty: any.
+    pub allowed_registries: Vec<String>,
 }
 
 impl Default for KubernetesSection {
@@ -274,6 +277,7 @@ impl Default for KubernetesSection {
             write_burst: 40,
             image_pull_limit: Duration::from_secs(120),
             unschedulable_limit: Duration::from_secs(600),
+            allowed_registries: Vec::new(),
         }
     }
 }

@@ -55,6 +55,10 @@ pub enum BuildError {
     NoImage(String),
     #[error("the task's deadline {0} has passed; it is not dispatched")]
     DeadlinePassed(DateTime<Utc>),
+    #[error(
+        "image {image} is not from an allowed registry ({allowed}); pin it to one of them or add its registry to dispatcher.kubernetes.allowed_registries"
+    )]
+    RegistryNotAllowed { image: String, allowed: String },
     #[error("the task asks for {asked} GPUs; executor class {class} allows at most {allowed}")]
     TooManyGpus {
         class: String,
@@ -90,6 +94,17 @@ pub fn build(
         .image
         .clone()
         .ok_or_else(|| BuildError::NoImage(task.executor.to_string()))?;
+    if !settings.allowed_registries.is_empty()
+        && !settings
+            .allowed_registries
+            .iter()
+            .any(|r| image.starts_with(&format!("{}/", r.trim_end_matches('/'))))
+    {
+        return Err(BuildError::RegistryNotAllowed {
+            image,
+            allowed: settings.allowed_registries.join(", "),
+        });
+    }
     let left = (task.deadline - now).num_milliseconds();
     if left <= 0 {
         return Err(BuildError::DeadlinePassed(task.deadline));
@@ -468,6 +483,35 @@ mod tests {
         let stored: serde_json::Value =
             serde_json::from_slice(&secret.data.unwrap()[TASK_FILE].0).unwrap();
         assert_eq!(stored["task_id"], json!(task.id));
+    }
+
+    #[test]
+    fn images_from_registries_outside_the_allowlist_are_refused() {
+        let task = task(None);
+        let catalog = catalog();
+        let spec = catalog.get(&task.executor).unwrap();
+        let target = Target {
+            namespace: "ml",
+            prefix: "gantry",
+        };
+        let allow = |r: &[&str]| KubernetesSection {
+            allowed_registries: r.iter().map(|s| s.to_string()).collect(),
+            ..KubernetesSection::default()
+        };
+        let build_with = |k: KubernetesSection| build(&task, spec, &k, &target, "d", Utc::now());
+        assert!(build_with(allow(&["reg.example"])).is_ok());
+        assert!(build_with(allow(&["reg.example/"])).is_ok());
+        let refused = build_with(allow(&["ghcr.io/acme"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("not from an allowed registry"),
+            "{refused}"
+        );
+        assert!(
+            build_with(allow(&["reg.ex"])).is_err(),
+            "a prefix of a host is not its registry"
+        );
     }
 
     #[test]
