@@ -332,7 +332,15 @@ pub(crate) async fn follow(
         // The job keeps running; a restarted dispatcher adopts it.
         _ = ctx.shutdown.cancelled() => return,
     };
-    if end.end != End::Published {
+    let cancelled = || async {
+        ctx.store
+            .task(end.task_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.state() == TaskState::Cancelled)
+    };
+    if end.end != End::Published && !cancelled().await {
         let result = synthesize(&end);
         warn!(task_id = %end.task_id, job = %end.job_name, status = %result.status, exit = %end.exit, "job ended without publishing a result; publishing one on its behalf");
         if let Err(e) = ctx.publish_result(&result).await {
@@ -342,6 +350,52 @@ pub(crate) async fn follow(
         inc(&ctx.metrics.synthesized);
     }
     runtime.mark_handled(&name);
+}
+
+/// Stops the jobs of tasks cancelled while this dispatcher follows them (`gantry cancel`
+/// records `cancelled`; the store announces it on its `LISTEN` channel).
+pub(crate) async fn watch_cancellations(ctx: Arc<Ctx>) {
+    let Some(runtime) = ctx.runtime.as_ref() else {
+        return;
+    };
+    let mut delays = backon::BackoffBuilder::build(gantry_shared::retry::forever());
+    loop {
+        let listening = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            l = ctx.store.terminal_notifications() => l,
+        };
+        let mut ids = match listening {
+            Ok(rx) => rx,
+            Err(e) => {
+                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                warn!(error = %chain(&e), ?delay, "cannot listen for cancellations; retrying");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        loop {
+            let id = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                id = ids.recv() => match id {
+                    Some(id) => id,
+                    None => break,
+                },
+            };
+            let Ok(Some(record)) = ctx.store.task(id).await else {
+                continue;
+            };
+            let name = JobName::for_task(id, u32::try_from(record.attempt).unwrap_or(1));
+            if record.state() != TaskState::Cancelled || !ctx.is_following(&name) {
+                continue;
+            }
+            info!(task_id = %id, job = %name, "task cancelled; stopping its job");
+            if let Err(e) = runtime.cancel(&name).await {
+                warn!(task_id = %id, error = %chain(&e), "cannot stop the cancelled task's job");
+            }
+        }
+    }
 }
 
 /// The result of a job whose executor did not report.

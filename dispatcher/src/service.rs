@@ -53,6 +53,14 @@ impl Drop for FollowGuard<'_> {
 }
 
 impl Ctx {
+    /// Whether a job is followed by this dispatcher.
+    pub(crate) fn is_following(&self, name: &JobName) -> bool {
+        self.following
+            .lock()
+            .map(|set| set.contains(name))
+            .unwrap_or(false)
+    }
+
     /// Claims the following of a job; `None` if something already follows it.
     pub(crate) fn follow_guard(&self, name: &JobName) -> Option<FollowGuard<'_>> {
         let mut set = self.following.lock().unwrap_or_else(|p| p.into_inner());
@@ -180,6 +188,7 @@ pub async fn run(
         for (class, sem) in capacity {
             roles.spawn(dispatch::run_class(ctx.clone(), class, sem));
         }
+        roles.spawn(dispatch::watch_cancellations(ctx.clone()));
     }
     let housekeeping = ctx.clone();
     roles.spawn(async move {

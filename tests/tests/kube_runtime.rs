@@ -505,3 +505,40 @@ async fn a_dispatcher_killed_with_20_jobs_running_is_restarted_without_duplicate
     producer.close().await;
     env.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_task_has_its_job_deleted() -> anyhow::Result<()> {
+    let c = cluster("").await?;
+    let (producer, id) = submit(
+        &c.env,
+        json!({"sleep_ms": 60_000}),
+        Duration::from_secs(120),
+    )
+    .await?;
+    eventually_running(&producer, id).await?;
+    let store = c.env.store().await?;
+    store.cancel(id, "not needed any more").await?;
+    let job = format!("gantry-{}-a1", id.as_uuid().simple());
+    c.double
+        .wait_for("the Job to be deleted", Duration::from_secs(20), |d| {
+            d.job(&job).is_none().then_some(())
+        })
+        .await?;
+    assert_eq!(producer.status(id).await?.expect("task").state, "cancelled");
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+async fn eventually_running(
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<()> {
+    gantry_tests::eventually("the task to run", Duration::from_secs(30), || async {
+        Ok(producer
+            .status(id)
+            .await?
+            .filter(|r| r.state == "running")
+            .map(|_| ()))
+    })
+    .await
+}

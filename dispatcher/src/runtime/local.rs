@@ -444,12 +444,20 @@ impl LocalRuntime {
         }
     }
 
+    /// Stops a job that was cancelled.
+    pub(crate) async fn cancel(&self, name: &JobName) {
+        let dir = self.jobs_dir.join(name.as_str());
+        if lock_held(&dir) {
+            self.stop(&dir, None).await;
+        }
+    }
+
     /// SIGTERM to the job's process group, SIGKILL after the grace period if it holds on.
     async fn stop(&self, dir: &Path, pid: Option<u32>) {
         let Some(pid) = pid.or_else(|| read_pid(dir)) else {
             return;
         };
-        warn!(pid, "job outlived its deadline; stopping it");
+        warn!(pid, dir = %dir.display(), "stopping the job");
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + self.kill_grace;
         while lock_held(dir) && tokio::time::Instant::now() < deadline {

@@ -151,6 +151,17 @@ impl Runtime {
         }
     }
 
+    /// Stops the job of a cancelled task.
+    pub(crate) async fn cancel(&self, name: &JobName) -> Result<()> {
+        match self {
+            Runtime::Local(rt) => {
+                rt.cancel(name).await;
+                Ok(())
+            }
+            Runtime::Kubernetes(rt) => rt.delete(name).await,
+        }
+    }
+
     pub(crate) fn mark_handled(&self, name: &JobName) {
         if let Runtime::Local(rt) = self {
             rt.mark_handled(name);

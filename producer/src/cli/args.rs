@@ -113,6 +113,8 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// Wait for a task to finish and print its result
     Wait(WaitArgs),
+    /// Cancel a task: skipped if still queued, its job stopped if running
+    Cancel(CancelArgs),
     /// Manage the RabbitMQ exchanges and queues
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -190,6 +192,27 @@ its `events`.
 
 Example:
   gantry status 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --json | jq .output";
+
+const CANCEL_AFTER_HELP: &str = "\
+The task is recorded `cancelled` at once. A dispatcher that receives it later skips it; one that
+runs its job stops it (the local process, or the Kubernetes Job with its pod). A task that has
+already ended is left as it is. Exits 0 when the task was cancelled, 1 when it had already ended.
+
+Example:
+  gantry cancel 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --reason \"superseded by a newer prompt\"";
+
+/// `gantry cancel`.
+#[derive(Debug, Args)]
+#[command(after_help = CANCEL_AFTER_HELP)]
+pub(crate) struct CancelArgs {
+    /// The task's id, as `gantry submit` printed it
+    #[arg(value_name = "TASK_ID")]
+    pub(crate) task_id: TaskId,
+
+    /// Why, recorded with the task
+    #[arg(long, default_value = "cancelled by an operator")]
+    pub(crate) reason: String,
+}
 
 /// `gantry status`.
 #[derive(Debug, Args)]

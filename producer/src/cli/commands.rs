@@ -11,7 +11,9 @@ use gantry_shared::message::{Task, TaskId, TaskSpec};
 use gantry_shared::store::TaskRecord;
 use serde::Serialize;
 
-use super::args::{ApplyArgs, Command, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs};
+use super::args::{
+    ApplyArgs, CancelArgs, Command, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs,
+};
 use super::exit::Exit;
 use super::payload;
 use super::view::TaskView;
@@ -26,6 +28,7 @@ pub(crate) async fn run(command: Command, config: &Config) -> Result<Exit> {
         Command::Submit(args) => submit(config, args).await,
         Command::Status(args) => status(config, args).await,
         Command::Wait(args) => wait(config, args).await,
+        Command::Cancel(args) => cancel(config, args).await,
         Command::Topology(TopologyCommand::Apply(args)) => apply(config, args).await,
         Command::Dlq(command) => super::dlq::run(command, config).await,
     }
@@ -110,6 +113,25 @@ async fn publish_and_wait(
         );
     }
     Ok(Some(producer.wait(task.id, timeout).await?))
+}
+
+async fn cancel(config: &Config, args: CancelArgs) -> Result<Exit> {
+    let tracker = Tracker::new(config);
+    let store = tracker.store().await?;
+    match store.cancel(args.task_id, &args.reason).await? {
+        gantry_shared::store::Cancel::Cancelled(was) => {
+            let was = was.map_or("not yet received".to_owned(), |s| s.to_string());
+            println!("cancelled {} (it was {was})", args.task_id);
+            Ok(Exit::Done)
+        }
+        gantry_shared::store::Cancel::AlreadyEnded(state) => {
+            eprintln!(
+                "task {} had already ended: {state}; nothing to cancel",
+                args.task_id
+            );
+            Ok(Exit::TaskDidNotSucceed)
+        }
+    }
 }
 
 async fn status(config: &Config, args: StatusArgs) -> Result<Exit> {

@@ -21,7 +21,7 @@ use tracing::warn;
 
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterRecord};
 pub use state::TaskState;
-pub use tasks::{Applied, Change, ResultWrite, TaskRecord};
+pub use tasks::{Applied, Cancel, Change, ResultWrite, TaskRecord};
 
 use crate::{Error, Result};
 

@@ -124,12 +124,18 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
         let attempt = attempt_i32(task.attempt);
-        let inserted = tx
-            .execute(
+        // `xmax = 0` tells a fresh row from a cancelled placeholder filled in here.
+        let inserted: Option<bool> = tx
+            .query_opt(
                 "INSERT INTO tasks (task_id, task, executor, state, attempt, reply_to,
                      idempotency_key, traceparent, deadline, submitted_at, envelope)
                  VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (task_id) DO NOTHING",
+                 ON CONFLICT (task_id) DO UPDATE SET task = EXCLUDED.task,
+                     executor = EXCLUDED.executor, deadline = EXCLUDED.deadline,
+                     submitted_at = EXCLUDED.submitted_at, reply_to = EXCLUDED.reply_to,
+                     envelope = EXCLUDED.envelope
+                 WHERE tasks.task = '' AND tasks.state = 'cancelled'
+                 RETURNING (xmax = 0)",
                 &[
                     &task.id.as_uuid(),
                     &task.name.as_str(),
@@ -144,10 +150,14 @@ impl Store {
                 ],
             )
             .await
-            .map_err(pg("insert task"))?;
-        let outcome = if inserted == 1 {
+            .map_err(pg("insert task"))?
+            .map(|row| row.get(0));
+        let outcome = if inserted == Some(true) {
             insert_event(&tx, task.id, attempt, "received", None).await?;
             (TaskState::Received, attempt)
+        } else if inserted == Some(false) {
+            // Cancelled before any dispatcher received it.
+            (TaskState::Cancelled, attempt)
         } else {
             let change = Change::default();
             match transition_in(&tx, task.id, task.attempt, TaskState::Received, &change).await? {
@@ -281,6 +291,104 @@ impl Store {
             .await
             .map_err(pg("read envelope"))?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Cancels a task that has not ended: it becomes `cancelled` at once (a dispatcher that
+    /// follows its job stops it; a dispatcher that receives it later skips it). A task no
+    /// dispatcher has received yet gets a row in the `cancelled` state, filled in when it
+    /// arrives.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn cancel(&self, id: TaskId, reason: &str) -> Result<Cancel> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg("begin"))?;
+        let now = Utc::now();
+        let change = Change {
+            evidence: crate::message::Evidence {
+                terminal_reason: Some("Cancelled".into()),
+                ..Default::default()
+            },
+            finished_at: Some(now),
+            error: Some(json!({"kind": "cancelled", "message": reason, "retryable": false})),
+            detail: Some(json!({"reason": reason})),
+            ..Change::default()
+        };
+        let outcome = match lock(&tx, id).await? {
+            Some(locked) if locked.state.is_terminal() => Cancel::AlreadyEnded(locked.state),
+            Some(locked) => {
+                let attempt = u32::try_from(locked.attempt).unwrap_or(1);
+                transition_in(&tx, id, attempt, TaskState::Cancelled, &change).await?;
+                Cancel::Cancelled(Some(locked.state))
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO tasks (task_id, task, executor, state, attempt, deadline,
+                         submitted_at, finished_at, terminal_reason, error)
+                     VALUES ($1, '', '', 'cancelled', 1, $2, $2, $2, 'Cancelled', $3)",
+                    &[&id.as_uuid(), &now, &change.error],
+                )
+                .await
+                .map_err(pg("insert cancelled task"))?;
+                insert_event(&tx, id, 1, "cancelled", change.detail.as_ref()).await?;
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&DONE_CHANNEL, &id.to_string()],
+                )
+                .await
+                .map_err(pg("notify"))?;
+                Cancel::Cancelled(None)
+            }
+        };
+        tx.commit().await.map_err(pg("commit cancel"))?;
+        Ok(outcome)
+    }
+
+    /// Task ids as they reach a terminal state, from a dedicated `LISTEN` connection. The
+    /// stream ends when the connection is lost; listen again.
+    ///
+    /// # Errors
+    /// The connection cannot be made.
+    pub async fn terminal_notifications(
+        &self,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<TaskId>> {
+        let mut config = self.config.clone();
+        config.connect_timeout(Duration::from_secs(10));
+        let (client, mut connection) = config.connect(NoTls).await.map_err(pg("connect"))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (keep, kept) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // The client is handed over once it has said LISTEN: owning it keeps the session
+            // open for as long as notifications are read.
+            let mut kept = kept;
+            let mut _client = None;
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            loop {
+                tokio::select! {
+                    c = &mut kept, if _client.is_none() => match c {
+                        Ok(c) => _client = Some(c),
+                        Err(_) => break,
+                    },
+                    message = messages.next() => match message {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            if let Ok(id) = n.payload().parse::<TaskId>()
+                                && tx.send(id).is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {DONE_CHANNEL}"))
+            .await
+            .map_err(pg("listen"))?;
+        let _ = keep.send(client);
+        Ok(rx)
     }
 
     /// Reopens a task for a replay of its dead letter: the one way out of a terminal state,
@@ -468,6 +576,15 @@ async fn insert_event(
         .await
         .map_err(pg("insert task event"))?;
     Ok(n == 1)
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancel {
+    /// Cancelled; the state it was in (`None`: no dispatcher had received it yet).
+    Cancelled(Option<TaskState>),
+    /// Too late: the task had already ended in this state.
+    AlreadyEnded(TaskState),
 }
 
 /// A task row, locked for the rest of the transaction.

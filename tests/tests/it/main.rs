@@ -3,6 +3,7 @@
 //! Build the binaries first: `cargo build --workspace --bins`.
 
 mod bad_input;
+mod cancel;
 mod contract;
 mod dlq;
 mod lifecycle;

@@ -1,0 +1,119 @@
+//! `gantry cancel`: a queued task is skipped, a running one has its job stopped.
+
+use std::process::Command;
+use std::time::Duration;
+
+use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
+use gantry_tests::{TestEnv, bin_path, eventually};
+use serde_json::json;
+
+fn spec(payload: serde_json::Value) -> TaskSpec {
+    TaskSpec {
+        executor: ExecutorClass::parse("echo").expect("class"),
+        name: TaskName::parse("cancel.me").expect("name"),
+        payload,
+        ttl: Duration::from_secs(300),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    }
+}
+
+fn gantry_cancel(env: &TestEnv, id: TaskId) -> anyhow::Result<(Option<i32>, String)> {
+    let out = Command::new(bin_path("gantry"))
+        .args(["cancel", &id.to_string(), "--reason", "test says so"])
+        .env("GANTRY_DATABASE_URL", &env.database_url)
+        .env("GANTRY_PREFIX", &env.prefix)
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+#[tokio::test]
+async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let _dispatcher = env.dispatcher()?;
+    let producer = env.producer().await?;
+    let id = producer.submit(spec(json!({"sleep_ms": 60_000}))).await?;
+    eventually("the task to run", Duration::from_secs(30), || async {
+        Ok(producer
+            .status(id)
+            .await?
+            .filter(|r| r.state == "running")
+            .map(|_| ()))
+    })
+    .await?;
+    let job_dir = env
+        .dir
+        .path()
+        .join("state/jobs")
+        .join(format!("gantry-{}-a1", id.as_uuid().simple()));
+    let executor: i32 = eventually("the executor's pid", Duration::from_secs(10), || async {
+        Ok(std::fs::read_to_string(job_dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok()))
+    })
+    .await?;
+
+    let (code, output) = gantry_cancel(&env, id)?;
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("it was running"), "{output}");
+    let record = producer.wait(id, Duration::from_secs(10)).await?;
+    assert_eq!(record.state, "cancelled");
+    assert_eq!(
+        record.error.as_ref().map(|e| e["message"].clone()),
+        Some(json!("test says so"))
+    );
+    eventually(
+        "the executor to be stopped",
+        Duration::from_secs(20),
+        || async {
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(executor), None).is_ok();
+            Ok((!alive).then_some(()))
+        },
+    )
+    .await?;
+    let (code, output) = gantry_cancel(&env, id)?;
+    assert_eq!(code, Some(1), "a second cancel finds it ended: {output}");
+    producer.close().await;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_task_cancelled_while_queued_is_skipped_by_the_dispatcher() -> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let producer = env.producer().await?;
+    let cancelled = producer.submit(spec(json!({"n": 1}))).await?;
+    let (code, output) = gantry_cancel(&env, cancelled)?;
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("not yet received"), "{output}");
+
+    let _dispatcher = env.dispatcher()?;
+    let after = producer.submit(spec(json!({"n": 2}))).await?;
+    assert_eq!(
+        producer.wait(after, Duration::from_secs(60)).await?.state,
+        "succeeded"
+    );
+    let record = producer.status(cancelled).await?.expect("recorded");
+    assert_eq!(record.state, "cancelled");
+    assert_eq!(
+        record.task, "cancel.me",
+        "the placeholder is filled in when the task arrives"
+    );
+    let job_dir = env
+        .dir
+        .path()
+        .join("state/jobs")
+        .join(format!("gantry-{}-a1", cancelled.as_uuid().simple()));
+    assert!(!job_dir.exists(), "no job ran for the cancelled task");
+    assert_eq!(
+        env.queue_depth(&env.topology().task_queue(&ExecutorClass::parse("echo")?))
+            .await?,
+        0
+    );
+    producer.close().await;
+    env.cleanup().await
+}
