@@ -39,7 +39,10 @@ async fn main() -> ExitCode {
 }
 
 /// Logs go to stderr, warnings only unless `RUST_LOG` asks for more: stdout carries the
-/// result. lapin stays quiet below errors (it logs a returned message with its payload).
+/// result. lapin stays quiet below errors (it logs a returned message with its payload), and
+/// about channels the broker closes: a passive declare of a missing queue (`gantry dlq`
+/// asks whether an executor class has a queue) or a topology conflict close the channel
+/// that asked, and the command reports that itself.
 fn init_logging(format: LogFormat) {
-    telemetry::init_with_default(format, "warn,lapin=error");
+    telemetry::init_with_default(format, "warn,lapin=error,lapin::channel=off");
 }

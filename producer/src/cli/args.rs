@@ -119,7 +119,7 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Topology(TopologyCommand),
     /// Inspect, replay and purge dead letters (tasks that could not run)
-    #[command(subcommand)]
+    #[command(subcommand, after_help = super::dlq::DLQ_AFTER_HELP)]
     Dlq(DlqCommand),
 }
 

@@ -33,6 +33,19 @@ const REASON_KINDS: [&str; 8] = [
     "unknown",
 ];
 
+/// The help after `gantry dlq --help`.
+pub(crate) const DLQ_AFTER_HELP: &str = "\
+A task that cannot run (invalid, expired, poison, out of attempts) is dead-lettered: the
+recorder stores it in Postgres and the message waits in <prefix>.dead. `list` and `show`
+read Postgres; `replay` and `purge` act on the queue and record what they did. The runbook
+docs/runbooks/dead-letters.md walks through finding, replaying and purging.
+
+Examples:
+  gantry dlq list --since 2h
+  gantry dlq show 0f8e4c2a-5d1b-4e7f-9a3c-6b2d8e1f4a70
+  gantry dlq replay --reason expired --since 2h --dry-run
+  gantry dlq purge --older-than 7d --yes";
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
     /// List recorded dead letters, newest first, and how many the queue holds now
@@ -156,7 +169,7 @@ pub(crate) struct ShowArgs {
 
 const REPLAY_AFTER_HELP: &str = "\
 Takes each selected dead letter from <prefix>.dead and publishes it to <prefix>.tasks as the
-next attempt of its task (attempt 1 becomes 2), with a fresh deadline --ttl from now, then
+next attempt of its task (attempt 1 becomes 2), with a fresh deadline --ttl from now, and
 records the replay in the task's history. It publishes with a confirm before it acks the
 dead letter, so an interrupted replay loses nothing: run it again. Dead letters that do not
 match stay in the queue untouched; so does one that cannot be published (no queue for its
@@ -403,6 +416,9 @@ async fn purge(dl: &DeadLetters, args: PurgeArgs) -> Result<Exit> {
         dry_run: false,
         ..options
     };
+    if !args.json {
+        eprintln!("purging {selection} from {}", dl.queue());
+    }
     let summary = dl.purge(&selection, &options, interrupted()).await?;
     report(&summary, args.json)
 }

@@ -131,9 +131,16 @@ pub(crate) fn record(d: &DeadLetterRecord) -> String {
             &rows,
         )));
     }
-    if let Some(headers) = d.headers.as_object().filter(|h| !h.is_empty()) {
+    // `x-death` is the table above, when there is one.
+    let shown_above = |k: &str| k == "x-death" && text.contains("\nx-death (");
+    let headers: Vec<(&String, &Value)> = d
+        .headers
+        .as_object()
+        .map(|h| h.iter().filter(|(k, _)| !shown_above(k)).collect())
+        .unwrap_or_default();
+    if !headers.is_empty() {
         text.push_str("\nheaders\n");
-        let width = headers.keys().map(String::len).max().unwrap_or(0);
+        let width = headers.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (k, v) in headers {
             let value = match v {
                 Value::String(s) => s.clone(),
@@ -254,49 +261,58 @@ pub(crate) fn summary(s: &Summary) -> String {
             text.push_str(&entries(&s.done, replay));
             text.push('\n');
         }
+        let untouched = if replay {
+            "nothing was published, acked or recorded"
+        } else {
+            "nothing was removed or recorded"
+        };
         let _ = writeln!(
             text,
-            "dry run: {would} {} of {} message{} in {}; nothing was published, acked or recorded, and every message is back in the queue",
+            "dry run: {would} {} of {} message{} in {}; {untouched}, and every message is back in the queue",
             s.done.len(),
             s.read,
             plural(s.read),
             s.queue
         );
     } else {
+        // A rate means something over a second or more.
+        let rate = if s.elapsed.as_secs() >= 1 {
+            format!(" ({:.0}/s)", s.per_second())
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             text,
-            "{did} {} of {} matching dead letter{} from {} in {} ({:.0}/s)",
+            "{did} {} of {} matching dead letter{} from {} in {}{rate}",
             s.done.len(),
             s.matched,
             plural(s.matched),
             s.queue,
             human_duration(s.elapsed),
-            s.per_second()
         );
     }
-    let _ = writeln!(
-        text,
-        "  read     {:>7}  of {} in the queue at the start",
-        s.read, s.queue_depth
+    let label = if s.dry_run { would } else { did };
+    let mut row = |name: &str, n: u64, note: String| {
+        let _ = writeln!(text, "  {name:<12} {n:>7}{note}");
+    };
+    row(
+        "read",
+        s.read,
+        format!("  of {} in the queue at the start", s.queue_depth),
     );
-    let _ = writeln!(text, "  matched  {:>7}", s.matched);
-    let label = if s.dry_run { "would" } else { did };
-    let _ = writeln!(text, "  {label:<8} {:>7}", s.done.len());
-    let _ = writeln!(
-        text,
-        "  kept     {:>7}  not matching: left in {} untouched",
-        s.kept, s.queue
+    row("matched", s.matched, String::new());
+    row(label, s.done.len() as u64, String::new());
+    row(
+        "kept",
+        s.kept,
+        format!("  not matching: left in {} untouched", s.queue),
     );
-    let _ = writeln!(
-        text,
-        "  failed   {:>7}{}",
-        s.failed.len(),
-        if s.failed.is_empty() {
-            String::new()
-        } else {
-            format!("  still in {}:", s.queue)
-        }
-    );
+    let still = if s.failed.is_empty() {
+        String::new()
+    } else {
+        format!("  still in {}:", s.queue)
+    };
+    row("failed", s.failed.len() as u64, still);
     for f in &s.failed {
         let task = f
             .entry

@@ -18,14 +18,19 @@
 //! the pass ends, the channel closes and every held message returns to the queue
 //! (`<prefix>.dead` has no delivery limit, so returns cost nothing).
 //!
-//! A matching delivery is replayed in this order: the task's new attempt is recorded
-//! (`Store::record_replay`: a `replayed` event, the task reopened), the message built by
-//! [`DeadLetter::replay`] is published to `<prefix>.tasks` with the executor class as
-//! routing key, `mandatory`, on a separate publishing connection, and awaited until the
-//! broker confirms it; only then is the dead letter acked, and then marked replayed in
-//! Postgres. A publish that no queue takes (no queue for that executor class) leaves the
-//! dead letter held and is reported as failed. A purge acks the matching deliveries and
-//! marks them purged.
+//! A matching delivery is replayed in this order: the task's new attempt is recorded (what
+//! `Store::record_replay` does: a `replayed` event of the new attempt, the task reopened);
+//! the message built by [`DeadLetter::replay`] is published to `<prefix>.tasks` with the
+//! executor class as routing key, `mandatory`, on a separate publishing connection, and
+//! awaited until the broker confirms it; only then is the dead letter acked; then it is
+//! marked replayed in Postgres. A replay that no queue would take (no queue for its
+//! executor class, checked before anything is recorded, and again by the `mandatory`
+//! publish) leaves the dead letter held, its task untouched, and is reported as failed.
+//! A purge acks the matching
+//! deliveries and marks them purged. The steps run as a pipeline (`pipeline`): Postgres
+//! writes are batched over whatever deliveries are ready, and several publishes await
+//! their confirm at once, but each delivery still goes through them in this order.
+//! `--rate` paces deliveries into the pipeline with a `tokio` interval.
 //!
 //! # Interruption
 //!
@@ -35,9 +40,18 @@
 //! publish a dead letter whose ack never arrived; the next pass replays it again. That
 //! runs nothing twice: the attempt number comes from the dead letter's body (so both
 //! copies carry the same attempt), the dispatcher names a job after `(task_id, attempt)`
-//! and finds the job it already has, and `record_replay` records one `replayed` event per
-//! attempt. So an interrupted replay is simply run again.
+//! and finds the job it already has, and the replay of an attempt is recorded once (the
+//! `replayed` event is unique per attempt, and a task already at that attempt is not
+//! reopened). So an interrupted replay is simply run again. What a kill can leave behind
+//! is a dead letter replayed but not yet marked replayed (the mark follows the ack by at
+//! most a moment); `gantry dlq list` then counts it as unhandled while the queue no longer
+//! holds it, and says so.
 //!
+//! A pass holds what it reads until it ends, so it must end within RabbitMQ's
+//! `consumer_timeout` (30 minutes by default), or the broker closes its channel: the pass
+//! then stops, what it did stands, and running it again goes on. Replaying 100,000 dead
+//! letters at `--rate 50` takes longer than that: select fewer, or pace faster.
+
 //! # Layout
 //!
 //! - [`DeadLetters`]: the handle; `list`, `show`, `queue_depth`, `replay`, `purge`.
@@ -47,6 +61,7 @@
 mod pass;
 mod pipeline;
 mod record;
+mod routes;
 mod selection;
 mod writes;
 

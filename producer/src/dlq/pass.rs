@@ -204,25 +204,44 @@ pub(super) async fn run(
     let started = Instant::now();
     let timeout = dl.config().broker_timeout;
     // Everything a write needs is connected before anything is taken from the queue.
-    let pipeline = if action.dry_run() {
+    let mut pipeline = if action.dry_run() {
         None
     } else {
         Some(Pipeline::start(dl, &action).await?)
     };
-    let conn = dl.connect("consume").await?;
+    let mut summary = empty_summary(dl, &action);
+    let conn = match dl.connect("consume").await {
+        Ok(conn) => conn,
+        Err(e) => {
+            finish(pipeline, &mut summary).await;
+            return Err(e);
+        }
+    };
     let outcome = match timed("channel.open", timeout, conn.create_channel()).await {
         Ok(channel) => {
-            let outcome = consume(dl, &channel, selection, &action, pipeline, shutdown).await;
-            // Closing returns every message the pass held (or did not get to) to the queue.
+            let outcome = consume(
+                dl,
+                &channel,
+                selection,
+                &action,
+                pipeline.as_mut(),
+                &mut summary,
+                shutdown,
+            )
+            .await;
+            // Every ack is sent and every mark written before the channel closes...
+            finish(pipeline, &mut summary).await;
+            // ...and closing it returns every message the pass held to the queue.
             close(Some(&channel), &conn).await;
             outcome
         }
         Err(e) => {
+            finish(pipeline, &mut summary).await;
             close(None, &conn).await;
             Err(Error::broker(e))
         }
     };
-    let mut summary = outcome?;
+    outcome?;
     summary.elapsed = started.elapsed();
     info!(
         read = summary.read,
@@ -235,21 +254,12 @@ pub(super) async fn run(
     Ok(summary)
 }
 
-async fn consume(
-    dl: &DeadLetters,
-    channel: &Channel,
-    selection: &Selection,
-    action: &Action,
-    mut pipeline: Option<Pipeline>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Summary> {
-    let timeout = dl.config().broker_timeout;
-    let depth = dl.depth(channel).await?;
-    let mut summary = Summary {
+fn empty_summary(dl: &DeadLetters, action: &Action) -> Summary {
+    Summary {
         action: action.verb(),
         dry_run: action.dry_run(),
         queue: dl.queue(),
-        queue_depth: depth,
+        queue_depth: 0,
         read: 0,
         matched: 0,
         done: Vec::new(),
@@ -258,34 +268,48 @@ async fn consume(
         warnings: Vec::new(),
         stopped: None,
         elapsed: Duration::ZERO,
-    };
-    let ttl = match action {
-        Action::Replay(o) => Some(o.ttl),
-        Action::Purge(_) => None,
-    };
-    if depth > 0 {
-        let mut consumer = open_consumer(channel, &summary.queue, depth, timeout).await?;
-        let mut pacer = match action {
-            Action::Replay(o) if !o.dry_run => o.rate.filter(|r| *r > 0).map(pacer),
-            _ => None,
-        };
-        read(
-            &mut summary,
-            &mut consumer,
-            selection,
-            ttl,
-            pipeline.as_mut(),
-            pacer.as_mut(),
-            shutdown,
-        )
-        .await;
-        drop(consumer);
     }
-    // Every ack is sent and every mark written before the caller closes the channel.
+}
+
+/// Lets the pipeline (if any) finish what it was handed, and adds that to `summary`.
+async fn finish(pipeline: Option<Pipeline>, summary: &mut Summary) {
     if let Some(pipeline) = pipeline {
-        pipeline.finish(&mut summary).await;
+        pipeline.finish(summary).await;
     }
-    Ok(summary)
+}
+
+/// Reads the queue's depth, opens the consumer, and reads.
+async fn consume(
+    dl: &DeadLetters,
+    channel: &Channel,
+    selection: &Selection,
+    action: &Action,
+    pipeline: Option<&mut Pipeline>,
+    summary: &mut Summary,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let timeout = dl.config().broker_timeout;
+    summary.queue_depth = dl.depth(channel).await?;
+    if summary.queue_depth == 0 {
+        return Ok(());
+    }
+    let mut consumer = open_consumer(channel, &summary.queue, summary.queue_depth, timeout).await?;
+    let (ttl, mut pacer) = match action {
+        Action::Replay(o) if o.dry_run => (Some(o.ttl), None),
+        Action::Replay(o) => (Some(o.ttl), o.rate.filter(|r| *r > 0).map(pacer)),
+        Action::Purge(_) => (None, None),
+    };
+    read(
+        summary,
+        &mut consumer,
+        selection,
+        ttl,
+        pipeline,
+        pacer.as_mut(),
+        shutdown,
+    )
+    .await;
+    Ok(())
 }
 
 /// Reads up to the depth the queue had at the start, handing matches to the pipeline (or,
@@ -350,7 +374,8 @@ async fn read(
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
-                    summary.kept += 1;
+                    // Returned untouched, like everything not read yet.
+                    summary.read -= 1;
                     summary.stopped = Some("interrupted".into());
                     return;
                 }
@@ -358,33 +383,27 @@ async fn read(
             }
         }
         summary.matched += 1;
-        let now = Utc::now();
-        let replay = ttl.map(|ttl| letter.replay(&delivery.properties, &delivery.data, ttl, now));
         let mut entry = Entry::of(&letter);
-        match replay {
-            Some(None) => collect(summary, (entry, Err(no_route()))),
+        let replay = match ttl
+            .map(|ttl| letter.replay(&delivery.properties, &delivery.data, ttl, Utc::now()))
+        {
+            Some(None) => {
+                collect(summary, (entry, Err(no_route())));
+                continue;
+            }
             Some(Some(replay)) => {
                 entry.attempt = replay.task.map(|(_, attempt)| attempt);
-                pipeline
-                    .send(Item {
-                        delivery,
-                        letter,
-                        entry,
-                        replay: Some(replay),
-                    })
-                    .await;
+                Some(replay)
             }
-            None => {
-                pipeline
-                    .send(Item {
-                        delivery,
-                        letter,
-                        entry,
-                        replay: None,
-                    })
-                    .await;
-            }
-        }
+            None => None,
+        };
+        let item = Item {
+            delivery,
+            letter,
+            entry,
+            replay,
+        };
+        pipeline.send(item).await;
     }
 }
 

@@ -1,9 +1,10 @@
 //! The stages a pass that changes something hands its matching deliveries to, so that
 //! Postgres, the publisher and the acks all work at once:
 //!
-//! 1. record (replays only): the new attempts of whatever deliveries are ready, in one
-//!    transaction ([`Writes::record_replays`]); a task Postgres does not know yet is
-//!    recorded from its dead letter first ([`record::record_replay`]).
+//! 1. record (replays only): a replay whose executor class has no queue is kept
+//!    ([`Routes`]); the new attempts of the others, of whatever deliveries are ready, are
+//!    recorded in one transaction ([`Writes::record_replays`]); a task Postgres does not
+//!    know yet is recorded from its dead letter first ([`record::record_replay`]).
 //! 2. send: each replay published with `mandatory` and awaited until confirmed, up to
 //!    `in_flight` at once, and its dead letter acked only then (a purge only acks).
 //! 3. mark: the acked dead letters noted replayed (or purged) in Postgres, in batches.
@@ -20,14 +21,15 @@ use gantry_shared::message::TaskId;
 use gantry_shared::store::{Applied, Store};
 use gantry_shared::telemetry::chain;
 use lapin::message::Delivery;
-use lapin::{Channel, Connection};
 use lapin::options::BasicAckOptions;
+use lapin::{Channel, Connection};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::{JoinError, JoinSet};
-use tracing::warn;
+use tracing::info;
 use uuid::Uuid;
 
 use super::pass::{Action, Entry, Outcome, Summary, collect};
+use super::routes::Routes;
 use super::writes::{Mark, Writes};
 use super::{DeadLetters, record};
 use crate::{Error, Result};
@@ -66,7 +68,6 @@ pub(super) struct Pipeline {
 }
 
 /// What the send stage does with a delivery.
-#[derive(Clone)]
 enum Sender {
     Replay {
         /// A confirm-mode channel on a connection of its own: a memory or disk alarm
@@ -107,7 +108,7 @@ impl Pipeline {
             queue: queue.clone(),
         };
         let (to_send, send_rx) = mpsc::channel(2);
-        let (sender, writes, mark_as) = match action {
+        let (sender, replays, mark_as) = match action {
             Action::Replay(_) => {
                 let connection = dl.connect("publish").await?;
                 let channel = match amqp::confirm_channel(&connection, timeout).await {
@@ -117,18 +118,21 @@ impl Pipeline {
                         return Err(Error::broker(e));
                     }
                 };
+                let connection = Arc::new(connection);
+                let routes = Routes::new(connection.clone(), dl.topology.clone(), timeout);
                 let sender = Sender::Replay {
                     channel,
-                    connection: Arc::new(connection),
+                    connection,
                     exchange: dl.topology.tasks_exchange(),
                 };
-                (sender, Some(connect().await?), Mark::Replayed)
+                let writes = connect().await?;
+                (sender, Some(Replays { writes, routes }), Mark::Replayed)
             }
             Action::Purge(_) => (Sender::Purge, None, Mark::Purged),
         };
         let mark_writes = connect().await?;
         let recorder = Recorder {
-            writes,
+            replays,
             store,
             reports: reports_tx.clone(),
             queue,
@@ -204,11 +208,17 @@ fn apply(stop: &mut Option<String>, summary: &mut Summary, report: Report) {
 /// Stage 1: gathers what is ready into batches and, for a replay, records their new
 /// attempts; hands each batch on whole, so it records the next while the last is sent.
 struct Recorder {
-    /// `None` for a purge: nothing to record before the ack.
-    writes: Option<Writes>,
+    /// `None` for a purge: nothing to check or record before the ack.
+    replays: Option<Replays>,
     store: Store,
     reports: UnboundedSender<Report>,
     queue: String,
+}
+
+/// What the recorder of a replay uses.
+struct Replays {
+    writes: Writes,
+    routes: Routes,
 }
 
 impl Recorder {
@@ -224,25 +234,54 @@ impl Recorder {
             let batch = self.record(batch).await;
             if let Err(mpsc::error::SendError(batch)) = output.send(batch).await {
                 for item in batch {
-                    self.fail(item, "the pass is stopping; nothing was done".into());
+                    fail(
+                        &self.reports,
+                        item,
+                        "the pass is stopping; nothing was done".into(),
+                    );
                 }
             }
         }
     }
 
-    /// Records a batch; returns the items to send on.
+    /// Checks that each replay has a queue to go to, and records the new attempts of those
+    /// that do; returns the items to send on.
     async fn record(&mut self, batch: Vec<Item>) -> Vec<Item> {
-        let Some(writes) = self.writes.as_mut() else {
+        let Some(replays) = self.replays.as_mut() else {
             return batch;
         };
-        let replays: Vec<(TaskId, u32, Uuid)> = batch
+        let mut routed = Vec::with_capacity(batch.len());
+        for item in batch {
+            let Some(replay) = item.replay.as_ref() else {
+                routed.push(item);
+                continue;
+            };
+            match replays.routes.missing(&replay.routing_key).await {
+                Ok(None) => routed.push(item),
+                Ok(Some(why)) => {
+                    let error = format!("{why}; nothing was published, it stays in {}", self.queue);
+                    fail(&self.reports, item, error);
+                }
+                Err(why) => {
+                    let _ = self.reports.send(Report::Stop(format!(
+                        "the broker did not say whether a queue takes the replays: {why}"
+                    )));
+                    let error = format!(
+                        "could not check that a queue takes it ({why}); nothing was published, it stays in {}",
+                        self.queue
+                    );
+                    fail(&self.reports, item, error);
+                }
+            }
+        }
+        let replays_of: Vec<(TaskId, u32, Uuid)> = routed
             .iter()
             .filter_map(|i| i.replay.as_ref()?.task.map(|(t, a)| (t, a, i.letter.id)))
             .collect();
-        let applied = if replays.is_empty() {
+        let applied = if replays_of.is_empty() {
             Ok(Vec::new())
         } else {
-            writes.record_replays(&replays).await
+            replays.writes.record_replays(&replays_of).await
         };
         let applied = match applied {
             Ok(applied) => applied,
@@ -251,15 +290,15 @@ impl Recorder {
                 let _ = self
                     .reports
                     .send(Report::Stop(format!("Postgres failed: {why}")));
-                for item in batch {
-                    self.fail(item, self.unrecorded(&why));
+                for item in routed {
+                    fail(&self.reports, item, unrecorded(&why, &self.queue));
                 }
                 return Vec::new();
             }
         };
         let mut applied = applied.into_iter();
-        let mut recorded = Vec::with_capacity(batch.len());
-        for item in batch {
+        let mut recorded = Vec::with_capacity(routed.len());
+        for item in routed {
             let Some((task_id, attempt)) = item.replay.as_ref().and_then(|r| r.task) else {
                 recorded.push(item);
                 continue;
@@ -275,8 +314,7 @@ impl Recorder {
                 )
                 .await;
                 if let Err(e) = backfilled {
-                    let why = self.unrecorded(&chain(&e));
-                    self.fail(item, why);
+                    fail(&self.reports, item, unrecorded(&chain(&e), &self.queue));
                     continue;
                 }
             }
@@ -284,17 +322,17 @@ impl Recorder {
         }
         recorded
     }
+}
 
-    fn unrecorded(&self, why: &str) -> String {
-        format!(
-            "could not record the replay in Postgres ({why}); nothing was published, it stays in {}",
-            self.queue
-        )
-    }
+fn unrecorded(why: &str, queue: &str) -> String {
+    format!(
+        "could not record the replay in Postgres ({why}); nothing was published, it stays in {queue}"
+    )
+}
 
-    fn fail(&self, item: Item, error: String) {
-        let _ = self.reports.send(Report::Outcome((item.entry, Err(error))));
-    }
+/// Reports that `item` stays in the queue, and why.
+fn fail(reports: &UnboundedSender<Report>, item: Item, error: String) {
+    let _ = reports.send(Report::Outcome((item.entry, Err(error))));
 }
 
 /// Stage 2: publish with a confirm, then ack; several at once.
@@ -308,6 +346,7 @@ struct Send {
 
 impl Send {
     async fn run(self, mut input: mpsc::Receiver<Vec<Item>>, sender: Sender) {
+        let sender = Arc::new(sender);
         let mut running: JoinSet<Vec<Report>> = JoinSet::new();
         while let Some(batch) = input.recv().await {
             for item in batch {
@@ -331,9 +370,9 @@ impl Send {
             channel,
             connection,
             ..
-        } = sender
+        } = sender.as_ref()
         {
-            super::close(Some(&channel), &connection).await;
+            super::close(Some(channel), connection).await;
         }
     }
 
@@ -357,7 +396,7 @@ impl Send {
 
 /// Publishes one replay (or nothing, for a purge), then acks its dead letter.
 async fn send(
-    sender: Sender,
+    sender: Arc<Sender>,
     item: Item,
     timeout: Duration,
     queue: &str,
@@ -374,7 +413,7 @@ async fn send(
             channel, exchange, ..
         },
         Some(replay),
-    ) = (&sender, replay)
+    ) = (sender.as_ref(), replay)
     {
         let published = publish_confirmed(
             channel,
@@ -387,7 +426,7 @@ async fn send(
         )
         .await;
         if let Err(e) = published {
-            warn!(dead_letter_id = %letter.id, error = %chain(&e), "replay not published; the dead letter stays");
+            info!(dead_letter_id = %letter.id, error = %chain(&e), "replay not published; the dead letter stays");
             let error = format!("{}; it stays in {queue}", chain(&e));
             let mut reports = vec![Report::Outcome((entry, Err(error)))];
             if !matches!(
@@ -401,7 +440,7 @@ async fn send(
         }
     }
     if let Err(e) = ack(&delivery, timeout).await {
-        let error = match sender {
+        let error = match sender.as_ref() {
             Sender::Replay { .. } => format!(
                 "published, but {e}: it stays in {queue}, and the next replay publishes it again (the dispatcher runs one job per attempt)"
             ),

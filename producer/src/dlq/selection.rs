@@ -86,8 +86,10 @@ impl fmt::Display for Selection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.filter;
         let mut parts = Vec::new();
-        if !d.ids.is_empty() {
-            parts.push(format!("{} id(s)", d.ids.len()));
+        match d.ids.len() {
+            0 => {}
+            1 => parts.push("1 id".into()),
+            n => parts.push(format!("{n} ids")),
         }
         let mut put = |name: &str, v: Option<String>| {
             if let Some(v) = v {

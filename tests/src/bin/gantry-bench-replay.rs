@@ -1,7 +1,13 @@
 //! `gantry-bench-replay`: how fast `gantry dlq replay` moves dead letters, beside a
 //! baseline measured in the same run on the same broker: a bare lapin consume →
 //! publish (confirmed) → ack move of as many messages between two quorum queues, with the
-//! same prefetch and the same number of publishes in flight.
+//! same prefetch (the whole queue) and the same number of publishes in flight.
+//!
+//! Each round makes fresh dead letters (published to the dead-letter exchange as the
+//! dispatcher does, and recorded in Postgres as the recorder does), moves as many messages
+//! in the baseline, then replays the dead letters with the library function behind
+//! `gantry dlq replay` (no rate limit, no dispatcher: they land in `<prefix>.tasks.echo`).
+//! Rounds alternate, and medians are reported, because the machine is shared.
 //!
 //! `cargo run --release -p gantry-tests --bin gantry-bench-replay -- --messages 10000`
 
@@ -20,6 +26,7 @@ use gantry_shared::retry;
 use gantry_tests::{TestEnv, amqp_url};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -29,40 +36,153 @@ use tokio::task::JoinSet;
 /// Measures a replay of dead letters against a bare move on the same broker.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Dead letters to replay (and messages to move in the baseline).
+    /// Dead letters to replay (and messages to move in the baseline), per round.
     #[arg(long, default_value_t = 10_000)]
     messages: usize,
-    /// Publishes awaiting their confirm at once, in both runs.
+    /// Publishes awaiting their confirm at once, in both.
     #[arg(long, default_value_t = DEFAULT_IN_FLIGHT)]
     in_flight: usize,
+    /// Rounds of baseline then replay; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One measured move: messages per second, and the CPU time each message cost, by who
+/// spent it.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    per_second: f64,
+    cpu: Cpu,
+}
+
+/// CPU time in µs per message: this process, RabbitMQ, Postgres, everything else.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    this: f64,
+    rabbitmq: f64,
+    postgres: f64,
+    other: f64,
+}
+
+impl Cpu {
+    /// CPU time spent by every process, in µs, by group.
+    fn now() -> Cpu {
+        let me = std::process::id().to_string();
+        let mut cpu = Cpu::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return cpu;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            // utime and stime, and those of exited children (a Postgres backend that served
+            // a connection of the run is gone by its end: its time is its parent's), in
+            // clock ticks of 10 ms (USER_HZ = 100 on Linux).
+            let us = (ticks(11) + ticks(12) + ticks(13) + ticks(14)) * 10_000.0;
+            match comm {
+                _ if name == me => cpu.this += us,
+                "beam.smp" => cpu.rabbitmq += us,
+                "postgres" => cpu.postgres += us,
+                _ => cpu.other += us,
+            }
+        }
+        cpu
+    }
+
+    /// What was spent since `before`, per message of `n`.
+    fn per_message(self, before: Cpu, n: usize) -> Cpu {
+        let n = n.max(1) as f64;
+        Cpu {
+            this: (self.this - before.this) / n,
+            rabbitmq: (self.rabbitmq - before.rabbitmq) / n,
+            postgres: (self.postgres - before.postgres) / n,
+            other: (self.other - before.other) / n,
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     println!(
-        "gantry-bench-replay: {} messages, {} in flight",
-        args.messages, args.in_flight
+        "gantry-bench-replay: {} messages per round, {} in flight, {} rounds",
+        args.messages, args.in_flight, args.rounds
     );
     let env = TestEnv::new(None).await?;
-    let outcome = run(&env, &args).await;
+    let outcome = rounds(&env, &args).await;
     env.cleanup().await?;
-    let (baseline, replay) = outcome?;
+    let rounds = outcome?;
+    let median = |f: &dyn Fn(&(Figures, Figures)) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = median(&|r| r.0.per_second);
+    let replay = median(&|r| r.1.per_second);
+    let ratio = median(&|r| r.1.per_second / r.0.per_second);
+    let cpu = |pick: &dyn Fn(&(Figures, Figures)) -> Cpu| Cpu {
+        this: median(&|r| pick(r).this),
+        rabbitmq: median(&|r| pick(r).rabbitmq),
+        postgres: median(&|r| pick(r).postgres),
+        other: median(&|r| pick(r).other),
+    };
+    println!("\nmedians of {} rounds:", rounds.len());
     println!(
-        "\n{:<62} {:>9.0} msg/s",
-        "baseline: lapin consume→publish (confirmed)→ack, quorum→quorum", baseline
+        "{:<64} {:>7.0} msg/s",
+        "baseline: lapin consume→publish (confirmed)→ack, quorum→quorum", base
     );
     println!(
-        "{:<62} {:>9.0} msg/s",
+        "{:<64} {:>7.0} msg/s",
         "gantry dlq replay: dead→tasks, recorded in Postgres", replay
     );
-    println!("\nratio replay/baseline: {:.2}", replay / baseline);
+    println!("ratio replay/baseline: {ratio:.2}");
+    println!("\nCPU per message (µs):   this process  RabbitMQ  Postgres  other");
+    for (name, c) in [
+        ("baseline", cpu(&|r| r.0.cpu)),
+        ("replay", cpu(&|r| r.1.cpu)),
+    ] {
+        println!(
+            "  {name:<22} {:>12.1}  {:>8.1}  {:>8.1}  {:>5.1}",
+            c.this, c.rabbitmq, c.postgres, c.other
+        );
+    }
     Ok(())
 }
 
-async fn run(env: &TestEnv, args: &Args) -> Result<(f64, f64)> {
+async fn rounds(env: &TestEnv, args: &Args) -> Result<Vec<(Figures, Figures)>> {
+    let mut out = Vec::with_capacity(args.rounds);
+    for round in 1..=args.rounds.max(1) {
+        let (base, replay) = run(env, args).await?;
+        println!(
+            "round {round}: baseline {:.0} msg/s, replay {:.0} msg/s, ratio {:.2}",
+            base.per_second,
+            replay.per_second,
+            replay.per_second / base.per_second
+        );
+        out.push((base, replay));
+    }
+    Ok(out)
+}
+
+async fn run(env: &TestEnv, args: &Args) -> Result<(Figures, Figures)> {
     let n = args.messages;
     let started = Instant::now();
     let sample = make_dead_letters(env, n, args.in_flight).await?;
@@ -81,24 +201,41 @@ async fn run(env: &TestEnv, args: &Args) -> Result<(f64, f64)> {
         in_flight: args.in_flight,
         ..ReplayOptions::default()
     };
+    let cpu = Cpu::now();
     let summary = dl
         .replay(&Selection::all(), &options, std::future::pending())
         .await?;
+    let cpu = Cpu::now().per_message(cpu, n);
     ensure!(
         summary.done.len() == n && summary.failed.is_empty(),
         "replayed {} of {n}: {:?}",
         summary.done.len(),
         summary.failed.first()
     );
-    let tasks = env
-        .queue_depth(&format!("{}.tasks.echo", env.prefix))
-        .await?;
+    let tasks = format!("{}.tasks.echo", env.prefix);
     ensure!(
-        tasks as usize == n,
-        "{tasks} tasks in the task queue, not {n}"
+        env.queue_depth(&tasks).await? as usize == n,
+        "the task queue does not hold the {n} replays"
     );
-    println!("replayed {n} in {:.2} s", summary.elapsed.as_secs_f64());
-    Ok((baseline, n as f64 / summary.elapsed.as_secs_f64()))
+    purge(&tasks).await?;
+    Ok((
+        baseline,
+        Figures {
+            per_second: n as f64 / summary.elapsed.as_secs_f64(),
+            cpu,
+        },
+    ))
+}
+
+/// Empties a queue between rounds.
+async fn purge(queue: &str) -> Result<()> {
+    let conn = amqp::connect(&amqp_url().into(), "bench-purge", TIMEOUT).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await?;
+    let _ = conn.close(200, "ok".into()).await;
+    Ok(())
 }
 
 /// Dead letters as the dispatcher makes them (a valid task, published to the DLX with a
@@ -190,27 +327,42 @@ fn dead_task(i: usize, queue: &str) -> Result<(Vec<u8>, BasicProperties)> {
 }
 
 /// Moves `n` copies of `sample` from one quorum queue to another: consume with the whole
-/// queue as prefetch (as a replay pass does), publish with a confirm, then ack.
-async fn baseline(n: usize, sample: &(Vec<u8>, BasicProperties), in_flight: usize) -> Result<f64> {
+/// queue as prefetch (as a replay pass does), publish with a confirm, then ack. Timed from
+/// connecting, as a replay is.
+async fn baseline(
+    n: usize,
+    sample: &(Vec<u8>, BasicProperties),
+    in_flight: usize,
+) -> Result<Figures> {
     let url = amqp_url().into();
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (from, to) = (format!("bench-move-a-{id}"), format!("bench-move-b-{id}"));
-    let pub_conn = amqp::connect(&url, "bench-move-publish", TIMEOUT).await?;
-    let sub_conn = amqp::connect(&url, "bench-move-consume", TIMEOUT).await?;
-    let publish = confirm_channel(&pub_conn, TIMEOUT).await?;
+    let setup = amqp::connect(&url, "bench-move-setup", TIMEOUT).await?;
+    let setup_channel = confirm_channel(&setup, TIMEOUT).await?;
     for q in [&from, &to] {
         let mut qargs = FieldTable::default();
         qargs.insert(
             "x-queue-type".into(),
             AMQPValue::LongString("quorum".into()),
         );
-        publish
+        setup_channel
             .queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), qargs)
             .await?;
     }
-    let sample = Arc::new(sample.clone());
-    fill(&publish, &from, n, &sample, in_flight).await?;
+    fill(
+        &setup_channel,
+        &from,
+        n,
+        &Arc::new(sample.clone()),
+        in_flight,
+    )
+    .await?;
 
+    let start = Instant::now();
+    let cpu = Cpu::now();
+    let pub_conn = amqp::connect(&url, "bench-move-publish", TIMEOUT).await?;
+    let sub_conn = amqp::connect(&url, "bench-move-consume", TIMEOUT).await?;
+    let publish = confirm_channel(&pub_conn, TIMEOUT).await?;
     let consume = sub_conn.create_channel().await?;
     consume
         .basic_qos(u16::try_from(n).unwrap_or(0), BasicQosOptions::default())
@@ -223,7 +375,6 @@ async fn baseline(n: usize, sample: &(Vec<u8>, BasicProperties), in_flight: usiz
             FieldTable::default(),
         )
         .await?;
-    let start = Instant::now();
     let mut moving = JoinSet::new();
     for _ in 0..n {
         let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
@@ -253,16 +404,21 @@ async fn baseline(n: usize, sample: &(Vec<u8>, BasicProperties), in_flight: usiz
     while let Some(r) = moving.join_next().await {
         r??;
     }
+    let _ = consume.close(200, "ok".into()).await;
+    let _ = sub_conn.close(200, "ok".into()).await;
+    let _ = pub_conn.close(200, "ok".into()).await;
     let elapsed = start.elapsed();
-    println!("baseline moved {n} in {:.2} s", elapsed.as_secs_f64());
+    let cpu = Cpu::now().per_message(cpu, n);
     for q in [&from, &to] {
-        publish
+        setup_channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    let _ = pub_conn.close(200, "ok".into()).await;
-    let _ = sub_conn.close(200, "ok".into()).await;
-    Ok(n as f64 / elapsed.as_secs_f64())
+    let _ = setup.close(200, "ok".into()).await;
+    Ok(Figures {
+        per_second: n as f64 / elapsed.as_secs_f64(),
+        cpu,
+    })
 }
 
 async fn fill(

@@ -105,6 +105,54 @@ async fn dead_letter(
     Ok((id, task.id))
 }
 
+/// Publishes the same dead letter `copies` times, as an at-least-once dead-lettering or
+/// a replay whose ack was lost can leave it: one id, one task.
+async fn duplicated_dead_letter(
+    env: &TestEnv,
+    publisher: &Publisher,
+    copies: usize,
+) -> anyhow::Result<(Uuid, TaskId)> {
+    let task = Task::new(spec("echo", Duration::from_secs(600)), &Limits::default())?;
+    let (body, props) = task.to_amqp(Utc::now())?;
+    let id = Uuid::new_v4();
+    let mut table = props.headers().clone().unwrap_or_default();
+    table.insert(
+        headers::REASON.into(),
+        AMQPValue::LongString("max_attempts: failed on every attempt".into()),
+    );
+    table.insert(
+        headers::DEAD_LETTER_ID.into(),
+        AMQPValue::LongString(id.to_string().into()),
+    );
+    table.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        AMQPValue::LongString("echo".into()),
+    );
+    let message_id = ShortString::from(task.id.to_string());
+    let props = BasicProperties::default()
+        .with_message_id(message_id.clone())
+        .with_correlation_id(message_id)
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(table);
+    for _ in 0..copies {
+        publisher
+            .publish(
+                &env.topology().dlx(),
+                "echo",
+                &body,
+                props.clone(),
+                true,
+                retry::for_at_most(Duration::from_secs(10)),
+            )
+            .await?;
+    }
+    Ok((id, task.id))
+}
+
+/// Whether a dead letter `(executor, reason kind, died in the last two hours)` should match.
+type Expect = fn(&str, &str, bool) -> bool;
+
 /// Waits until the recorder has recorded `n` dead letters.
 async fn recorded(env: &TestEnv, n: i64) -> anyhow::Result<()> {
     let dl = DeadLetters::new(&env.config())?;
@@ -364,6 +412,23 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no dead letter has id"));
 
+    // A replay with nowhere to go fails, keeps its dead letter and leaves its task alone.
+    let invalid_task = TaskId::from(by_kind["invalid"].task_id.unwrap_or_default());
+    let before = dl.tracker().events(invalid_task).await?;
+    let out = run(&env, &["dlq", "replay", "--reason", "invalid", "--yes"]).await?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains("no queue takes executor class \"vlm\""),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("replayed 0 of 1 matching dead letter"),
+        "{printed}"
+    );
+    settles_at(&dead, 3).await?;
+    assert_eq!(dl.tracker().events(invalid_task).await?, before);
+
     assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
     publisher.close().await;
     producer.close().await;
@@ -611,7 +676,7 @@ async fn filters_select_exactly_what_they_say() -> anyhow::Result<()> {
     let dl = DeadLetters::new(&env.config())?;
 
     let two_hours_ago = now - chrono::Duration::hours(2);
-    let cases: [(DeadLetterFilter, fn(&str, &str, bool) -> bool); 5] = [
+    let cases: [(DeadLetterFilter, Expect); 5] = [
         (
             DeadLetterFilter {
                 executor: Some("echo".into()),
@@ -821,6 +886,56 @@ async fn purge_removes_what_it_is_told_and_never_without_confirmation() -> anyho
         .await?;
     let left: HashSet<Uuid> = listed.dead_letters.iter().map(|d| d.id).collect();
     assert_eq!(left, recent.into_iter().collect(), "the recent ones stay");
+    publisher.close().await;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_dead_letter_replayed_twice_starts_one_attempt_and_runs_one_job() -> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let publisher = env.publisher().await?;
+    let (id, task) = duplicated_dead_letter(&env, &publisher, 2).await?;
+    let dead = env.topology().dead_queue();
+    settles_at(&dead, 2).await?;
+    let dispatcher = env.dispatcher()?;
+    recorded(&env, 1).await?;
+
+    let dl = DeadLetters::new(&env.config())?;
+    let summary = dl
+        .replay(
+            &Selection::ids([id]),
+            &ReplayOptions::default(),
+            std::future::pending(),
+        )
+        .await?;
+    assert_eq!(
+        summary.done.len(),
+        2,
+        "both copies are replayed: {summary:?}"
+    );
+    assert!(summary.done.iter().all(|e| e.attempt == Some(2)));
+    // A later pass finds nothing: the dead letter is gone from the queue.
+    let again = dl
+        .replay(
+            &Selection::ids([id]),
+            &ReplayOptions::default(),
+            std::future::pending(),
+        )
+        .await?;
+    assert_eq!((again.read, again.matched), (0, 0));
+
+    all_succeed_once_at_attempt_2(&env, &[task]).await?;
+    settles_at(&dead, 0).await?;
+    let jobs: Vec<String> = std::fs::read_dir(env.dir.path().join("state").join("jobs"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(jobs, [format!("gantry-{}-a2", task.as_uuid().simple())]);
+    let record = dl
+        .show(id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("recorded"))?;
+    assert!(record.replayed_at.is_some());
+    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
     publisher.close().await;
     env.cleanup().await
 }
