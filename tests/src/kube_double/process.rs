@@ -124,11 +124,13 @@ pub(crate) fn prepare(
             .map(|s| expand(s, &lookup))
             .collect()
     };
-    let mut argv = strings("command");
-    if argv.is_empty() {
+    // Container paths in the pod's command and args are rewritten to the host; an image's
+    // entrypoint is a host path already (given to the double), so it is left as it is.
+    let command: Vec<String> = strings("command").into_iter().map(rewrite).collect();
+    let mut argv = if command.is_empty() {
         let image = str_at(c, "/image");
         match entrypoints.get(image) {
-            Some(entry) => argv = entry.clone(),
+            Some(entry) => entry.clone(),
             None => {
                 return Err(Waiting {
                     reason: "ErrImagePull",
@@ -136,9 +138,10 @@ pub(crate) fn prepare(
                 });
             }
         }
-    }
-    argv.extend(strings("args"));
-    let argv: Vec<String> = argv.into_iter().map(rewrite).collect();
+    } else {
+        command
+    };
+    argv.extend(strings("args").into_iter().map(rewrite));
 
     let working = str_at(c, "/workingDir");
     let cwd = Some(PathBuf::from(rewrite(working.to_owned())))
