@@ -183,10 +183,13 @@ fn describe_error(e: &Value) -> String {
     match (field("kind"), field("message")) {
         (Some(kind), Some(message)) => {
             let retryable = e.get("retryable").and_then(Value::as_bool) == Some(true);
-            format!(
-                "{kind}: {message}{}",
-                if retryable { " (retryable)" } else { "" }
-            )
+            let suffix = if retryable { " (retryable)" } else { "" };
+            // Dead-letter reasons already start with their kind ("invalid: …").
+            if message.starts_with(&format!("{kind}:")) {
+                format!("{message}{suffix}")
+            } else {
+                format!("{kind}: {message}{suffix}")
+            }
         }
         _ => e.to_string(),
     }
@@ -274,6 +277,8 @@ mod tests {
     fn a_failure_shows_its_error_and_no_output() {
         let mut record = succeeded();
         record.state = "failed".into();
+        let reason = json!({"kind": "invalid", "message": "invalid: unknown executor \"vlm\""});
+        assert_eq!(describe_error(&reason), "invalid: unknown executor \"vlm\"");
         let error = json!({"kind": "oom", "message": "OOMKilled", "retryable": true});
         record.result = Some(json!({"status": "failed", "error": error}));
         record.error = Some(error.clone());
