@@ -156,21 +156,7 @@ impl TestEnv {
 
     /// Messages ready in a queue right now (a passive declare: it takes nothing).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
-        let conn =
-            amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
-        let channel = conn.create_channel().await?;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = conn.close(200, "ok".into()).await;
-        Ok(q.message_count())
+        Ok(queue_state(queue).await?.0)
     }
 
     /// Starts a dispatcher for this world, waiting until it says it is ready.
@@ -363,4 +349,31 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `(ready messages, consumers)` of a queue, by a passive declare (it takes nothing).
+pub async fn queue_state(queue: &str) -> Result<(u32, u32)> {
+    let conn = amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
+    let channel = conn.create_channel().await?;
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = conn.close(200, "ok".into()).await;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
+/// Waits until process `pid` no longer exists.
+pub async fn process_gone(what: &str, pid: i32, timeout: Duration) -> Result<()> {
+    eventually(what, timeout, || async {
+        let alive = kill(Pid::from_raw(pid), None).is_ok();
+        Ok((!alive).then_some(()))
+    })
+    .await
 }

@@ -120,16 +120,7 @@ pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) ->
         AMQPValue::LongString(tier_name(tier).into()),
     );
     let props = props.with_headers(table);
-    ctx.publisher
-        .publish(
-            &ctx.topology.retry_exchange(),
-            task.executor.as_str(),
-            &body,
-            props,
-            true,
-            retry::for_at_most(Duration::from_secs(60)),
-        )
-        .await?;
+    publish(ctx, &ctx.topology.retry_exchange(), &task, &body, props).await?;
     info!(task_id = %task.id, next_attempt = task.attempt, ?delay, tier = %tier_name(tier), "retry scheduled");
     Ok(())
 }
@@ -207,17 +198,23 @@ pub(crate) async fn dead_letter(ctx: &Ctx, result: &TaskResult, reason: &str) ->
     if let Some(p) = task.priority {
         props = props.with_priority(p);
     }
-    ctx.publisher
-        .publish(
-            &ctx.topology.dlx(),
-            task.executor.as_str(),
-            &body,
-            props,
-            true,
-            retry::for_at_most(Duration::from_secs(60)),
-        )
-        .await?;
+    publish(ctx, &ctx.topology.dlx(), &task, &body, props).await?;
     warn!(task_id = %task.id, attempts = task.attempt, %reason, "attempts spent; task dead-lettered");
+    Ok(())
+}
+
+/// Publishes a task message, mandatory and confirmed, routed by its executor class.
+async fn publish(
+    ctx: &Ctx,
+    exchange: &str,
+    task: &Task,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) -> Result<()> {
+    let policy = retry::for_at_most(Duration::from_secs(60));
+    ctx.publisher
+        .publish(exchange, task.executor.as_str(), body, props, true, policy)
+        .await?;
     Ok(())
 }
 

@@ -67,13 +67,10 @@ async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result
         record.error.as_ref().map(|e| e["message"].clone()),
         Some(json!("test says so"))
     );
-    eventually(
+    gantry_tests::process_gone(
         "the executor to be stopped",
+        executor,
         Duration::from_secs(20),
-        || async {
-            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(executor), None).is_ok();
-            Ok((!alive).then_some(()))
-        },
     )
     .await?;
     let (code, output) = gantry_cancel(&env, id)?;

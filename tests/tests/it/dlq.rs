@@ -14,10 +14,11 @@ use gantry_shared::amqp::Publisher;
 use gantry_shared::message::{ExecutorClass, Limits, Task, TaskId, TaskName, TaskSpec, headers};
 use gantry_shared::retry;
 use gantry_shared::store::DeadLetterFilter;
+use gantry_tests::queue_state;
 use gantry_tests::{TestEnv, amqp_url, bin_path, eventually};
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, ShortString};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -164,24 +165,6 @@ async fn recorded(env: &TestEnv, n: i64) -> anyhow::Result<()> {
         Ok((dl.list(&all, 1, 1).await?.total >= n).then_some(()))
     })
     .await
-}
-
-/// `(ready messages, consumers)` of a queue, by a passive declare.
-async fn queue_state(queue: &str) -> anyhow::Result<(u32, u32)> {
-    let conn = gantry_shared::amqp::connect(&amqp_url().into(), "gantry-tests", PATIENCE).await?;
-    let channel = conn.create_channel().await?;
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let _ = conn.close(200, "ok".into()).await;
-    Ok((q.message_count(), q.consumer_count()))
 }
 
 /// Waits until `queue` holds exactly `n` messages and nobody consumes it.

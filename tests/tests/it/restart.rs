@@ -134,13 +134,10 @@ executors:
         record.error.as_ref().map(|e| e["kind"].clone()),
         Some(json!("executor_crashed"))
     );
-    eventually(
+    gantry_tests::process_gone(
         "the orphaned program to be gone",
+        program,
         Duration::from_secs(10),
-        || async {
-            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(program), None).is_ok();
-            Ok((!alive).then_some(()))
-        },
     )
     .await?;
     producer.close().await;
