@@ -1,17 +1,21 @@
 //! The stages a pass that changes something hands its matching deliveries to, so that
 //! Postgres, the publisher and the acks all work at once:
 //!
-//! 1. record (replays only): a replay whose executor class has no queue is kept
-//!    ([`Routes`]); the new attempts of the others, of whatever deliveries are ready, are
-//!    recorded in one transaction ([`Writes::record_replays`]); a task Postgres does not
-//!    know yet is recorded from its dead letter first ([`record::record_replay`]).
+//! 1. record: a replay whose executor class has no queue is kept ([`Routes`]); the new
+//!    attempts of the others, of whatever deliveries are ready, are recorded in one
+//!    transaction ([`Writes::record_replays`]), which also notes replayed the dead letters
+//!    acked since the last one; a task Postgres does not know yet is recorded from its dead
+//!    letter first ([`record::record_replay`]).
 //! 2. send: each replay published with `mandatory` and awaited until confirmed, up to
 //!    `in_flight` at once, and its dead letter acked only then (a purge only acks).
-//! 3. mark: the acked dead letters noted replayed (or purged) in Postgres, in batches.
+//! 3. mark: the acked dead letters are handed back to the first stage, which notes them
+//!    replayed with the next batch it records, or on their own (and purged ones always so)
+//!    when none comes soon.
 //!
 //! A delivery that fails at any stage is dropped un-acked: it stays held, and returns to
 //! the queue when the pass closes its channel.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,9 +40,9 @@ use crate::{Error, Result};
 
 /// Most deliveries recorded in one transaction, or marked in one statement.
 const BATCH: usize = 256;
-/// How long the mark stage gathers acked dead letters before it writes them: longer means
-/// fewer, larger writes, and a longer window in which a killed pass leaves a replayed dead
-/// letter unmarked.
+/// How long acked dead letters wait for a batch to be noted with before they are written
+/// on their own: longer means fewer, larger writes, and a longer window in which a killed
+/// pass leaves a replayed dead letter unmarked.
 const MARK_LINGER: Duration = Duration::from_millis(50);
 
 /// One matching delivery on its way through the stages.
@@ -108,7 +112,7 @@ impl Pipeline {
             queue: queue.clone(),
         };
         let (to_send, send_rx) = mpsc::channel(2);
-        let (sender, replays, mark_as) = match action {
+        let (sender, routes, mark_as) = match action {
             Action::Replay(_) => {
                 let connection = dl.connect("publish").await?;
                 let channel = match amqp::confirm_channel(&connection, timeout).await {
@@ -125,21 +129,20 @@ impl Pipeline {
                     connection,
                     exchange: dl.topology.tasks_exchange(),
                 };
-                let writes = connect().await?;
-                (sender, Some(Replays { writes, routes }), Mark::Replayed)
+                (sender, Some(routes), Mark::Replayed)
             }
             Action::Purge(_) => (Sender::Purge, None, Mark::Purged),
         };
-        let mark_writes = connect().await?;
         let recorder = Recorder {
-            replays,
+            routes,
+            writes: connect().await?,
+            mark_as,
             store,
             reports: reports_tx.clone(),
             queue,
         };
-        stages.spawn(recorder.run(input_rx, to_send));
+        stages.spawn(recorder.run(input_rx, to_send, marks_rx));
         stages.spawn(send.run(send_rx, sender));
-        stages.spawn(mark(marks_rx, mark_writes, mark_as, reports_tx.clone()));
         Ok(Pipeline {
             input,
             reports_tx,
@@ -205,49 +208,91 @@ fn apply(stop: &mut Option<String>, summary: &mut Summary, report: Report) {
     }
 }
 
-/// Stage 1: gathers what is ready into batches and, for a replay, records their new
-/// attempts; hands each batch on whole, so it records the next while the last is sent.
+/// Stage 1 (and 3): gathers what is ready into batches and, for a replay, records their
+/// new attempts; hands each batch on whole, so it records the next while the last is
+/// sent. Notes the dead letters the send stage acked, with the next batch or on their own.
 struct Recorder {
     /// `None` for a purge: nothing to check or record before the ack.
-    replays: Option<Replays>,
+    routes: Option<Routes>,
+    writes: Writes,
+    mark_as: Mark,
     store: Store,
     reports: UnboundedSender<Report>,
     queue: String,
 }
 
-/// What the recorder of a replay uses.
-struct Replays {
-    writes: Writes,
-    routes: Routes,
-}
-
 impl Recorder {
-    async fn run(mut self, mut input: mpsc::Receiver<Item>, output: mpsc::Sender<Vec<Item>>) {
-        while let Some(first) = input.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < BATCH {
-                match input.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
+    async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Item>,
+        output: mpsc::Sender<Vec<Item>>,
+        mut acked: UnboundedReceiver<Uuid>,
+    ) {
+        // Dropped when reading ends, so the send stage ends, and with it the acks.
+        let mut output = Some(output);
+        let (mut reading, mut acking) = (true, true);
+        // Acked dead letters not noted yet, and when they are to be written on their own.
+        let mut unmarked: Vec<Uuid> = Vec::new();
+        let mut linger = tokio::time::Instant::now();
+        while reading || acking || !unmarked.is_empty() {
+            tokio::select! {
+                item = input.recv(), if reading => {
+                    let (Some(first), Some(out)) = (item, output.as_ref()) else {
+                        reading = false;
+                        output = None;
+                        continue;
+                    };
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match input.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    if unmarked.is_empty() {
+                        linger = tokio::time::Instant::now() + MARK_LINGER;
+                    }
+                    while let Ok(id) = acked.try_recv() {
+                        unmarked.push(id);
+                    }
+                    let batch = self.record(batch, &mut unmarked).await;
+                    if let Err(mpsc::error::SendError(batch)) = out.send(batch).await {
+                        for item in batch {
+                            fail(&self.reports, item, "the pass is stopping; nothing was done".into());
+                        }
+                    }
+                }
+                id = acked.recv(), if acking => match id {
+                    Some(id) => {
+                        if unmarked.is_empty() {
+                            linger = tokio::time::Instant::now() + MARK_LINGER;
+                        }
+                        unmarked.push(id);
+                    }
+                    None => acking = false,
+                },
+                () = tokio::time::sleep_until(linger), if !unmarked.is_empty() => {
+                    self.mark(std::mem::take(&mut unmarked)).await;
                 }
             }
-            let batch = self.record(batch).await;
-            if let Err(mpsc::error::SendError(batch)) = output.send(batch).await {
-                for item in batch {
-                    fail(
-                        &self.reports,
-                        item,
-                        "the pass is stopping; nothing was done".into(),
-                    );
-                }
+            if unmarked.len() >= BATCH || (!reading && !acking && !unmarked.is_empty()) {
+                self.mark(std::mem::take(&mut unmarked)).await;
             }
         }
     }
 
+    /// Notes dead letters replayed (or purged) on their own.
+    async fn mark(&mut self, ids: Vec<Uuid>) {
+        if let Err(e) = self.writes.mark(&ids, self.mark_as).await {
+            unmarked(&self.reports, ids.len(), self.mark_as, &e);
+        }
+    }
+
     /// Checks that each replay has a queue to go to, and records the new attempts of those
-    /// that do; returns the items to send on.
-    async fn record(&mut self, batch: Vec<Item>) -> Vec<Item> {
-        let Some(replays) = self.replays.as_mut() else {
+    /// that do, noting `acked` replayed in the same transaction (it is emptied if it was
+    /// written); returns the items to send on.
+    async fn record(&mut self, batch: Vec<Item>, acked: &mut Vec<Uuid>) -> Vec<Item> {
+        let Some(routes) = self.routes.as_mut() else {
             return batch;
         };
         let mut routed = Vec::with_capacity(batch.len());
@@ -256,7 +301,7 @@ impl Recorder {
                 routed.push(item);
                 continue;
             };
-            match replays.routes.missing(&replay.routing_key).await {
+            match routes.missing(&replay.routing_key).await {
                 Ok(None) => routed.push(item),
                 Ok(Some(why)) => {
                     let error = format!("{why}; nothing was published, it stays in {}", self.queue);
@@ -281,7 +326,12 @@ impl Recorder {
         let applied = if replays_of.is_empty() {
             Ok(Vec::new())
         } else {
-            replays.writes.record_replays(&replays_of).await
+            let recorded = self.writes.record_replays(&replays_of, acked).await;
+            if let Err(e) = &recorded {
+                unmarked(&self.reports, acked.len(), self.mark_as, e);
+            }
+            acked.clear();
+            recorded
         };
         let applied = match applied {
             Ok(applied) => applied,
@@ -335,7 +385,13 @@ fn fail(reports: &UnboundedSender<Report>, item: Item, error: String) {
     let _ = reports.send(Report::Outcome((item.entry, Err(error))));
 }
 
-/// Stage 2: publish with a confirm, then ack; several at once.
+/// Stage 2: publish with a confirm, several at once, then ack.
+///
+/// While every delivery the channel gave so far has come this way, in order, a run of
+/// confirmed deliveries at the front is acked at once, with one `multiple` ack of its
+/// last: one frame, and one settlement for the queue, instead of one per dead letter.
+/// After the first gap (a delivery the pass keeps, or one that failed), each is acked on
+/// its own, so a `multiple` ack never takes a delivery the pass holds.
 struct Send {
     timeout: Duration,
     in_flight: usize,
@@ -344,28 +400,126 @@ struct Send {
     queue: String,
 }
 
-impl Send {
-    async fn run(self, mut input: mpsc::Receiver<Vec<Item>>, sender: Sender) {
-        let sender = Arc::new(sender);
-        let mut running: JoinSet<Vec<Report>> = JoinSet::new();
-        while let Some(batch) = input.recv().await {
-            for item in batch {
-                while running.len() >= self.in_flight {
-                    if let Some(joined) = running.join_next().await {
-                        self.report(joined);
-                    }
-                }
-                let (sender, marks) = (sender.clone(), self.marks.clone());
-                let (timeout, queue) = (self.timeout, self.queue.clone());
-                running.spawn(async move { send(sender, item, timeout, &queue, &marks).await });
-                while let Some(joined) = running.try_join_next() {
-                    self.report(joined);
-                }
+/// A delivery whose replay was confirmed (or that is purged), waiting for its ack.
+struct Confirmed {
+    delivery: Delivery,
+    letter_id: Uuid,
+    entry: Entry,
+}
+
+/// What a publish ended with: the delivery's tag, and the delivery to ack or the reports
+/// of its failure.
+type Published = (u64, std::result::Result<Confirmed, Vec<Report>>);
+
+/// The deliveries handed to the send stage and not acked yet (`T`: a [`Confirmed`]).
+struct Acks<T> {
+    /// The tag the next delivery must have for the deliveries to stay unbroken (tags
+    /// count from 1 on the pass's channel).
+    next_tag: u64,
+    /// Whether every delivery up to `next_tag` came here and none failed.
+    unbroken: bool,
+    /// By tag: confirmed, or still publishing.
+    pending: BTreeMap<u64, Option<T>>,
+}
+
+impl<T> Acks<T> {
+    fn new() -> Acks<T> {
+        Acks {
+            next_tag: 1,
+            unbroken: true,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    fn handed(&mut self, tag: u64) {
+        self.unbroken &= tag == self.next_tag;
+        self.next_tag = tag + 1;
+        self.pending.insert(tag, None);
+    }
+
+    fn published(&mut self, tag: u64, confirmed: Option<T>) {
+        match confirmed {
+            Some(c) => {
+                self.pending.insert(tag, Some(c));
+            }
+            None => {
+                self.pending.remove(&tag);
+                self.unbroken = false;
             }
         }
-        while let Some(joined) = running.join_next().await {
-            self.report(joined);
+    }
+
+    /// What to ack now, and whether as one `multiple` ack of the last: the confirmed run
+    /// at the front once it has `run` deliveries (or any, with `flush`) while unbroken;
+    /// otherwise every confirmed delivery, each on its own.
+    fn take(&mut self, run: usize, flush: bool) -> (Vec<T>, bool) {
+        if self.unbroken {
+            let front = self
+                .pending
+                .values()
+                .take_while(|c| c.is_some())
+                .take(run)
+                .count();
+            if front == 0 || (front < run && !flush) {
+                return (Vec::new(), true);
+            }
+            let taken = (0..front)
+                .filter_map(|_| self.pending.pop_first().and_then(|(_, c)| c))
+                .collect();
+            return (taken, true);
         }
+        let done: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(t, _)| *t)
+            .collect();
+        let taken = done
+            .into_iter()
+            .filter_map(|t| self.pending.remove(&t).flatten())
+            .collect();
+        (taken, false)
+    }
+}
+
+impl Send {
+    async fn run(self, mut input: mpsc::Receiver<Vec<Item>>, sender: Sender) {
+        let replaying = matches!(sender, Sender::Replay { .. });
+        let sender = Arc::new(sender);
+        let mut running: JoinSet<Published> = JoinSet::new();
+        let mut queued: VecDeque<Item> = VecDeque::new();
+        let mut acks = Acks::new();
+        // A run this long is acked without waiting for more.
+        let run = (self.in_flight / 2).max(1);
+        let mut open = true;
+        loop {
+            while running.len() < self.in_flight {
+                let Some(item) = queued.pop_front() else {
+                    break;
+                };
+                acks.handed(item.delivery.delivery_tag);
+                let (sender, timeout, queue) = (sender.clone(), self.timeout, self.queue.clone());
+                running.spawn(async move { publish(sender, item, timeout, &queue).await });
+            }
+            if !open && queued.is_empty() && running.is_empty() {
+                break;
+            }
+            tokio::select! {
+                batch = input.recv(), if open && queued.is_empty() => match batch {
+                    Some(batch) => queued.extend(batch),
+                    None => open = false,
+                },
+                Some(joined) = running.join_next(), if !running.is_empty() => {
+                    self.settle(&mut acks, joined);
+                    while let Some(joined) = running.try_join_next() {
+                        self.settle(&mut acks, joined);
+                    }
+                }
+            }
+            self.ack(&mut acks, run, running.is_empty(), replaying)
+                .await;
+        }
+        self.ack(&mut acks, usize::MAX, true, replaying).await;
         if let Sender::Replay {
             channel,
             connection,
@@ -376,14 +530,23 @@ impl Send {
         }
     }
 
-    fn report(&self, joined: std::result::Result<Vec<Report>, JoinError>) {
+    fn settle(
+        &self,
+        acks: &mut Acks<Confirmed>,
+        joined: std::result::Result<Published, JoinError>,
+    ) {
         match joined {
-            Ok(reports) => {
+            Ok((tag, Ok(confirmed))) => acks.published(tag, Some(confirmed)),
+            Ok((tag, Err(reports))) => {
+                acks.published(tag, None);
                 for report in reports {
                     let _ = self.reports.send(report);
                 }
             }
             Err(e) => {
+                // Its tag is unknown: it stays un-acked, and nothing after it is acked
+                // with `multiple`.
+                acks.unbroken = false;
                 let warning = format!(
                     "a dead letter's publish stopped ({e}); it stays in {}",
                     self.queue
@@ -392,22 +555,48 @@ impl Send {
             }
         }
     }
+
+    /// Acks what [`Acks::take`] gives, and reports each dead letter done (or why not).
+    async fn ack(&self, acks: &mut Acks<Confirmed>, run: usize, flush: bool, replaying: bool) {
+        let (taken, multiple) = acks.take(run, flush);
+        let Some(last) = taken.last() else {
+            return;
+        };
+        let results = if multiple {
+            let result = ack(&last.delivery, true, self.timeout).await;
+            vec![result; taken.len()]
+        } else {
+            let acking = taken.iter().map(|c| ack(&c.delivery, false, self.timeout));
+            futures_util::future::join_all(acking).await
+        };
+        for (confirmed, result) in taken.into_iter().zip(results) {
+            let outcome = match result {
+                Ok(()) => {
+                    let _ = self.marks.send(confirmed.letter_id);
+                    Ok(None)
+                }
+                Err(e) if replaying => Err(format!(
+                    "published, but {e}: it stays in {}, and the next replay publishes it again (the dispatcher runs one job per attempt)",
+                    self.queue
+                )),
+                Err(e) => Err(format!("{e}; it stays in {}", self.queue)),
+            };
+            let _ = self
+                .reports
+                .send(Report::Outcome((confirmed.entry, outcome)));
+        }
+    }
 }
 
-/// Publishes one replay (or nothing, for a purge), then acks its dead letter.
-async fn send(
-    sender: Arc<Sender>,
-    item: Item,
-    timeout: Duration,
-    queue: &str,
-    marks: &UnboundedSender<Uuid>,
-) -> Vec<Report> {
+/// Publishes one replay (or nothing, for a purge).
+async fn publish(sender: Arc<Sender>, item: Item, timeout: Duration, queue: &str) -> Published {
     let Item {
         delivery,
         letter,
         entry,
         replay,
     } = item;
+    let tag = delivery.delivery_tag;
     if let (
         Sender::Replay {
             channel, exchange, ..
@@ -436,28 +625,27 @@ async fn send(
             ) {
                 reports.push(Report::Stop(format!("publishing failed: {}", chain(&e))));
             }
-            return reports;
+            return (tag, Err(reports));
         }
     }
-    if let Err(e) = ack(&delivery, timeout).await {
-        let error = match sender.as_ref() {
-            Sender::Replay { .. } => format!(
-                "published, but {e}: it stays in {queue}, and the next replay publishes it again (the dispatcher runs one job per attempt)"
-            ),
-            Sender::Purge => format!("{e}; it stays in {queue}"),
-        };
-        return vec![Report::Outcome((entry, Err(error)))];
-    }
-    let _ = marks.send(letter.id);
-    vec![Report::Outcome((entry, Ok(None)))]
+    let confirmed = Confirmed {
+        delivery,
+        letter_id: letter.id,
+        entry,
+    };
+    (tag, Ok(confirmed))
 }
 
-/// Acks one delivery, within `timeout`.
-async fn ack(delivery: &Delivery, timeout: Duration) -> std::result::Result<(), String> {
+/// Acks one delivery (with `multiple`, every one up to it), within `timeout`.
+async fn ack(
+    delivery: &Delivery,
+    multiple: bool,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
     match timed(
         "basic.ack",
         timeout,
-        delivery.acker.ack(BasicAckOptions::default()),
+        delivery.acker.ack(BasicAckOptions { multiple }),
     )
     .await
     {
@@ -467,32 +655,60 @@ async fn ack(delivery: &Delivery, timeout: Duration) -> std::result::Result<(), 
     }
 }
 
-/// Stage 3: note the acked dead letters in Postgres, in batches.
-async fn mark(
-    mut ids: UnboundedReceiver<Uuid>,
-    mut writes: Writes,
-    mark: Mark,
-    reports: UnboundedSender<Report>,
-) {
-    while let Some(first) = ids.recv().await {
-        let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + MARK_LINGER;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(until, ids.recv()).await {
-                Ok(Some(id)) => batch.push(id),
-                Ok(None) | Err(_) => break,
-            }
+/// Warns that `count` dead letters were handled but could not be noted so in Postgres.
+fn unmarked(reports: &UnboundedSender<Report>, count: usize, mark: Mark, e: &gantry_shared::Error) {
+    if count == 0 {
+        return;
+    }
+    let (done, column) = match mark {
+        Mark::Replayed => ("replayed", "replayed_at"),
+        Mark::Purged => ("purged", "purged_at"),
+    };
+    let _ = reports.send(Report::Warning(format!(
+        "{count} dead letters were {done}, but their {column} could not be written ({}); `gantry dlq list` still shows them",
+        chain(e)
+    )));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Acks;
+
+    #[test]
+    fn an_unbroken_run_is_acked_at_once_and_only_from_the_front() {
+        let mut acks = Acks::new();
+        for tag in 1..=4 {
+            acks.handed(tag);
         }
-        if let Err(e) = writes.mark(&batch, mark).await {
-            let (done, column) = match mark {
-                Mark::Replayed => ("replayed", "replayed_at"),
-                Mark::Purged => ("purged", "purged_at"),
-            };
-            let _ = reports.send(Report::Warning(format!(
-                "{} dead letters were {done}, but their {column} could not be written ({}); `gantry dlq list` still shows them",
-                batch.len(),
-                chain(&e)
-            )));
+        acks.published(2, Some(2));
+        acks.published(3, Some(3));
+        // Tag 1 still publishing: nothing may be acked, not even with a flush.
+        assert_eq!(acks.take(2, true), (vec![], true));
+        acks.published(1, Some(1));
+        assert_eq!(acks.take(2, false), (vec![1, 2], true));
+        // A run shorter than asked waits, unless flushed.
+        assert_eq!(acks.take(2, false), (vec![], true));
+        assert_eq!(acks.take(2, true), (vec![3], true));
+    }
+
+    #[test]
+    fn after_a_gap_or_a_failure_each_is_acked_on_its_own() {
+        let mut acks = Acks::new();
+        acks.handed(1);
+        // Tag 2 was kept by the pass: a multiple ack of 3 would take it.
+        acks.handed(3);
+        acks.published(3, Some(3));
+        assert_eq!(acks.take(1, false), (vec![3], false));
+        acks.published(1, Some(1));
+        assert_eq!(acks.take(8, false), (vec![1], false));
+
+        let mut failed = Acks::new();
+        for tag in 1..=3 {
+            failed.handed(tag);
         }
+        failed.published(1, None);
+        failed.published(2, Some(2));
+        failed.published(3, Some(3));
+        assert_eq!(failed.take(1, false), (vec![2, 3], false));
     }
 }

@@ -1,14 +1,16 @@
 //! The Postgres writes of a pass, batched: one statement records the replays of many dead
-//! letters, one marks many replayed or purged. They apply exactly the rules of
+//! letters and marks replayed those acked since the last one; another marks many purged
+//! (or replayed, when no replay is waiting to be recorded). They apply exactly the rules of
 //! `Store::record_replay`, `Store::mark_replayed` and `Store::mark_purged`, which do the
 //! same for one dead letter at a time: a replay is recorded only when the task's current
 //! attempt is older than the new one, as a `replayed` event of the new attempt (unique on
 //! `(task_id, attempt, event)`), and it sets the task `retrying` at its old attempt.
 //!
 //! One transaction per dead letter made Postgres the limit of a replay (two commits per
-//! message); in batches a replay runs at the broker's pace. The store of `gantry-shared`
-//! has no batched form of these writes yet, so they live here, on a connection of their
-//! own; the schema and its migrations stay the store's.
+//! message); in batches a replay runs at the broker's pace, and marking in the statement
+//! that records the next batch saves a commit per batch. The store of `gantry-shared` has
+//! no batched form of these writes yet, so they live here, on a connection of their own;
+//! the schema and its migrations stay the store's.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -36,7 +38,8 @@ pub(super) enum Mark {
 /// `Store::record_replay` for many: lock the tasks (in one order, so two passes never
 /// deadlock), insert a `replayed` event of the new attempt where the task's attempt is
 /// older, and set those tasks `retrying` at their old attempt (the dispatcher takes the
-/// new attempt from there). One row per known task, with each attempt it opened.
+/// new attempt from there). One row per known task, with each attempt it opened. In the
+/// same transaction, `Store::mark_replayed` for the dead letters `$4` (acked earlier).
 const RECORD_REPLAYS: &str = "
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int4[], $3::uuid[]) AS u(task_id, attempt, dead_letter_id)
@@ -55,6 +58,9 @@ WITH input AS (
 ), reopened AS (
     UPDATE tasks SET state = 'retrying', updated_at = now()
      WHERE task_id IN (SELECT task_id FROM events)
+), marked AS (
+    UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1
+     WHERE id = ANY($4)
 )
 SELECT l.task_id, l.reply_to, e.attempt
   FROM locked l LEFT JOIN events e ON e.task_id = l.task_id";
@@ -100,14 +106,16 @@ impl Writes {
     }
 
     /// Records the replays `(task, new attempt, dead letter)` in one statement (so one
-    /// transaction), as `Store::record_replay` does one by one; returns what each did, in
-    /// order ([`Applied::Unknown`] for a task Postgres does not know).
+    /// transaction), as `Store::record_replay` does one by one, and marks the dead letters
+    /// `replayed` as replayed; returns what each replay did, in order ([`Applied::Unknown`]
+    /// for a task Postgres does not know).
     ///
     /// # Errors
-    /// Postgres errors; then nothing of the batch is recorded.
+    /// Postgres errors; then nothing of the batch is recorded, and nothing marked.
     pub(super) async fn record_replays(
         &mut self,
         replays: &[(TaskId, u32, Uuid)],
+        replayed: &[Uuid],
     ) -> Result<Vec<Applied>> {
         let statement = match &self.record {
             Some(s) => s.clone(),
@@ -128,7 +136,7 @@ impl Writes {
         let dead_letters: Vec<Uuid> = replays.iter().map(|(_, _, d)| *d).collect();
         let rows = self
             .client
-            .query(&statement, &[&tasks, &attempts, &dead_letters])
+            .query(&statement, &[&tasks, &attempts, &dead_letters, &replayed])
             .await
             .map_err(pg("record replays"))?;
         // Per known task: its reply_to, and the new attempts this batch opened.

@@ -3,11 +3,14 @@
 //! publish (confirmed) → ack move of as many messages between two quorum queues, with the
 //! same prefetch (the whole queue) and the same number of publishes in flight.
 //!
-//! Each round makes fresh dead letters (published to the dead-letter exchange as the
-//! dispatcher does, and recorded in Postgres as the recorder does), moves as many messages
-//! in the baseline, then replays the dead letters with the library function behind
-//! `gantry dlq replay` (no rate limit, no dispatcher: they land in `<prefix>.tasks.echo`).
-//! Rounds alternate, and medians are reported, because the machine is shared.
+//! Each round runs in a world of its own (database, prefix, queues), so no round pays for
+//! the queues an earlier one filled, drained or deleted. It makes fresh dead letters
+//! (published to the dead-letter exchange as the dispatcher does, and recorded in Postgres
+//! as the recorder does) and, at the same time, the baseline's messages, so both read
+//! messages of the same age. Then it moves the baseline's messages and replays the dead
+//! letters with the library function behind `gantry dlq replay` (no rate limit, no
+//! dispatcher: they land in `<prefix>.tasks.echo`), in turn: odd rounds move first, even
+//! rounds replay first. Medians are reported, because the machine is shared.
 //!
 //! `cargo run --release -p gantry-tests --bin gantry-bench-replay -- --messages 10000`
 
@@ -26,7 +29,6 @@ use gantry_shared::retry;
 use gantry_tests::{TestEnv, amqp_url};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -126,10 +128,7 @@ async fn main() -> Result<()> {
         "gantry-bench-replay: {} messages per round, {} in flight, {} rounds",
         args.messages, args.in_flight, args.rounds
     );
-    let env = TestEnv::new(None).await?;
-    let outcome = rounds(&env, &args).await;
-    env.cleanup().await?;
-    let rounds = outcome?;
+    let rounds = rounds(&args).await?;
     let median = |f: &dyn Fn(&(Figures, Figures)) -> f64| {
         let mut v: Vec<f64> = rounds.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
@@ -167,10 +166,16 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn rounds(env: &TestEnv, args: &Args) -> Result<Vec<(Figures, Figures)>> {
+/// Runs the rounds, each in a world of its own (database, prefix and queues), so no round
+/// pays for the queues an earlier one filled, drained or deleted. The order alternates:
+/// odd rounds move first, even rounds replay first.
+async fn rounds(args: &Args) -> Result<Vec<(Figures, Figures)>> {
     let mut out = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds.max(1) {
-        let (base, replay) = run(env, args).await?;
+        let env = TestEnv::new(None).await?;
+        let outcome = run(&env, args, round % 2 == 0).await;
+        env.cleanup().await?;
+        let (base, replay) = outcome?;
         println!(
             "round {round}: baseline {:.0} msg/s, replay {:.0} msg/s, ratio {:.2}",
             base.per_second,
@@ -182,20 +187,40 @@ async fn rounds(env: &TestEnv, args: &Args) -> Result<Vec<(Figures, Figures)>> {
     Ok(out)
 }
 
-async fn run(env: &TestEnv, args: &Args) -> Result<(Figures, Figures)> {
+/// One round: the dead letters and the baseline's source queue are filled at the same
+/// time (so both read messages of the same age), then both are measured.
+async fn run(env: &TestEnv, args: &Args, replay_first: bool) -> Result<(Figures, Figures)> {
     let n = args.messages;
     let started = Instant::now();
-    let sample = make_dead_letters(env, n, args.in_flight).await?;
+    let sample = dead_task(0, &format!("{}.tasks.echo", env.prefix))?;
+    let (made, moves) = tokio::join!(
+        make_dead_letters(env, n, args.in_flight),
+        Move::prepare(n, &sample, args.in_flight)
+    );
+    let moves = moves.context("baseline")?;
+    if let Err(e) = made {
+        moves.delete().await?;
+        return Err(e);
+    }
     println!(
-        "made {n} dead letters ({} bytes of body each) in {:.1} s",
+        "made {n} dead letters and {n} messages to move ({} bytes of body each) in {:.1} s",
         sample.0.len(),
         started.elapsed().as_secs_f64()
     );
+    let (baseline, replay) = if replay_first {
+        let replay = replay(env, args).await;
+        (moves.run(n, args.in_flight).await, replay)
+    } else {
+        let baseline = moves.run(n, args.in_flight).await;
+        (baseline, replay(env, args).await)
+    };
+    moves.delete().await?;
+    Ok((baseline.context("baseline")?, replay?))
+}
 
-    let baseline = baseline(n, &sample, args.in_flight)
-        .await
-        .context("baseline")?;
-
+/// Replays every dead letter of `env` with the library function behind `gantry dlq replay`.
+async fn replay(env: &TestEnv, args: &Args) -> Result<Figures> {
+    let n = args.messages;
     let dl = DeadLetters::new(&env.config())?;
     let options = ReplayOptions {
         in_flight: args.in_flight,
@@ -217,45 +242,23 @@ async fn run(env: &TestEnv, args: &Args) -> Result<(Figures, Figures)> {
         env.queue_depth(&tasks).await? as usize == n,
         "the task queue does not hold the {n} replays"
     );
-    purge(&tasks).await?;
-    Ok((
-        baseline,
-        Figures {
-            per_second: n as f64 / summary.elapsed.as_secs_f64(),
-            cpu,
-        },
-    ))
-}
-
-/// Empties a queue between rounds.
-async fn purge(queue: &str) -> Result<()> {
-    let conn = amqp::connect(&amqp_url().into(), "bench-purge", TIMEOUT).await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .queue_purge(queue.into(), QueuePurgeOptions::default())
-        .await?;
-    let _ = conn.close(200, "ok".into()).await;
-    Ok(())
+    Ok(Figures {
+        per_second: n as f64 / summary.elapsed.as_secs_f64(),
+        cpu,
+    })
 }
 
 /// Dead letters as the dispatcher makes them (a valid task, published to the DLX with a
-/// reason and an id), recorded in Postgres as the recorder would. Returns one of them, for
-/// the baseline to move messages of the same size.
-async fn make_dead_letters(
-    env: &TestEnv,
-    n: usize,
-    in_flight: usize,
-) -> Result<(Vec<u8>, BasicProperties)> {
+/// reason and an id), recorded in Postgres as the recorder would.
+async fn make_dead_letters(env: &TestEnv, n: usize, in_flight: usize) -> Result<()> {
     let publisher = env.publisher().await?;
     let dlx = env.topology().dlx();
     let queue = format!("{}.tasks.echo", env.prefix);
     let store = env.store().await?;
     let mut sent = JoinSet::new();
     let mut letters = Vec::with_capacity(n);
-    let mut sample = None;
     for i in 0..n {
         let (body, props) = dead_task(i, &queue)?;
-        sample.get_or_insert_with(|| (body.clone(), props.clone()));
         letters.push(DeadLetter::from_message(&props, &body));
         while sent.len() >= in_flight {
             if let Some(r) = sent.join_next().await {
@@ -283,7 +286,7 @@ async fn make_dead_letters(
     for batch in letters.chunks(500) {
         store.record_dead_letters(batch).await?;
     }
-    sample.context("no dead letters made")
+    Ok(())
 }
 
 fn dead_task(i: usize, queue: &str) -> Result<(Vec<u8>, BasicProperties)> {
@@ -326,99 +329,118 @@ fn dead_task(i: usize, queue: &str) -> Result<(Vec<u8>, BasicProperties)> {
     Ok((body, props))
 }
 
-/// Moves `n` copies of `sample` from one quorum queue to another: consume with the whole
-/// queue as prefetch (as a replay pass does), publish with a confirm, then ack. Timed from
-/// connecting, as a replay is.
-async fn baseline(
-    n: usize,
-    sample: &(Vec<u8>, BasicProperties),
-    in_flight: usize,
-) -> Result<Figures> {
-    let url = amqp_url().into();
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let (from, to) = (format!("bench-move-a-{id}"), format!("bench-move-b-{id}"));
-    let setup = amqp::connect(&url, "bench-move-setup", TIMEOUT).await?;
-    let setup_channel = confirm_channel(&setup, TIMEOUT).await?;
-    for q in [&from, &to] {
-        let mut qargs = FieldTable::default();
-        qargs.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        setup_channel
-            .queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), qargs)
-            .await?;
-    }
-    fill(
-        &setup_channel,
-        &from,
-        n,
-        &Arc::new(sample.clone()),
-        in_flight,
-    )
-    .await?;
+/// The baseline: `n` copies of a dead letter moved from one quorum queue to another.
+struct Move {
+    setup: lapin::Connection,
+    channel: Channel,
+    from: String,
+    to: String,
+}
 
-    let start = Instant::now();
-    let cpu = Cpu::now();
-    let pub_conn = amqp::connect(&url, "bench-move-publish", TIMEOUT).await?;
-    let sub_conn = amqp::connect(&url, "bench-move-consume", TIMEOUT).await?;
-    let publish = confirm_channel(&pub_conn, TIMEOUT).await?;
-    let consume = sub_conn.create_channel().await?;
-    consume
-        .basic_qos(u16::try_from(n).unwrap_or(0), BasicQosOptions::default())
-        .await?;
-    let mut consumer = consume
-        .basic_consume(
-            from.as_str().into(),
-            "bench-move".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut moving = JoinSet::new();
-    for _ in 0..n {
-        let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
-            .await?
-            .context("the consumer closed")??;
-        while moving.len() >= in_flight {
-            if let Some(r) = moving.join_next().await {
-                r??;
-            }
+impl Move {
+    /// Declares the two queues and fills the first with `n` copies of `sample`.
+    async fn prepare(
+        n: usize,
+        sample: &(Vec<u8>, BasicProperties),
+        in_flight: usize,
+    ) -> Result<Move> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let setup = amqp::connect(&amqp_url().into(), "bench-move-setup", TIMEOUT).await?;
+        let channel = confirm_channel(&setup, TIMEOUT).await?;
+        let moves = Move {
+            setup,
+            channel,
+            from: format!("bench-move-a-{id}"),
+            to: format!("bench-move-b-{id}"),
+        };
+        for q in [&moves.from, &moves.to] {
+            let mut qargs = FieldTable::default();
+            qargs.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            moves
+                .channel
+                .queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), qargs)
+                .await?;
         }
-        let (publish, to) = (publish.clone(), to.clone());
-        moving.spawn(async move {
-            publish_confirmed(
-                &publish,
-                "",
-                &to,
-                &delivery.data,
-                delivery.properties.clone(),
-                true,
-                TIMEOUT,
+        let sample = Arc::new(sample.clone());
+        if let Err(e) = fill(&moves.channel, &moves.from, n, &sample, in_flight).await {
+            moves.delete().await?;
+            return Err(e);
+        }
+        Ok(moves)
+    }
+
+    /// Moves the `n` messages: consume with the whole queue as prefetch (as a replay pass
+    /// does), publish with a confirm, then ack. Timed from connecting, as a replay is.
+    async fn run(&self, n: usize, in_flight: usize) -> Result<Figures> {
+        let url = amqp_url().into();
+        let start = Instant::now();
+        let cpu = Cpu::now();
+        let pub_conn = amqp::connect(&url, "bench-move-publish", TIMEOUT).await?;
+        let sub_conn = amqp::connect(&url, "bench-move-consume", TIMEOUT).await?;
+        let publish = confirm_channel(&pub_conn, TIMEOUT).await?;
+        let consume = sub_conn.create_channel().await?;
+        consume
+            .basic_qos(u16::try_from(n).unwrap_or(0), BasicQosOptions::default())
+            .await?;
+        let mut consumer = consume
+            .basic_consume(
+                self.from.as_str().into(),
+                "bench-move".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
             )
             .await?;
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            anyhow::Ok(())
-        });
+        let mut moving = JoinSet::new();
+        for _ in 0..n {
+            let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
+                .await?
+                .context("the consumer closed")??;
+            while moving.len() >= in_flight {
+                if let Some(r) = moving.join_next().await {
+                    r??;
+                }
+            }
+            let (publish, to) = (publish.clone(), self.to.clone());
+            moving.spawn(async move {
+                publish_confirmed(
+                    &publish,
+                    "",
+                    &to,
+                    &delivery.data,
+                    delivery.properties.clone(),
+                    true,
+                    TIMEOUT,
+                )
+                .await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = moving.join_next().await {
+            r??;
+        }
+        let _ = consume.close(200, "ok".into()).await;
+        let _ = sub_conn.close(200, "ok".into()).await;
+        let _ = pub_conn.close(200, "ok".into()).await;
+        let elapsed = start.elapsed();
+        Ok(Figures {
+            per_second: n as f64 / elapsed.as_secs_f64(),
+            cpu: Cpu::now().per_message(cpu, n),
+        })
     }
-    while let Some(r) = moving.join_next().await {
-        r??;
+
+    async fn delete(self) -> Result<()> {
+        for q in [&self.from, &self.to] {
+            self.channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        let _ = self.setup.close(200, "ok".into()).await;
+        Ok(())
     }
-    let _ = consume.close(200, "ok".into()).await;
-    let _ = sub_conn.close(200, "ok".into()).await;
-    let _ = pub_conn.close(200, "ok".into()).await;
-    let elapsed = start.elapsed();
-    let cpu = Cpu::now().per_message(cpu, n);
-    for q in [&from, &to] {
-        setup_channel
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    let _ = setup.close(200, "ok".into()).await;
-    Ok(Figures {
-        per_second: n as f64 / elapsed.as_secs_f64(),
-        cpu,
-    })
 }
 
 async fn fill(
