@@ -127,14 +127,31 @@ fn from_configmap(namespace: &str, name: &str, map: &ConfigMap) -> Result<Catalo
     Ok(Catalog::parse(text, &origin)?)
 }
 
-/// Follows the source until shutdown, swapping in each valid new version.
-pub(crate) async fn watch(ctx: Arc<Ctx>, source: Source, client: Option<Client>) {
-    match (source, client) {
-        (Source::ConfigMap { namespace, name }, Some(client)) => {
-            watch_configmap(&ctx, client, &namespace, &name).await;
+/// Follows the source until shutdown, swapping in each valid new version. SIGHUP is
+/// listened for before this returns, so a signal sent once the dispatcher is ready reloads
+/// a catalog file instead of ending the process.
+pub(crate) fn watch(
+    ctx: Arc<Ctx>,
+    source: Source,
+    client: Option<Client>,
+) -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let hangups = match &source {
+        Source::File(Some(_)) => signal(SignalKind::hangup())
+            .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP; the catalog file is read at start only"))
+            .ok(),
+        _ => None,
+    };
+    async move {
+        match (source, client, hangups) {
+            (Source::ConfigMap { namespace, name }, Some(client), _) => {
+                watch_configmap(&ctx, client, &namespace, &name).await;
+            }
+            (Source::File(Some(path)), _, Some(hangups)) => {
+                reload_on_sighup(&ctx, &path, hangups).await;
+            }
+            _ => {}
         }
-        (Source::File(Some(path)), _) => reload_on_sighup(&ctx, &path).await,
-        _ => {}
     }
 }
 
@@ -165,15 +182,11 @@ async fn watch_configmap(ctx: &Ctx, client: Client, namespace: &str, name: &str)
     }
 }
 
-async fn reload_on_sighup(ctx: &Ctx, path: &std::path::Path) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGHUP; the catalog file is read at start only");
-            return;
-        }
-    };
+async fn reload_on_sighup(
+    ctx: &Ctx,
+    path: &std::path::Path,
+    mut hangups: tokio::signal::unix::Signal,
+) {
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
