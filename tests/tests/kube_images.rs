@@ -554,3 +554,43 @@ async fn an_image_outside_the_allowed_registries_is_dead_lettered_with_a_clear_r
     producer.close().await;
     c.cleanup(&[]).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_the_registry_image_does_not_handle_is_dead_lettered_with_the_tasks_it_does()
+-> anyhow::Result<()> {
+    let image = pinned('c');
+    let entry = json!({"image": image, "capabilities": {"tasks": ["llm.chat", "llm.complete"]}});
+    let registry = Registry::start(&[("echo", entry)], false).await?;
+    let mut c = Cluster::new(&echo_catalog(None), &[&image]).await?;
+    c.start(&[("GANTRY_EXECUTOR_REGISTRY", &registry.url)])?;
+    let producer = c.env.producer().await?;
+    let id = run(&c, &producer, "echo", "dead_lettered").await?;
+    let reason = dead_letter_reason(&c.env, id).await?;
+    assert!(
+        reason.contains("does not handle task k8s.echo")
+            && reason.contains("the executor registry lists llm.chat, llm.complete"),
+        "{reason}"
+    );
+    assert_eq!(c.double.jobs_created(), 0);
+    producer.close().await;
+    c.cleanup(&[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_file_is_reloaded_on_sighup() -> anyhow::Result<()> {
+    let (a, b) = (pinned('a'), pinned('b'));
+    let mut c = Cluster::new(&echo_catalog(Some(&a)), &[&a, &b]).await?;
+    c.start(&[])?;
+    std::fs::write(&c.env.catalog_path, echo_catalog(Some(&b)))?;
+    let pid = c.dispatcher.as_ref().context("started")?.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    c.logged("executor catalog reloaded", 1).await?;
+    let producer = c.env.producer().await?;
+    let id = run(&c, &producer, "echo", "succeeded").await?;
+    assert_eq!(c.job_image(id), Some(b));
+    producer.close().await;
+    c.cleanup(&[]).await
+}
