@@ -1,8 +1,11 @@
 //! The dispatch role: one consumer per executor class. For each delivery: validate →
-//! record `received` → start (or find) the job → record `dispatched` and `running` → ack,
+//! record `received` → resolve the image → start (or find) the job → record `dispatched`
+//! and `running` → ack,
 //! then follow the job to its end in the background, holding one unit of the class's
 //! capacity. While a class is at `max_active_jobs`, deliveries wait un-acked within a small
-//! prefetch and the rest stays in RabbitMQ.
+//! prefetch and the rest stays in RabbitMQ. A task whose image cannot be resolved yet (the
+//! executor registry does not answer) is republished at the end of its queue; one whose
+//! image is refused is dead-lettered with the reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 use uuid::Uuid;
 
@@ -27,8 +31,13 @@ use crate::runtime::{End, JobEnd, RuntimeJob};
 use crate::service::Ctx;
 use crate::{Error, Result, dead_letter};
 
-/// Consumes the queue of `class` until shutdown.
-pub(crate) async fn run_class(ctx: Arc<Ctx>, class: ExecutorClass, capacity: Arc<Semaphore>) {
+/// Consumes the queue of `class` until `stop` (shutdown, or the class leaving the catalog).
+pub(crate) async fn run_class(
+    ctx: Arc<Ctx>,
+    class: ExecutorClass,
+    capacity: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let queue = ctx.topology.task_queue(&class);
     let source = Source {
         url: &ctx.settings.common.amqp_url,
@@ -37,8 +46,16 @@ pub(crate) async fn run_class(ctx: Arc<Ctx>, class: ExecutorClass, capacity: Arc
         prefetch: ctx.settings.dispatcher.max_waiting,
         timeout: ctx.settings.common.broker_timeout,
     };
-    while let Some(mut session) = open_until_shutdown(&source, &ctx.shutdown).await {
-        let end = consume(&ctx, &class, &queue, &capacity, &mut session.consumer).await;
+    while let Some(mut session) = open_until_shutdown(&source, &stop).await {
+        let end = consume(
+            &ctx,
+            &class,
+            &queue,
+            &capacity,
+            &stop,
+            &mut session.consumer,
+        )
+        .await;
         let stop = matches!(end, SessionEnd::Shutdown);
         session.close(&end, &queue).await;
         if stop {
@@ -52,12 +69,13 @@ async fn consume(
     class: &ExecutorClass,
     queue: &str,
     capacity: &Arc<Semaphore>,
+    stop: &CancellationToken,
     consumer: &mut Consumer,
 ) -> SessionEnd {
     let mut handlers = tokio::task::JoinSet::new();
     let end = loop {
         let delivery = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break SessionEnd::Shutdown,
+            _ = stop.cancelled() => break SessionEnd::Shutdown,
             d = consumer.next() => d,
         };
         let delivery = match delivery {
@@ -76,7 +94,7 @@ async fn consume(
             // Wait for capacity with the delivery in hand: it stays un-acked meanwhile,
             // but not so long that RabbitMQ's consumer_timeout closes the channel.
             Ok(task) => tokio::select! {
-                _ = ctx.shutdown.cancelled() => break SessionEnd::Shutdown,
+                _ = stop.cancelled() => break SessionEnd::Shutdown,
                 p = capacity.clone().acquire_owned() => match p {
                     Ok(permit) => Step::Dispatch(Box::new(task), permit),
                     Err(_) => break SessionEnd::Shutdown,
@@ -118,8 +136,13 @@ async fn handle(
     async {
         let done = match step {
             Step::Refuse(rejection) => refuse(&ctx, &queue, &delivery, &rejection).await,
-            Step::Dispatch(task, permit) => dispatch(&ctx, &class, &delivery, *task, permit).await,
-            Step::Requeue(task) => requeue(&ctx, &queue, &delivery, &task).await,
+            Step::Dispatch(task, permit) => {
+                dispatch(&ctx, &class, &queue, &delivery, *task, permit).await
+            }
+            Step::Requeue(task) => {
+                let why = "held too long waiting for capacity";
+                requeue(&ctx, &queue, &delivery, &task, why).await
+            }
         };
         match done {
             Ok(()) => {}
@@ -141,17 +164,27 @@ async fn handle(
 
 /// Dead-letters a message that is not a valid task, with its reason, then acks it.
 async fn refuse(ctx: &Ctx, queue: &str, delivery: &Delivery, rejection: &Rejection) -> Result<()> {
-    let reason = rejection.to_string();
-    let count = ctx.metrics.rejected(rejection.metric_label());
-    warn!(%reason, rejected_total = count, "rejected message; dead-lettering it");
-    dead_letter::publish(
-        &ctx.publisher,
-        &ctx.topology.dlx(),
+    dead_letter(
+        ctx,
         queue,
         delivery,
-        &reason,
+        &rejection.to_string(),
+        rejection.metric_label(),
     )
-    .await?;
+    .await
+}
+
+/// Dead-letters a delivery with `reason`, counted under `label`, then acks it.
+async fn dead_letter(
+    ctx: &Ctx,
+    queue: &str,
+    delivery: &Delivery,
+    reason: &str,
+    label: &'static str,
+) -> Result<()> {
+    let count = ctx.metrics.rejected(label);
+    warn!(%reason, rejected_total = count, "rejected message; dead-lettering it");
+    dead_letter::publish(&ctx.publisher, &ctx.topology.dlx(), queue, delivery, reason).await?;
     ack(delivery).await;
     Ok(())
 }
@@ -159,7 +192,13 @@ async fn refuse(ctx: &Ctx, queue: &str, delivery: &Delivery, rejection: &Rejecti
 /// Puts a task that waited too long for capacity back at the end of its queue, as a new
 /// publish (confirmed, then the original is acked): a nack would count as a delivery
 /// towards the poison limit.
-async fn requeue(ctx: &Ctx, queue: &str, delivery: &Delivery, task: &Task) -> Result<()> {
+async fn requeue(
+    ctx: &Ctx,
+    queue: &str,
+    delivery: &Delivery,
+    task: &Task,
+    why: &str,
+) -> Result<()> {
     let (body, props) = match task.to_amqp(Utc::now()) {
         Ok(m) => m,
         Err(rejection) => return refuse(ctx, queue, delivery, &rejection).await,
@@ -175,13 +214,14 @@ async fn requeue(ctx: &Ctx, queue: &str, delivery: &Delivery, task: &Task) -> Re
         )
         .await?;
     ack(delivery).await;
-    info!(task_id = %task.id, "held too long waiting for capacity; requeued at the end of the queue");
+    info!(task_id = %task.id, why, "requeued at the end of the queue");
     Ok(())
 }
 
 async fn dispatch(
     ctx: &Arc<Ctx>,
     class: &ExecutorClass,
+    queue: &str,
     delivery: &Delivery,
     task: Task,
     permit: OwnedSemaphorePermit,
@@ -195,15 +235,29 @@ async fn dispatch(
         ack(delivery).await;
         return Ok(());
     }
-    let Some(spec) = ctx.settings.catalog.get(class) else {
+    let catalog = ctx.catalog();
+    let Some(spec) = catalog.get(class) else {
+        // Its consumer is being stopped: back to the queue, where the class's tasks wait.
         return Err(Error::Job {
             job: task.id.to_string(),
             message: format!("executor class {class} left the catalog"),
         });
     };
     let runtime = ctx.runtime.as_ref().ok_or(Error::ShuttingDown)?;
+    let spec = match runtime.resolve_image(&task, spec).await {
+        Ok(spec) => spec,
+        Err(e) if e.is_transient() => {
+            inc(&ctx.metrics.image_waits);
+            warn!(task_id = %task.id, error = %chain(&e), "no image for the task yet");
+            return requeue(ctx, queue, delivery, &task, "waiting for its image").await;
+        }
+        Err(e) => {
+            let reason = format!("image: {e}");
+            return dead_letter(ctx, queue, delivery, &reason, e.metric_label()).await;
+        }
+    };
     let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
-    let (job, _ended) = match runtime.start(&task, spec, &dispatch_id).await {
+    let (job, _ended) = match runtime.start(&task, &spec, &dispatch_id).await {
         Ok(s) => s,
         Err(e) => {
             // The job cannot start (missing program, refused by the API server, full
@@ -267,10 +321,10 @@ fn parse(ctx: &Ctx, class: &ExecutorClass, delivery: &Delivery) -> Result<Task, 
         &ctx.settings.common.limits,
         Utc::now(),
     )?;
-    if ctx.settings.catalog.get(&task.executor).is_none() {
-        return Err(Rejection::UnknownExecutor(task.executor.to_string()));
-    }
     if &task.executor != class {
+        if ctx.catalog().get(&task.executor).is_none() {
+            return Err(Rejection::UnknownExecutor(task.executor.to_string()));
+        }
         return Err(Rejection::BadField {
             field: "executor",
             detail: format!(

@@ -24,13 +24,57 @@ pub enum Error {
     ExecutorMissing(String),
     #[error("shutting down")]
     ShuttingDown,
+    #[error("the executor catalog {origin}: {message}")]
+    CatalogSource { origin: String, message: String },
+    #[error("cannot {what} through the Kubernetes API: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("executor class {class} has no image: {tried}")]
+    NoImage { class: String, tried: String },
+    #[error(
+        "executor class {class}: image {image} is not pinned to a digest; write it as {repository}@sha256:<digest> (`docker buildx imagetools inspect` or `crane digest` prints the digest), or turn on dispatcher.kubernetes.dev_mode on a development cluster"
+    )]
+    ImageNotPinned {
+        class: String,
+        image: String,
+        repository: String,
+    },
+    #[error(
+        "executor class {class}: image {image} is not from an allowed registry ({allowed}); pin it to one of them or add its registry to dispatcher.kubernetes.allowed_registries"
+    )]
+    RegistryNotAllowed {
+        class: String,
+        image: String,
+        allowed: String,
+    },
+    #[error(
+        "executor class {class}: image {image} does not handle task {task} (the executor registry lists {tasks}); send the task to another class or register it for this image"
+    )]
+    TaskNotSupported {
+        class: String,
+        image: String,
+        task: String,
+        tasks: String,
+    },
+    #[error(
+        "the executor registry {url} did not answer for class {class} ({message}); the task waits in its queue until it does"
+    )]
+    RegistryUnavailable {
+        url: String,
+        class: String,
+        message: String,
+    },
 }
 
 impl Error {
-    /// Whether trying again (after a reconnect) may succeed.
+    /// Whether trying again (after a reconnect, or once a service answers) may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Shared(e) => e.is_transient(),
+            Error::RegistryUnavailable { .. } => true,
             _ => false,
         }
     }
@@ -42,6 +86,13 @@ impl Error {
             Error::StateDir { .. } | Error::StateDirBusy(_) => "state_dir",
             Error::Job { .. } | Error::ExecutorMissing(_) => "job",
             Error::ShuttingDown => "shutdown",
+            Error::CatalogSource { .. } => "config",
+            Error::Kube { .. } => "kubernetes",
+            Error::NoImage { .. }
+            | Error::ImageNotPinned { .. }
+            | Error::RegistryNotAllowed { .. }
+            | Error::TaskNotSupported { .. } => "image",
+            Error::RegistryUnavailable { .. } => "executor_registry",
         }
     }
 }

@@ -29,7 +29,8 @@ struct Args {
     /// Roles of this process (repeat or comma-separate): `dispatch`, `record`. Default: both.
     #[arg(long = "role", value_name = "ROLE", value_delimiter = ',')]
     roles: Vec<Role>,
-    /// Executor catalog (YAML). Default: the built-in catalog with the class `echo`.
+    /// Executor catalog (YAML), reloaded on SIGHUP. Default: the built-in catalog with the
+    /// class `echo`, unless dispatcher.catalog_configmap names a ConfigMap to watch.
     #[arg(long, value_name = "FILE")]
     catalog: Option<PathBuf>,
     /// Directory for the local runtime's jobs; one dispatcher per directory.
@@ -79,7 +80,8 @@ Examples:
   GANTRY_PREFIX=staging gantry-dispatcher --catalog catalog.yaml
 
 On SIGTERM or Ctrl-C the dispatcher stops consuming, finishes the hand-offs in flight,
-and exits 0. Running jobs keep running; the next start adopts them.
+and exits 0. Running jobs keep running; the next start adopts them. On SIGHUP it reloads
+its catalog file (a catalog ConfigMap is watched instead).
 
 More: docs/configuration.md and docs/architecture.md.";
 

@@ -15,6 +15,11 @@ pub(crate) struct Metrics {
     pub(crate) synthesized: AtomicU64,
     pub(crate) forwarded: AtomicU64,
     pub(crate) dead_letters_recorded: AtomicU64,
+    /// Catalog versions swapped in, and refused as invalid.
+    pub(crate) catalog_reloads: AtomicU64,
+    pub(crate) catalog_refused: AtomicU64,
+    /// Tasks put back in their queue because their image could not be resolved yet.
+    pub(crate) image_waits: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -43,6 +48,9 @@ impl Metrics {
             synthesized = get(&self.synthesized),
             forwarded = get(&self.forwarded),
             dead_letters_recorded = get(&self.dead_letters_recorded),
+            catalog_reloads = get(&self.catalog_reloads),
+            catalog_refused = get(&self.catalog_refused),
+            image_waits = get(&self.image_waits),
             %rejected,
             "dispatcher counters"
         );

@@ -1,16 +1,22 @@
 //! `render-job`: the Job and Secret a task would get, as YAML, without contacting anything.
 
 use chrono::{DateTime, Utc};
+use gantry_shared::catalog::ExecutorSpec;
 use gantry_shared::message::{Task, TaskEnvelope};
 
+use crate::images::{self, ImagePolicy};
 use crate::runtime::kubernetes::job;
 use crate::settings::Settings;
 use crate::{Error, Result};
 
 /// Renders the Job and Secret of `envelope` (a task message body) as two YAML documents.
 ///
+/// Only the catalog file is read: the executor registry and the nodes' images (development
+/// mode) need the cluster, so a class must name its image in the file.
+///
 /// # Errors
-/// The task is invalid, its class is not in the catalog or has no image.
+/// The task is invalid, the catalog comes from a ConfigMap, the class is not in the catalog,
+/// has no image, or its image is refused (not pinned, registry not allowed).
 pub fn render_job(
     settings: &Settings,
     envelope: TaskEnvelope,
@@ -24,13 +30,25 @@ pub fn render_job(
     };
     let task = Task::from_envelope(envelope, &settings.common.limits, now)
         .map_err(|r| invalid(r.to_string()))?;
-    let spec = settings.catalog.get(&task.executor).ok_or_else(|| {
+    let catalog = settings.catalog.as_ref().ok_or_else(|| {
+        invalid(format!(
+            "render-job reads only a catalog file, and the catalog comes from the ConfigMap {}; pass --catalog FILE (kubectl get configmap NAME -o jsonpath='{{.data.catalog\\.yaml}}' > catalog.yaml)",
+            settings.dispatcher.catalog_configmap.as_deref().unwrap_or_default()
+        ))
+    })?;
+    let spec = catalog.get(&task.executor).ok_or_else(|| {
         invalid(format!(
             "executor class {} is not in the catalog",
             task.executor
         ))
     })?;
     let kube = &settings.dispatcher.kubernetes;
+    let image = images::catalog_image(&task.executor, spec, &ImagePolicy::of(kube))
+        .map_err(|e| invalid(e.to_string()))?;
+    let spec = &ExecutorSpec {
+        image: Some(image),
+        ..spec.clone()
+    };
     let target = job::Target {
         namespace,
         prefix: &settings.common.prefix,

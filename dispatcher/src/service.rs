@@ -1,5 +1,5 @@
-//! The service: [`run`] connects, declares the topology, reconciles, starts the roles, and
-//! drains them when `shutdown` resolves.
+//! The service: [`run`] reads the catalog, connects, declares the topology, reconciles,
+//! starts the roles and the catalog's watch, and drains them when `shutdown` resolves.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use gantry_shared::amqp::{self, Publisher, confirm_channel};
+use gantry_shared::catalog::Catalog;
 use gantry_shared::message::{JobName, TaskResult};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -24,7 +25,7 @@ use crate::runtime::Runtime;
 use crate::runtime::kubernetes::runtime::KubeRuntime;
 use crate::runtime::local::{LocalOptions, LocalRuntime};
 use crate::settings::{Role, RuntimeKind, Settings};
-use crate::{Error, Result, dispatch, recorder};
+use crate::{Error, Result, catalog, classes, dispatch, recorder};
 
 /// What every part of the running dispatcher shares.
 pub(crate) struct Ctx {
@@ -35,6 +36,8 @@ pub(crate) struct Ctx {
     pub(crate) runtime: Option<Runtime>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: CancellationToken,
+    /// The executor catalog in force; replaced whole on reload (see [`crate::catalog`]).
+    pub(crate) catalog: watch::Sender<Arc<Catalog>>,
     following: Mutex<HashSet<JobName>>,
 }
 
@@ -53,6 +56,11 @@ impl Drop for FollowGuard<'_> {
 }
 
 impl Ctx {
+    /// The executor catalog in force.
+    pub(crate) fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
+    }
+
     /// Whether a job is followed by this dispatcher.
     pub(crate) fn is_following(&self, name: &JobName) -> bool {
         self.following
@@ -129,6 +137,16 @@ pub async fn run(
     let common = &settings.common;
     let topology = Topology::new(&common.prefix)?;
     info!(prefix = %common.prefix, amqp = %common.amqp_url_redacted(), roles = ?settings.dispatcher.roles, "starting dispatcher");
+    let kube_runtime =
+        settings.has_role(Role::Dispatch) && settings.dispatcher.runtime == RuntimeKind::Kubernetes;
+    let client = if kube_runtime || settings.dispatcher.catalog_configmap.is_some() {
+        Some(kube_client().await?)
+    } else {
+        None
+    };
+    let source = catalog::Source::of(&settings, client.as_ref())?;
+    let initial = catalog::initial(&settings, &source, client.as_ref()).await?;
+    info!(source = ?source, classes = ?initial.classes(), "executor catalog loaded");
 
     let startup = retry::for_at_most(Duration::from_secs(120));
     let conn = amqp::connect_with_retry(
@@ -140,7 +158,7 @@ pub async fn run(
     .await?;
     let channel = confirm_channel(&conn, common.broker_timeout).await?;
     topology
-        .apply(&channel, &settings.catalog.classes(), &common.queues)
+        .apply(&channel, &initial.classes(), &common.queues)
         .await?;
     let _ = conn.close(200, "topology applied".into()).await;
 
@@ -152,7 +170,7 @@ pub async fn run(
     )
     .await?;
     let runtime = if settings.has_role(Role::Dispatch) {
-        Some(open_runtime(&settings, token.clone()).await?)
+        Some(open_runtime(&settings, client.clone(), token.clone()).await?)
     } else {
         None
     };
@@ -163,6 +181,7 @@ pub async fn run(
         runtime,
         metrics: Metrics::default(),
         shutdown: token.clone(),
+        catalog: watch::Sender::new(Arc::new(initial)),
         following: Mutex::new(HashSet::new()),
         settings,
     });
@@ -172,10 +191,11 @@ pub async fn run(
         roles.spawn(recorder::run(ctx.clone(), recorder::Stream::Results));
         roles.spawn(recorder::run(ctx.clone(), recorder::Stream::DeadLetters));
     }
-    if ctx.settings.has_role(Role::Dispatch) {
-        let capacity: HashMap<_, _> = ctx
-            .settings
-            .catalog
+    let dispatching = ctx.settings.has_role(Role::Dispatch);
+    let mut capacity = HashMap::new();
+    if dispatching {
+        capacity = ctx
+            .catalog()
             .iter()
             .map(|(class, spec)| {
                 (
@@ -185,11 +205,10 @@ pub async fn run(
             })
             .collect();
         dispatch::reconcile(&ctx, &capacity).await?;
-        for (class, sem) in capacity {
-            roles.spawn(dispatch::run_class(ctx.clone(), class, sem));
-        }
         roles.spawn(dispatch::watch_cancellations(ctx.clone()));
     }
+    roles.spawn(classes::supervise(ctx.clone(), capacity, dispatching));
+    roles.spawn(catalog::watch(ctx.clone(), source, client));
     let housekeeping = ctx.clone();
     roles.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -216,15 +235,35 @@ pub async fn run(
     Ok(())
 }
 
-async fn open_runtime(settings: &Settings, shutdown: CancellationToken) -> Result<Runtime> {
+async fn open_runtime(
+    settings: &Settings,
+    client: Option<kube::Client>,
+    shutdown: CancellationToken,
+) -> Result<Runtime> {
     match settings.dispatcher.runtime {
         RuntimeKind::Local => Ok(Runtime::Local(open_local(settings)?)),
         RuntimeKind::Kubernetes => {
+            let client = match client {
+                Some(c) => c,
+                None => kube_client().await?,
+            };
             let kube = &settings.dispatcher.kubernetes;
-            let runtime = KubeRuntime::open(kube, &settings.common.prefix, shutdown).await?;
+            let runtime =
+                KubeRuntime::open(client, kube, &settings.common.prefix, shutdown).await?;
             Ok(Runtime::Kubernetes(Box::new(runtime)))
         }
     }
+}
+
+/// A Kubernetes client: the in-cluster configuration in a pod, else the kubeconfig.
+async fn kube_client() -> Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .map_err(|source| Error::Kube {
+            what: "configure the client (the dispatcher needs a kubeconfig or to run in a cluster)"
+                .into(),
+            source,
+        })
 }
 
 fn open_local(settings: &Settings) -> Result<LocalRuntime> {

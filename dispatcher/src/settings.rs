@@ -6,7 +6,7 @@
 //! dispatcher:
 //!   runtime: local
 //!   roles: [dispatch, record]
-//!   catalog: /etc/gantry/catalog.yaml
+//!   catalog: /etc/gantry/catalog.yaml      # or catalog_configmap: gantry-catalog
 //!   state_dir: /var/lib/gantry
 //! ```
 
@@ -74,6 +74,10 @@ pub struct DispatcherSection {
     pub roles: Vec<Role>,
     /// Executor catalog file; the built-in catalog (class `echo`) when unset.
     pub catalog: Option<PathBuf>,
+    /// The ConfigMap holding the executor catalog (key `catalog.yaml`), `NAME` in the
+    /// dispatcher's namespace or `NAMESPACE/NAME`; watched and reloaded on change. Exclusive
+    /// with `catalog`.
+    pub catalog_configmap: Option<String>,
     /// Where the local runtime keeps its job directories.
     pub state_dir: PathBuf,
     /// The `gantry-executor` program the local runtime starts.
@@ -110,6 +114,7 @@ impl Default for DispatcherSection {
             runtime: RuntimeKind::Local,
             roles: vec![Role::Dispatch, Role::Record],
             catalog: None,
+            catalog_configmap: None,
             state_dir: default_state_dir(),
             executor_bin: None,
             record_batch: 200,
@@ -148,7 +153,9 @@ struct FileLayout {
 pub struct Settings {
     pub common: Config,
     pub dispatcher: DispatcherSection,
-    pub catalog: Catalog,
+    /// The catalog file's (or the built-in) catalog; `None` when it comes from a ConfigMap,
+    /// read at start.
+    pub catalog: Option<Catalog>,
     /// The configuration file, passed on to executors.
     pub config_file: Option<PathBuf>,
 }
@@ -175,6 +182,9 @@ impl Settings {
         }
         if let Some(v) = env("GANTRY_CATALOG") {
             d.catalog = Some(v.into());
+        }
+        if let Some(v) = env("GANTRY_CATALOG_CONFIGMAP") {
+            d.catalog_configmap = Some(v);
         }
         if let Some(v) = env("GANTRY_STATE_DIR") {
             d.state_dir = v.into();
@@ -203,10 +213,27 @@ impl Settings {
         if let Some(v) = env("GANTRY_NAMESPACE") {
             d.kubernetes.namespace = Some(v);
         }
+        let k = &mut d.kubernetes;
+        if let Some(v) = env("GANTRY_ALLOWED_REGISTRIES") {
+            k.allowed_registries = v.split(',').map(|r| r.trim().to_owned()).collect();
+        }
+        env_parse("GANTRY_DEV_MODE", &mut k.dev_mode)?;
+        if let Some(v) = env("GANTRY_EXECUTOR_REGISTRY") {
+            k.executor_registry = Some(v);
+        }
+        env_duration(
+            "GANTRY_EXECUTOR_REGISTRY_CACHE",
+            &mut k.executor_registry_cache,
+        )?;
+        env_duration(
+            "GANTRY_EXECUTOR_REGISTRY_TIMEOUT",
+            &mut k.executor_registry_timeout,
+        )?;
         Ok(d)
     }
 
-    /// Loads the catalog and the shared configuration.
+    /// Loads the catalog (from its file; a ConfigMap is read at start by the service) and
+    /// checks the settings that depend on each other.
     ///
     /// # Errors
     /// An invalid catalog or configuration.
@@ -220,7 +247,32 @@ impl Settings {
         }
         dispatcher.record_batch = dispatcher.record_batch.max(1);
         dispatcher.max_waiting = dispatcher.max_waiting.max(1);
-        let catalog = Catalog::load(dispatcher.catalog.as_deref())?;
+        let invalid = |origin: &str, message: String| gantry_shared::Error::Config {
+            origin: origin.into(),
+            message,
+        };
+        if dispatcher.catalog_configmap.is_some() && dispatcher.catalog.is_some() {
+            return Err(invalid(
+                "dispatcher.catalog_configmap",
+                "set either a catalog file (catalog, --catalog, GANTRY_CATALOG) or catalog_configmap, not both".into(),
+            )
+            .into());
+        }
+        if let Some(name) = &dispatcher.catalog_configmap {
+            configmap_ref(name).map_err(|m| invalid("dispatcher.catalog_configmap", m))?;
+        }
+        if let Some(url) = &dispatcher.kubernetes.executor_registry {
+            crate::images::check_registry_url(url).map_err(|m| {
+                invalid(
+                    "dispatcher.kubernetes.executor_registry",
+                    format!("{}: {m}", config::redact_url(url)),
+                )
+            })?;
+        }
+        let catalog = match dispatcher.catalog_configmap {
+            Some(_) => None,
+            None => Some(Catalog::load(dispatcher.catalog.as_deref())?),
+        };
         Ok(Settings {
             common,
             dispatcher,
@@ -232,6 +284,31 @@ impl Settings {
     pub fn has_role(&self, role: Role) -> bool {
         self.dispatcher.roles.contains(&role)
     }
+}
+
+/// `(namespace, name)` of `catalog_configmap` (`NAME` or `NAMESPACE/NAME`).
+///
+/// # Errors
+/// A part is empty or not a DNS-1123 name.
+pub fn configmap_ref(value: &str) -> Result<(Option<&str>, &str), String> {
+    let (namespace, name) = match value.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, value),
+    };
+    let dns = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    if namespace.is_some_and(|ns| !dns(ns)) || !dns(name) {
+        return Err(format!(
+            "{value:?} is not NAME or NAMESPACE/NAME (lowercase letters, digits, '-' and '.')"
+        ));
+    }
+    Ok((namespace, name))
 }
 
 /// The `kubernetes:` part of the `dispatcher:` section: how Jobs are made.
@@ -262,6 +339,20 @@ pub struct KubernetesSection {
     /// Registries executor images may come from (`registry.example.com`,
     /// `ghcr.io/acme`); an image from anywhere else is refused. Empty: any.
     pub allowed_registries: Vec<String>,
+    /// Development mode: a class without an image runs the newest `executor-<class>` image
+    /// the nodes report, and images need not be pinned to a digest.
+    pub dev_mode: bool,
+    /// The executor registry service (`http://host[:port][/path]`), asked first.
+    pub executor_registry: Option<String>,
+    /// How long the registry's answers (404s included) are reused.
+    #[serde(with = "humantime_serde_compat")]
+    pub executor_registry_cache: Duration,
+    /// Longest wait for one answer of the registry.
+    #[serde(with = "humantime_serde_compat")]
+    pub executor_registry_timeout: Duration,
+    /// While the registry does not answer, an answer cached less than this long ago is used.
+    #[serde(with = "humantime_serde_compat")]
+    pub executor_registry_stale: Duration,
 }
 
 impl Default for KubernetesSection {
@@ -278,6 +369,69 @@ impl Default for KubernetesSection {
             image_pull_limit: Duration::from_secs(120),
             unschedulable_limit: Duration::from_secs(600),
             allowed_registries: Vec::new(),
+            dev_mode: false,
+            executor_registry: None,
+            executor_registry_cache: Duration::from_secs(30),
+            executor_registry_timeout: Duration::from_secs(2),
+            executor_registry_stale: Duration::from_secs(300),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catalog_configmap_is_a_name_or_a_namespaced_name() {
+        assert_eq!(
+            configmap_ref("gantry-catalog"),
+            Ok((None, "gantry-catalog"))
+        );
+        assert_eq!(
+            configmap_ref("ml-jobs/gantry-catalog"),
+            Ok((Some("ml-jobs"), "gantry-catalog"))
+        );
+        for bad in ["", "/x", "ns/", "Gantry", "a/b/c", "-x"] {
+            assert!(configmap_ref(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_image_settings_parse_from_the_file() {
+        let d: DispatcherSection = serde_norway::from_str(
+            "catalog_configmap: ml/gantry-catalog\nkubernetes:\n  dev_mode: true\n  executor_registry: http://executor-registry:8080\n  executor_registry_cache: 10s\n  allowed_registries: [registry.example.com]\n",
+        )
+        .unwrap();
+        assert_eq!(d.catalog_configmap.as_deref(), Some("ml/gantry-catalog"));
+        assert!(d.kubernetes.dev_mode);
+        assert_eq!(
+            d.kubernetes.executor_registry_cache,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            d.kubernetes.executor_registry_timeout,
+            Duration::from_secs(2)
+        );
+        let both = DispatcherSection {
+            catalog: Some("/etc/catalog.yaml".into()),
+            ..d.clone()
+        };
+        let refused = Settings::resolve(Config::default(), both, None)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("not both"), "{refused}");
+        let https = DispatcherSection {
+            kubernetes: KubernetesSection {
+                executor_registry: Some("https://user:secret@r.example".into()),
+                ..d.kubernetes.clone()
+            },
+            ..d
+        };
+        let refused = Settings::resolve(Config::default(), https, None)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("https is not supported"), "{refused}");
+        assert!(!refused.contains("secret"), "{refused}");
     }
 }

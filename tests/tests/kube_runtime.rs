@@ -211,27 +211,9 @@ async fn cluster_with(
     );
     let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
     // The executor's AMQP URL comes from this Secret, never inline.
-    let secrets: kube::Api<Secret> = kube::Api::namespaced(double.client(), double.namespace());
-    let amqp = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("gantry-amqp".into()),
-            ..Default::default()
-        },
-        string_data: Some([("url".to_owned(), gantry_tests::amqp_url())].into()),
-        ..Default::default()
-    };
-    secrets
-        .create(&kube::api::PostParams::default(), &amqp)
-        .await?;
+    double.create_secret("gantry-amqp", "url", &gantry_tests::amqp_url());
     let kubeconfig = env.dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: test, user: {{}}}}]\ncontexts: [{{name: double, context: {{cluster: double, user: test, namespace: {}}}}}]\ncurrent-context: double\n",
-            double.url(),
-            double.namespace()
-        ),
-    )?;
+    std::fs::write(&kubeconfig, double.kubeconfig())?;
     let kubeconfig = kubeconfig.display().to_string();
     let mut vars = vec![
         ("GANTRY_RUNTIME", "kubernetes"),

@@ -43,13 +43,14 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
     let executors = ctx
         .persist("read executors", || ctx.store.executors(&ids))
         .await?;
+    let catalog = ctx.catalog();
     let plans: Vec<Plan> = results
         .iter()
         .map(|r| {
             let policy = executors
                 .get(&r.task_id)
                 .and_then(|e| ExecutorClass::parse(e).ok())
-                .and_then(|c| ctx.settings.catalog.get(&c).map(|s| s.retry.clone()));
+                .and_then(|c| catalog.get(&c).map(|s| s.retry.clone()));
             retry::plan(policy.as_ref(), r)
         })
         .collect();

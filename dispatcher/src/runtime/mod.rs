@@ -83,6 +83,22 @@ impl Runtime {
         }
     }
 
+    /// The spec of the task's class with the image its job runs: resolved by the
+    /// `kubernetes` runtime (see [`crate::images`]); the local runtime runs no image.
+    ///
+    /// # Errors
+    /// As [`crate::images`] resolution: transient when the registry service does not answer.
+    pub(crate) async fn resolve_image(
+        &self,
+        task: &Task,
+        spec: &ExecutorSpec,
+    ) -> Result<ExecutorSpec> {
+        match self {
+            Runtime::Local(_) => Ok(spec.clone()),
+            Runtime::Kubernetes(rt) => rt.resolve_image(task, spec).await,
+        }
+    }
+
     /// Starts the job of `task` or finds it; whether it is already over.
     pub(crate) async fn start(
         &self,

@@ -450,6 +450,27 @@ impl KubeDouble {
         config
     }
 
+    /// A kubeconfig for the double (plain HTTP, no credentials, its namespace as the
+    /// context's), as YAML: what a dispatcher process is pointed at with `KUBECONFIG`.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: test, user: {{}}}}]\ncontexts: [{{name: double, context: {{cluster: double, user: test, namespace: {}}}}}]\ncurrent-context: double\n",
+            self.url,
+            self.namespace()
+        )
+    }
+
+    /// Creates a Secret holding one key (written as `stringData`) in the default namespace.
+    pub fn create_secret(&self, name: &str, key: &str, value: &str) {
+        let secret = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": {key: value},
+        });
+        self.create(Kind::Secret, &self.inner.options.namespace, secret);
+    }
+
     /// A client for the double. Note that `kube` retries 429, 503 and 504 by itself.
     pub fn client(&self) -> kube::Client {
         kube::Client::try_from(self.config()).expect("a client for a plain HTTP URL builds")
@@ -502,6 +523,17 @@ impl KubeDouble {
             f(&mut node);
             st.replace(key, node);
         });
+    }
+
+    /// Replaces a node's `status.images`: one entry per image, each with all its names, as
+    /// the kubelet reports them (the digest name first, then the tags:
+    /// `["reg.example/executor-echo@sha256:…", "reg.example/executor-echo:1.4.2"]`).
+    pub fn set_node_images(&self, node: &str, images: &[&[&str]]) {
+        let images: Vec<Value> = images
+            .iter()
+            .map(|names| json!({"names": names, "sizeBytes": 1_000_000_000}))
+            .collect();
+        self.edit_node(node, |n| n["status"]["images"] = Value::Array(images));
     }
 
     /// Sets a node's capacity and allocatable amount of a resource (`nvidia.com/gpu`, `"2"`).

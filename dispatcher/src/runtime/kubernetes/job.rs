@@ -6,7 +6,8 @@
 //! - `backoffLimit: 0` (retries happen at the queue), `restartPolicy: Never`,
 //!   `activeDeadlineSeconds` = the time left until the task's deadline,
 //!   `ttlSecondsAfterFinished` from the settings.
-//! - GPU limits, node selector and tolerations from the executor catalog.
+//! - The image, GPU limits, node selector and tolerations from the executor catalog (the
+//!   image as resolved and checked by [`crate::images`]).
 //! - Labels: managed-by, task id, executor class, attempt; annotations: correlation id,
 //!   traceparent, task name.
 //! - The payload is the task envelope in the Secret, mounted read-only as `task.json`; the
@@ -55,10 +56,6 @@ pub enum BuildError {
     NoImage(String),
     #[error("the task's deadline {0} has passed; it is not dispatched")]
     DeadlinePassed(DateTime<Utc>),
-    #[error(
-        "image {image} is not from an allowed registry ({allowed}); pin it to one of them or add its registry to dispatcher.kubernetes.allowed_registries"
-    )]
-    RegistryNotAllowed { image: String, allowed: String },
     #[error("the task asks for {asked} GPUs; executor class {class} allows at most {allowed}")]
     TooManyGpus {
         class: String,
@@ -79,8 +76,12 @@ pub struct Target<'a> {
 
 /// The Job and its payload Secret for one attempt of `task`, as of `now`.
 ///
+/// The image is `spec.image` as it stands: resolving and checking it (digest, allowed
+/// registries) is [`crate::images`]'s business, before this.
+///
 /// # Errors
-/// The class has no image, or the deadline has passed.
+/// The class has no image, the deadline has passed, or the task asks for more GPUs than
+/// its class allows.
 pub fn build(
     task: &Task,
     spec: &ExecutorSpec,
@@ -94,17 +95,6 @@ pub fn build(
         .image
         .clone()
         .ok_or_else(|| BuildError::NoImage(task.executor.to_string()))?;
-    if !settings.allowed_registries.is_empty()
-        && !settings
-            .allowed_registries
-            .iter()
-            .any(|r| image.starts_with(&format!("{}/", r.trim_end_matches('/'))))
-    {
-        return Err(BuildError::RegistryNotAllowed {
-            image,
-            allowed: settings.allowed_registries.join(", "),
-        });
-    }
     let left = (task.deadline - now).num_milliseconds();
     if left <= 0 {
         return Err(BuildError::DeadlinePassed(task.deadline));
@@ -483,35 +473,6 @@ mod tests {
         let stored: serde_json::Value =
             serde_json::from_slice(&secret.data.unwrap()[TASK_FILE].0).unwrap();
         assert_eq!(stored["task_id"], json!(task.id));
-    }
-
-    #[test]
-    fn images_from_registries_outside_the_allowlist_are_refused() {
-        let task = task(None);
-        let catalog = catalog();
-        let spec = catalog.get(&task.executor).unwrap();
-        let target = Target {
-            namespace: "ml",
-            prefix: "gantry",
-        };
-        let allow = |r: &[&str]| KubernetesSection {
-            allowed_registries: r.iter().map(|s| s.to_string()).collect(),
-            ..KubernetesSection::default()
-        };
-        let build_with = |k: KubernetesSection| build(&task, spec, &k, &target, "d", Utc::now());
-        assert!(build_with(allow(&["reg.example"])).is_ok());
-        assert!(build_with(allow(&["reg.example/"])).is_ok());
-        let refused = build_with(allow(&["ghcr.io/acme"]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            refused.contains("not from an allowed registry"),
-            "{refused}"
-        );
-        assert!(
-            build_with(allow(&["reg.ex"])).is_err(),
-            "a prefix of a host is not its registry"
-        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ use tracing::{info, warn};
 
 use super::client::{Created, JobClient};
 use super::job::{self, keys};
+use crate::images::Resolver;
 use crate::runtime::{End, JobEnd};
 use crate::settings::KubernetesSection;
 use crate::{Error, Result};
@@ -56,22 +57,22 @@ pub(crate) struct KubeRuntime {
     jobs: Store<Job>,
     pods: Store<Pod>,
     changed: watch::Receiver<u64>,
+    images: Resolver,
 }
 
 impl KubeRuntime {
-    /// Connects (in-cluster configuration or kubeconfig), starts the watches and waits for
-    /// their first listing.
+    /// Starts the watches through `client` and waits for their first listing, and the image
+    /// resolver.
     ///
     /// # Errors
-    /// No usable configuration, or the API server cannot be listed.
+    /// The API server cannot be listed, or the image settings cannot be served.
     pub(crate) async fn open(
+        client: Client,
         settings: &KubernetesSection,
         prefix: &str,
         shutdown: CancellationToken,
     ) -> Result<KubeRuntime> {
-        let client = Client::try_default()
-            .await
-            .map_err(|e| kube_error("configure the client", e))?;
+        let images = Resolver::open(settings, &client, shutdown.clone()).await?;
         let namespace = settings
             .namespace
             .clone()
@@ -81,14 +82,14 @@ impl KubeRuntime {
         let selector = format!("{}=gantry", keys::MANAGED_BY);
         let jobs = spawn_reflector::<Job>(
             Api::namespaced(client.clone(), &namespace),
-            &selector,
-            tx.clone(),
+            watcher::Config::default().labels(&selector),
+            Some(tx.clone()),
             shutdown.clone(),
         );
         let pods = spawn_reflector::<Pod>(
             Api::namespaced(client.clone(), &namespace),
-            &selector,
-            tx,
+            watcher::Config::default().labels(&selector),
+            Some(tx),
             shutdown,
         );
         let ready = async {
@@ -120,7 +121,17 @@ impl KubeRuntime {
             jobs,
             pods,
             changed,
+            images,
         })
+    }
+
+    /// The spec of the task's class with its resolved, checked image.
+    pub(crate) async fn resolve_image(
+        &self,
+        task: &Task,
+        spec: &ExecutorSpec,
+    ) -> Result<ExecutorSpec> {
+        self.images.resolve(task, spec).await
     }
 
     pub(crate) fn instance(&self) -> String {
@@ -453,10 +464,12 @@ fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
     (End::Crashed, exit)
 }
 
-fn spawn_reflector<K>(
+/// A cache of the objects `api` lists with `config`, kept by a watch (restarted with
+/// backoff) until shutdown; `changed` is bumped at each event.
+pub(crate) fn spawn_reflector<K>(
     api: Api<K>,
-    selector: &str,
-    changed: Arc<watch::Sender<u64>>,
+    config: watcher::Config,
+    changed: Option<Arc<watch::Sender<u64>>>,
     shutdown: CancellationToken,
 ) -> Store<K>
 where
@@ -469,19 +482,17 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default().labels(selector)),
-    )
-    .default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 event = stream.next() => match event {
-                    Some(Ok(_)) => changed.send_modify(|n| *n = n.wrapping_add(1)),
-                    Some(Err(e)) => warn!(error = %e, "watch failed; it restarts with backoff"),
+                    Some(Ok(_)) => if let Some(changed) = &changed {
+                        changed.send_modify(|n| *n = n.wrapping_add(1));
+                    },
+                    Some(Err(e)) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; it restarts with backoff"),
                     None => return,
                 },
             }
@@ -494,13 +505,4 @@ where
 fn to_chrono(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> DateTime<Utc> {
     let nanos = u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0);
     DateTime::from_timestamp(t.0.as_second(), nanos).unwrap_or_else(Utc::now)
-}
-
-fn kube_error(what: &str, e: kube::Error) -> Error {
-    Error::Job {
-        job: "kubernetes".into(),
-        message: format!(
-            "cannot {what}: {e}; the dispatcher needs a kubeconfig or to run in a cluster"
-        ),
-    }
 }
