@@ -213,6 +213,31 @@ impl TestEnv {
     }
 }
 
+/// Readies a double for a `kubernetes` dispatcher of `env`: the `gantry-amqp` Secret its
+/// executors take the broker URL from (never inline), and a kubeconfig file in the state
+/// directory, whose path is returned (for `KUBECONFIG`).
+///
+/// # Errors
+/// The double refused the Secret, or the file cannot be written.
+pub async fn point_at_double(double: &kube_double::KubeDouble, env: &TestEnv) -> Result<PathBuf> {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(double.client(), double.namespace());
+    let amqp = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("gantry-amqp".into()),
+            ..Default::default()
+        },
+        string_data: Some([("url".to_owned(), amqp_url())].into()),
+        ..Default::default()
+    };
+    secrets
+        .create(&kube::api::PostParams::default(), &amqp)
+        .await?;
+    let kubeconfig = env.dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, double.kubeconfig())?;
+    Ok(kubeconfig)
+}
+
 /// The same URL with another database.
 fn with_database(url: &str, database: &str) -> Result<String> {
     tokio_postgres::Config::from_str(url).context("GANTRY_DATABASE_URL is not a Postgres URL")?;

@@ -210,28 +210,7 @@ async fn cluster_with(
         "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
     );
     let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
-    // The executor's AMQP URL comes from this Secret, never inline.
-    let secrets: kube::Api<Secret> = kube::Api::namespaced(double.client(), double.namespace());
-    let amqp = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("gantry-amqp".into()),
-            ..Default::default()
-        },
-        string_data: Some([("url".to_owned(), gantry_tests::amqp_url())].into()),
-        ..Default::default()
-    };
-    secrets
-        .create(&kube::api::PostParams::default(), &amqp)
-        .await?;
-    let kubeconfig = env.dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: test, user: {{}}}}]\ncontexts: [{{name: double, context: {{cluster: double, user: test, namespace: {}}}}}]\ncurrent-context: double\n",
-            double.url(),
-            double.namespace()
-        ),
-    )?;
+    let kubeconfig = gantry_tests::point_at_double(&double, &env).await?;
     let kubeconfig = kubeconfig.display().to_string();
     let mut vars = vec![
         ("GANTRY_RUNTIME", "kubernetes"),
