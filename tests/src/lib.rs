@@ -8,7 +8,10 @@
 //! - [`Dispatcher`]: a `gantry-dispatcher` process, with SIGTERM and SIGKILL.
 //! - [`bin_path`]: where the built binaries are.
 //! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
+//! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
+//!   benchmarks share.
 
+pub mod bench;
 pub mod kube_double;
 
 use std::path::{Path, PathBuf};
