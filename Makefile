@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: setup test demo fmt lint deny bench
+.PHONY: setup test demo fmt lint deny bench bench-kube
 
 setup:
 	bash scripts/setup.sh
@@ -26,3 +26,9 @@ deny:
 
 bench: setup
 	cargo run --release --locked -p gantry-tests --bin gantry-bench
+
+# The kubernetes runtime against the API double; the dispatcher binary must be built too.
+bench-kube: setup
+	cargo build --release --locked --bins
+	target/release/gantry-bench-kube --tasks 5000 --active 10000 --rounds 3 \
+		--writes-per-second 1000 --max-waiting 64

@@ -8,7 +8,10 @@
 //! - [`Dispatcher`]: a `gantry-dispatcher` process, with SIGTERM and SIGKILL.
 //! - [`bin_path`]: where the built binaries are.
 //! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
+//! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
+//!   benchmarks share.
 
+pub mod bench;
 pub mod kube_double;
 
 use std::path::{Path, PathBuf};
@@ -211,6 +214,19 @@ impl TestEnv {
             .await?;
         Ok(())
     }
+}
+
+/// Readies a double for a `kubernetes` dispatcher of `env`: the `gantry-amqp` Secret its
+/// executors take the broker URL from (never inline), and a kubeconfig file in the state
+/// directory, whose path is returned (for `KUBECONFIG`).
+///
+/// # Errors
+/// The file cannot be written.
+pub fn point_at_double(double: &kube_double::KubeDouble, env: &TestEnv) -> Result<PathBuf> {
+    double.create_secret("gantry-amqp", "url", &amqp_url());
+    let kubeconfig = env.dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, double.kubeconfig())?;
+    Ok(kubeconfig)
 }
 
 /// The same URL with another database.

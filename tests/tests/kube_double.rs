@@ -923,6 +923,43 @@ async fn the_image_pull_script_leaves_the_pod_pending_in_image_pull_backoff() {
 }
 
 #[tokio::test]
+async fn the_run_forever_script_keeps_the_pod_running_until_its_job_is_deleted() {
+    let d = KubeDouble::start_with(Options {
+        script: Some(Script::RunForever),
+        ..Options::default()
+    })
+    .await;
+    let before = Instant::now();
+    jobs(&d)
+        .create(&PostParams::default(), &job("long", &["false"]))
+        .await
+        .unwrap();
+    let created = d.job_created_at("long").expect("the creation was recorded");
+    assert!(created >= before && created <= Instant::now());
+    d.wait_for_pod_phase("long", "Running", WAIT).await.unwrap();
+    // Many script steps later, it still runs and its Job is still active.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pod = d.pods_of_job("long").pop().expect("its pod");
+    assert_eq!(pod_status(&pod)["phase"], "Running");
+    assert!(pod_status(&pod)["containerStatuses"][0]["state"]["running"].is_object());
+    let job = d.job("long").unwrap();
+    assert!(job_conditions(&job).is_empty());
+    assert_eq!(job.status.unwrap().active, Some(1));
+    assert_eq!(d.peak_active_jobs(), 1);
+
+    let background = DeleteParams {
+        propagation_policy: Some(kube::api::PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    jobs(&d).delete("long", &background).await.unwrap();
+    d.wait_for("the pod to go", WAIT, |d| {
+        d.pods_of_job("long").is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn the_pending_forever_script_leaves_the_pod_unschedulable() {
     let d = KubeDouble::start().await;
     jobs(&d)

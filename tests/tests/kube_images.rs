@@ -57,8 +57,7 @@ impl Cluster {
             double.set_image_entrypoint(image, vec![executor.clone()]);
         }
         let env = TestEnv::new(Some(catalog)).await?;
-        double.create_secret("gantry-amqp", "url", &gantry_tests::amqp_url());
-        std::fs::write(env.dir.path().join("kubeconfig"), double.kubeconfig())?;
+        gantry_tests::point_at_double(&double, &env)?;
         Ok(Cluster {
             double,
             env,

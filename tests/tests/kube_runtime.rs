@@ -210,10 +210,7 @@ async fn cluster_with(
         "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
     );
     let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
-    // The executor's AMQP URL comes from this Secret, never inline.
-    double.create_secret("gantry-amqp", "url", &gantry_tests::amqp_url());
-    let kubeconfig = env.dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, double.kubeconfig())?;
+    let kubeconfig = gantry_tests::point_at_double(&double, &env)?;
     let kubeconfig = kubeconfig.display().to_string();
     let mut vars = vec![
         ("GANTRY_RUNTIME", "kubernetes"),

@@ -17,16 +17,37 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::reference::{Reference, Version};
-use crate::runtime::kubernetes::runtime::spawn_reflector;
 use crate::{Error, Result};
+
+/// A cache of every node, kept by a watch (restarted with backoff) until shutdown.
+fn spawn_reflector(api: Api<Node>, shutdown: CancellationToken) -> Store<Node> {
+    let (reader, writer) = reflector::store();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => warn!(error = %e, "the watch of nodes failed; it restarts with backoff"),
+                    None => return,
+                },
+            }
+        }
+    });
+    reader
+}
 
 /// The watch cache of the cluster's nodes.
 pub(crate) struct NodeImages {
@@ -40,12 +61,7 @@ impl NodeImages {
     /// The nodes cannot be listed within a minute (the dispatcher's service account needs
     /// `list` and `watch` on `nodes`, a cluster-scoped resource: a ClusterRole).
     pub(crate) async fn watch(client: Client, shutdown: CancellationToken) -> Result<NodeImages> {
-        let nodes = spawn_reflector(
-            Api::<Node>::all(client),
-            watcher::Config::default(),
-            None,
-            shutdown,
-        );
+        let nodes = spawn_reflector(Api::<Node>::all(client), shutdown);
         if tokio::time::timeout(Duration::from_secs(60), nodes.wait_until_ready())
             .await
             .is_err()

@@ -24,12 +24,11 @@ use futures_util::StreamExt;
 use gantry_producer::dlq::{DEFAULT_IN_FLIGHT, DeadLetters, ReplayOptions, Selection};
 use gantry_shared::amqp::{self, confirm_channel, publish_confirmed};
 use gantry_shared::dead_letter::DeadLetter;
-use gantry_shared::message::{ExecutorClass, Limits, Task, TaskName, TaskSpec, headers};
+use gantry_shared::message::{Limits, Task, headers};
 use gantry_shared::retry;
+use gantry_tests::bench::{self, Cpu, declare_quorum, echo_spec};
 use gantry_tests::{TestEnv, amqp_url};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use serde_json::json;
@@ -59,68 +58,6 @@ struct Figures {
     cpu: Cpu,
 }
 
-/// CPU time in µs per message: this process, RabbitMQ, Postgres, everything else.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    this: f64,
-    rabbitmq: f64,
-    postgres: f64,
-    other: f64,
-}
-
-impl Cpu {
-    /// CPU time spent by every process, in µs, by group.
-    fn now() -> Cpu {
-        let me = std::process::id().to_string();
-        let mut cpu = Cpu::default();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return cpu;
-        };
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let comm = &stat[open + 1..close];
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let ticks = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            // utime and stime, and those of exited children (a Postgres backend that served
-            // a connection of the run is gone by its end: its time is its parent's), in
-            // clock ticks of 10 ms (USER_HZ = 100 on Linux).
-            let us = (ticks(11) + ticks(12) + ticks(13) + ticks(14)) * 10_000.0;
-            match comm {
-                _ if name == me => cpu.this += us,
-                "beam.smp" => cpu.rabbitmq += us,
-                "postgres" => cpu.postgres += us,
-                _ => cpu.other += us,
-            }
-        }
-        cpu
-    }
-
-    /// What was spent since `before`, per message of `n`.
-    fn per_message(self, before: Cpu, n: usize) -> Cpu {
-        let n = n.max(1) as f64;
-        Cpu {
-            this: (self.this - before.this) / n,
-            rabbitmq: (self.rabbitmq - before.rabbitmq) / n,
-            postgres: (self.postgres - before.postgres) / n,
-            other: (self.other - before.other) / n,
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -130,18 +67,13 @@ async fn main() -> Result<()> {
     );
     let rounds = rounds(&args).await?;
     let median = |f: &dyn Fn(&(Figures, Figures)) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        bench::median(&rounds.iter().map(f).collect::<Vec<_>>())
     };
     let base = median(&|r| r.0.per_second);
     let replay = median(&|r| r.1.per_second);
     let ratio = median(&|r| r.1.per_second / r.0.per_second);
-    let cpu = |pick: &dyn Fn(&(Figures, Figures)) -> Cpu| Cpu {
-        this: median(&|r| pick(r).this),
-        rabbitmq: median(&|r| pick(r).rabbitmq),
-        postgres: median(&|r| pick(r).postgres),
-        other: median(&|r| pick(r).other),
+    let cpu = |pick: &dyn Fn(&(Figures, Figures)) -> Cpu| {
+        Cpu::median(&rounds.iter().map(pick).collect::<Vec<_>>())
     };
     println!("\nmedians of {} rounds:", rounds.len());
     println!(
@@ -291,16 +223,7 @@ async fn make_dead_letters(env: &TestEnv, n: usize, in_flight: usize) -> Result<
 
 fn dead_task(i: usize, queue: &str) -> Result<(Vec<u8>, BasicProperties)> {
     let task = Task::new(
-        TaskSpec {
-            executor: ExecutorClass::parse("echo")?,
-            name: TaskName::parse("bench.replay")?,
-            payload: json!({"i": i, "prompt": "x".repeat(200)}),
-            ttl: Duration::from_secs(3600),
-            reply_to: None,
-            idempotency_key: None,
-            priority: None,
-            resources: None,
-        },
+        echo_spec("bench.replay", json!({"i": i, "prompt": "x".repeat(200)}))?,
         &Limits::default(),
     )?;
     let (body, props) = task.to_amqp(Utc::now())?;
@@ -354,15 +277,7 @@ impl Move {
             to: format!("bench-move-b-{id}"),
         };
         for q in [&moves.from, &moves.to] {
-            let mut qargs = FieldTable::default();
-            qargs.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            moves
-                .channel
-                .queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), qargs)
-                .await?;
+            declare_quorum(&moves.channel, q).await?;
         }
         let sample = Arc::new(sample.clone());
         if let Err(e) = fill(&moves.channel, &moves.from, n, &sample, in_flight).await {

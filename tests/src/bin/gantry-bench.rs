@@ -12,15 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
-use futures_util::StreamExt;
-use gantry_shared::amqp::{self, confirm_channel, publish_confirmed};
-use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
-use gantry_tests::{TestEnv, amqp_url};
-use lapin::BasicProperties;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use gantry_shared::message::TaskId;
+use gantry_tests::TestEnv;
+use gantry_tests::bench::{Figures, echo_spec, lapin_round_trip};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_postgres::NoTls;
@@ -42,13 +36,6 @@ struct Args {
 /// Sequential tasks measured before the bulk run, for latency without queueing.
 const IDLE_SAMPLES: usize = 30;
 
-struct Figures {
-    per_second: f64,
-    p50: Duration,
-    p99: Duration,
-    elapsed: Duration,
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -56,8 +43,10 @@ async fn main() -> Result<()> {
         "gantry-bench: {} tasks, {} submitters, max_active_jobs {}",
         args.tasks, args.concurrency, args.max_active
     );
-    let idle_base = baseline(1, IDLE_SAMPLES).await.context("idle baseline")?;
-    let baseline = baseline(args.concurrency, args.tasks)
+    let idle_base = lapin_round_trip(1, IDLE_SAMPLES, 0)
+        .await
+        .context("idle baseline")?;
+    let baseline = lapin_round_trip(args.concurrency, args.tasks, 0)
         .await
         .context("baseline")?;
     let (idle, gantry) = gantry(&args).await.context("gantry run")?;
@@ -67,11 +56,11 @@ async fn main() -> Result<()> {
         "\nunder load ({} at once, {} submitters):",
         args.tasks, args.concurrency
     );
-    print_row(base_name, &baseline);
-    print_row(gantry_name, &gantry);
+    baseline.print(base_name);
+    gantry.print(gantry_name);
     println!("\none at a time ({IDLE_SAMPLES} sequential, nothing queued):");
-    print_row(base_name, &idle_base);
-    print_row(gantry_name, &idle);
+    idle_base.print(base_name);
+    idle.print(gantry_name);
     println!(
         "\nratio gantry/baseline throughput under load: {:.4}",
         gantry.per_second / baseline.per_second
@@ -81,119 +70,6 @@ async fn main() -> Result<()> {
         idle.p50.as_secs_f64() / idle_base.p50.as_secs_f64()
     );
     Ok(())
-}
-
-fn print_row(name: &str, f: &Figures) {
-    println!(
-        "{name:<55} {:>9.1} /s   p50 {:>9.2} ms   p99 {:>9.2} ms   total {:>7.2} s",
-        f.per_second,
-        f.p50.as_secs_f64() * 1e3,
-        f.p99.as_secs_f64() * 1e3,
-        f.elapsed.as_secs_f64()
-    );
-}
-
-fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
-    v.sort();
-    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    (at(0.50), at(0.99))
-}
-
-async fn baseline(concurrency: usize, n: usize) -> Result<Figures> {
-    let url = amqp_url().into();
-    let queue = format!("bench-baseline-{}", uuid::Uuid::new_v4().simple());
-    let timeout = Duration::from_secs(10);
-    let pub_conn = amqp::connect(&url, "bench-publish", timeout).await?;
-    let sub_conn = amqp::connect(&url, "bench-consume", timeout).await?;
-    let channel = confirm_channel(&pub_conn, timeout).await?;
-    let mut qargs = FieldTable::default();
-    qargs.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), qargs)
-        .await?;
-    let consume = sub_conn.create_channel().await?;
-    consume.basic_qos(64, BasicQosOptions::default()).await?;
-    let mut consumer = consume
-        .basic_consume(
-            queue.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let start = Instant::now();
-    let receiver = tokio::spawn(async move {
-        let mut latencies = Vec::with_capacity(n);
-        while latencies.len() < n {
-            let Some(Ok(d)) = consumer.next().await else {
-                break;
-            };
-            let sent: u128 = std::str::from_utf8(&d.data)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            latencies.push(Duration::from_nanos(
-                (start.elapsed().as_nanos() - sent) as u64,
-            ));
-            let _ = d.ack(BasicAckOptions::default()).await;
-        }
-        latencies
-    });
-    let limit = Arc::new(Semaphore::new(concurrency));
-    let mut sends = Vec::with_capacity(n);
-    for _ in 0..n {
-        let permit = limit.clone().acquire_owned().await?;
-        let channel = channel.clone();
-        let queue = queue.clone();
-        sends.push(tokio::spawn(async move {
-            let body = start.elapsed().as_nanos().to_string();
-            let r = publish_confirmed(
-                &channel,
-                "",
-                &queue,
-                body.as_bytes(),
-                BasicProperties::default().with_delivery_mode(2),
-                true,
-                timeout,
-            )
-            .await;
-            drop(permit);
-            r
-        }));
-    }
-    for s in sends {
-        s.await??;
-    }
-    let latencies = receiver.await?;
-    let elapsed = start.elapsed();
-    channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = pub_conn.close(200, "ok".into()).await;
-    let _ = sub_conn.close(200, "ok".into()).await;
-    let (p50, p99) = percentiles(latencies);
-    Ok(Figures {
-        per_second: n as f64 / elapsed.as_secs_f64(),
-        p50,
-        p99,
-        elapsed,
-    })
-}
-
-fn echo_spec(i: usize) -> Result<TaskSpec> {
-    Ok(TaskSpec {
-        executor: ExecutorClass::parse("echo")?,
-        name: TaskName::parse("bench.echo")?,
-        payload: json!({"i": i}),
-        ttl: Duration::from_secs(3600),
-        reply_to: None,
-        idempotency_key: None,
-        priority: None,
-        resources: None,
-    })
 }
 
 async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
@@ -209,7 +85,9 @@ async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
     let mut idle = Vec::with_capacity(IDLE_SAMPLES);
     for i in 0..IDLE_SAMPLES {
         let t = Instant::now();
-        let id = producer.submit(echo_spec(i)?).await?;
+        let id = producer
+            .submit(echo_spec("bench.echo", json!({"i": i}))?)
+            .await?;
         let record = producer.wait(id, Duration::from_secs(60)).await?;
         anyhow::ensure!(
             record.state == "succeeded",
@@ -218,14 +96,7 @@ async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
         );
         idle.push(t.elapsed());
     }
-    let idle_elapsed = idle_start.elapsed();
-    let (p50, p99) = percentiles(idle);
-    let idle = Figures {
-        per_second: IDLE_SAMPLES as f64 / idle_elapsed.as_secs_f64(),
-        p50,
-        p99,
-        elapsed: idle_elapsed,
-    };
+    let idle = Figures::of(IDLE_SAMPLES, idle_start.elapsed(), idle);
 
     let n = args.tasks;
     let limit = Arc::new(Semaphore::new(args.concurrency));
@@ -236,7 +107,9 @@ async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
         let producer = producer.clone();
         sends.push(tokio::spawn(async move {
             let submitted: DateTime<Utc> = Utc::now();
-            let id = producer.submit(echo_spec(i)?).await?;
+            let id = producer
+                .submit(echo_spec("bench.echo", json!({"i": i}))?)
+                .await?;
             drop(permit);
             anyhow::Ok((id, submitted))
         }));
@@ -289,12 +162,5 @@ async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
         p.close().await;
     }
     env.cleanup().await?;
-    let (p50, p99) = percentiles(latencies);
-    let load = Figures {
-        per_second: n as f64 / elapsed.as_secs_f64(),
-        p50,
-        p99,
-        elapsed,
-    };
-    Ok((idle, load))
+    Ok((idle, Figures::of(n, elapsed, latencies)))
 }

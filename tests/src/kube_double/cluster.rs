@@ -111,7 +111,9 @@ impl Cluster {
         match (e.key.kind, e.ty) {
             (Kind::Job, EventType::Added) => {
                 let uid = str_at(&e.object, "/metadata/uid").to_owned();
-                let script = script_of(&e.object).or_else(|| self.inner.next_script());
+                let script = script_of(&e.object)
+                    .or_else(|| self.inner.next_script())
+                    .or_else(|| self.inner.options.script.clone());
                 if let Some(s) = script {
                     self.job_scripts.insert(uid, s);
                 }
@@ -139,7 +141,9 @@ impl Cluster {
                     self.reconcile_job(&job_key);
                 }
             }
-            (Kind::Node, _) | (Kind::Secret, _) | (Kind::ConfigMap, _) => self.resync_pods(),
+            (Kind::Node, _) => self.resync_pods(),
+            // Only a started pod can wait for a Secret or a ConfigMap.
+            (Kind::Secret | Kind::ConfigMap, _) if self.pods_wait() => self.resync_pods(),
             _ => {}
         }
     }
@@ -215,9 +219,13 @@ impl Cluster {
         };
         let uid = str_at(&job, "/metadata/uid").to_owned();
         let pods: Vec<Value> = self.inner.store.read(|st| {
-            st.list(Kind::Pod, Some(&key.namespace))
-                .filter(|p| controller_uid(p) == Some(uid.as_str()))
-                .cloned()
+            st.owned_by(&uid)
+                .filter(|(k, p)| {
+                    k.kind == Kind::Pod
+                        && k.namespace == key.namespace
+                        && controller_uid(p) == Some(uid.as_str())
+                })
+                .map(|(_, p)| p.clone())
                 .collect()
         });
         let track = self.jobs.entry(uid.clone()).or_default();

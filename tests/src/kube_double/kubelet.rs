@@ -74,6 +74,13 @@ impl Cluster {
         }
     }
 
+    /// Whether a started pod waits for something (a Secret or a ConfigMap).
+    pub(crate) fn pods_wait(&self) -> bool {
+        self.runs
+            .values()
+            .any(|r| r.state == RunState::Waiting && r.script.is_none())
+    }
+
     /// Looks again at pods that wait for a node, a Secret or a ConfigMap.
     pub(crate) fn resync_pods(&mut self) {
         let keys: Vec<Key> = self.inner.store.read(|st| {
@@ -97,10 +104,12 @@ impl Cluster {
     fn schedule(&mut self, pod: &Value) {
         let key = Key::of(Kind::Pod, pod);
         let uid = str_at(pod, "/metadata/uid");
+        // What other pods use matters only for what this one requests.
+        let counts = !requests(pod).is_empty();
         let (nodes, used) = self.inner.store.read(|st| {
             let nodes: Vec<Value> = st.list(Kind::Node, None).cloned().collect();
             let mut used: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-            for p in st.list(Kind::Pod, None) {
+            for p in st.list(Kind::Pod, None).filter(|_| counts) {
                 let node = str_at(p, "/spec/nodeName");
                 if node.is_empty()
                     || str_at(p, "/metadata/uid") == uid
@@ -108,10 +117,7 @@ impl Cluster {
                 {
                     continue;
                 }
-                let entry = used.entry(node.to_owned()).or_default();
-                for (r, q) in requests(p) {
-                    *entry.entry(r).or_default() += q;
-                }
+                add_requests(p, used.entry(node.to_owned()).or_default());
             }
             (nodes, used)
         });
@@ -296,7 +302,7 @@ impl Cluster {
                             return;
                         }
                     }
-                } else {
+                } else if script != Some(Script::RunForever) {
                     self.later(
                         step,
                         Msg::Step {
@@ -434,7 +440,7 @@ impl Cluster {
                     }
                 });
             }
-            (Script::PendingForever, _) => {}
+            (Script::PendingForever | Script::RunForever, _) => {}
         }
     }
 
@@ -664,6 +670,12 @@ fn container_statuses(pod: &Value, state: Value, ready: bool) -> Value {
 /// A pod's resource requests (containers summed).
 fn requests(pod: &Value) -> BTreeMap<String, f64> {
     let mut total = BTreeMap::new();
+    add_requests(pod, &mut total);
+    total
+}
+
+/// Adds a pod's requests to `total`.
+fn add_requests(pod: &Value, total: &mut BTreeMap<String, f64>) {
     for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
         let from = if c["resources"]["requests"].is_object() {
             "requests"
@@ -676,7 +688,6 @@ fn requests(pod: &Value) -> BTreeMap<String, f64> {
             }
         }
     }
-    total
 }
 
 /// The first node that fits, or the scheduler's message about why none does.

@@ -121,13 +121,16 @@ pub enum Script {
     Evict,
     /// The node is lost: the pod Failed with reason `NodeLost`, then deleted.
     NodeLost,
+    /// Runs nothing and stays Running until the pod is deleted or its deadline passes (a
+    /// long job, without a process per pod).
+    RunForever,
 }
 
 impl std::str::FromStr for Script {
     type Err = String;
 
     /// `succeed`, `fail` (exit 1), `fail-3` or `fail(3)`, `oom`, `image-pull`,
-    /// `pending-forever`, `evict`, `node-lost`.
+    /// `pending-forever`, `evict`, `node-lost`, `run-forever`.
     fn from_str(s: &str) -> Result<Script, String> {
         Ok(match s {
             "succeed" => Script::Succeed,
@@ -137,6 +140,7 @@ impl std::str::FromStr for Script {
             "pending-forever" => Script::PendingForever,
             "evict" => Script::Evict,
             "node-lost" => Script::NodeLost,
+            "run-forever" => Script::RunForever,
             other => {
                 let code = other
                     .strip_prefix("fail-")
@@ -164,6 +168,7 @@ impl std::fmt::Display for Script {
             Script::PendingForever => f.write_str("pending-forever"),
             Script::Evict => f.write_str("evict"),
             Script::NodeLost => f.write_str("node-lost"),
+            Script::RunForever => f.write_str("run-forever"),
         }
     }
 }
@@ -181,6 +186,9 @@ pub struct Options {
     pub history_limit: usize,
     /// How often a watch that allows bookmarks gets one.
     pub bookmark_interval: Duration,
+    /// The script of every Job that names none and has none queued; `None`: its pods run
+    /// their container.
+    pub script: Option<Script>,
 }
 
 impl Default for Options {
@@ -191,6 +199,7 @@ impl Default for Options {
             script_step: Duration::from_millis(30),
             history_limit: 10_000,
             bookmark_interval: Duration::from_secs(1),
+            script: None,
         }
     }
 }
@@ -683,6 +692,15 @@ impl KubeDouble {
     /// How many Jobs were ever created.
     pub fn jobs_created(&self) -> u64 {
         self.inner.store.read(|st| st.jobs_created)
+    }
+
+    /// When the Job `name` of the default namespace was created (the first time), as
+    /// this process's clock saw it: for measuring how long the client took to create it.
+    pub fn job_created_at(&self, name: &str) -> Option<Instant> {
+        let key = Key::new(Kind::Job, self.namespace(), name);
+        self.inner
+            .store
+            .read(|st| st.job_created_at.get(&key).copied())
     }
 
     /// The most Jobs that existed unfinished at the same time.

@@ -1,9 +1,12 @@
 //! The object store: every object by kind, namespace and name, one global resourceVersion
 //! counter that every write bumps, and the recent history of changes that watches replay
-//! (older changes are forgotten, and a watch from before them gets 410 Gone).
+//! (older changes are forgotten, and a watch from before them gets 410 Gone). Objects are
+//! indexed by uid, and lists read one kind's range, so a store of tens of thousands of
+//! objects stays quick.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -64,12 +67,18 @@ pub(crate) struct Event {
 pub(crate) struct State {
     rv: u64,
     objects: BTreeMap<Key, Value>,
+    uids: HashMap<String, Key>,
+    /// The objects naming each uid in their `ownerReferences`.
+    owned: HashMap<String, BTreeSet<Key>>,
     history: VecDeque<Arc<Event>>,
     /// Changes up to this resourceVersion are forgotten.
     compacted: u64,
     history_limit: usize,
     pending: Vec<Arc<Event>>,
     pub(crate) jobs_created: u64,
+    /// When each Job was created (the first time, for a name created again).
+    pub(crate) job_created_at: HashMap<Key, Instant>,
+    active_jobs: usize,
     pub(crate) peak_active_jobs: usize,
 }
 
@@ -88,17 +97,62 @@ impl State {
         kind: Kind,
         namespace: Option<&'a str>,
     ) -> impl Iterator<Item = &'a Value> + 'a {
+        let from = Key {
+            kind,
+            namespace: namespace.unwrap_or_default().to_owned(),
+            name: String::new(),
+        };
         self.objects
-            .iter()
-            .filter(move |(k, _)| k.kind == kind && namespace.is_none_or(|ns| k.namespace == ns))
+            .range(from..)
+            .take_while(move |(k, _)| {
+                k.kind == kind && namespace.is_none_or(|ns| k.namespace == ns)
+            })
             .map(|(_, v)| v)
+    }
+
+    /// The objects naming `owner_uid` in their `ownerReferences`, in key order.
+    pub(crate) fn owned_by<'a>(
+        &'a self,
+        owner_uid: &str,
+    ) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
+        self.owned
+            .get(owner_uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.objects.get_key_value(k))
+    }
+
+    /// Adds (or removes) an object to the indexes.
+    fn index(&mut self, key: &Key, object: &Value, add: bool) {
+        let uid = str_at(object, "/metadata/uid");
+        if add {
+            self.uids.insert(uid.to_owned(), key.clone());
+        } else {
+            self.uids.remove(uid);
+        }
+        for owner in object["metadata"]["ownerReferences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let owner = str_at(owner, "/uid");
+            if add {
+                self.owned
+                    .entry(owner.to_owned())
+                    .or_default()
+                    .insert(key.clone());
+            } else if let Some(set) = self.owned.get_mut(owner) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.owned.remove(owner);
+                }
+            }
+        }
     }
 
     /// The object whose uid is `uid`.
     pub(crate) fn by_uid(&self, uid: &str) -> Option<(&Key, &Value)> {
-        self.objects
-            .iter()
-            .find(|(_, v)| str_at(v, "/metadata/uid") == uid)
+        self.objects.get_key_value(self.uids.get(uid)?)
     }
 
     fn bump(&mut self, object: &mut Value) -> u64 {
@@ -112,12 +166,18 @@ impl State {
         if event.key.kind == Kind::Job {
             if event.ty == EventType::Added {
                 self.jobs_created += 1;
+                self.job_created_at
+                    .entry(event.key.clone())
+                    .or_insert_with(Instant::now);
             }
-            let active = self
-                .list(Kind::Job, None)
-                .filter(|j| !job_finished(j))
-                .count();
-            self.peak_active_jobs = self.peak_active_jobs.max(active);
+            let was = event.old.as_deref().is_some_and(|j| !job_finished(j));
+            let is = event.ty != EventType::Deleted && !job_finished(&event.object);
+            match (was, is) {
+                (false, true) => self.active_jobs += 1,
+                (true, false) => self.active_jobs -= 1,
+                _ => {}
+            }
+            self.peak_active_jobs = self.peak_active_jobs.max(self.active_jobs);
         }
         self.history.push_back(event.clone());
         while self.history.len() > self.history_limit {
@@ -131,6 +191,7 @@ impl State {
     /// Stores a new object (its metadata already filled in) and returns it as stored.
     pub(crate) fn insert(&mut self, key: Key, mut object: Value) -> Value {
         let rv = self.bump(&mut object);
+        self.index(&key, &object, true);
         self.objects.insert(key.clone(), object.clone());
         self.record(Event {
             rv,
@@ -146,6 +207,10 @@ impl State {
     pub(crate) fn replace(&mut self, key: Key, mut object: Value) -> Value {
         let rv = self.bump(&mut object);
         let old = self.objects.insert(key.clone(), object.clone());
+        if let Some(old) = &old {
+            self.index(&key, old, false);
+        }
+        self.index(&key, &object, true);
         self.record(Event {
             rv,
             key,
@@ -159,6 +224,7 @@ impl State {
     /// Removes an object; returns its last state at the deletion's resourceVersion.
     pub(crate) fn remove(&mut self, key: &Key) -> Option<Value> {
         let old = self.objects.remove(key)?;
+        self.index(key, &old, false);
         let mut last = old.clone();
         let rv = self.bump(&mut last);
         self.record(Event {
@@ -176,12 +242,8 @@ impl State {
         if rv < self.compacted {
             return Err(self.compacted + 1);
         }
-        Ok(self
-            .history
-            .iter()
-            .skip_while(|e| e.rv <= rv)
-            .cloned()
-            .collect())
+        let first = self.history.partition_point(|e| e.rv <= rv);
+        Ok(self.history.range(first..).cloned().collect())
     }
 
     /// Forgets every change so far: a watch from an earlier resourceVersion gets 410.
@@ -206,11 +268,15 @@ impl Store {
             state: Mutex::new(State {
                 rv: 0,
                 objects: BTreeMap::new(),
+                uids: HashMap::new(),
+                owned: HashMap::new(),
                 history: VecDeque::new(),
                 compacted: 0,
                 history_limit: history_limit.max(1),
                 pending: Vec::new(),
                 jobs_created: 0,
+                job_created_at: HashMap::new(),
+                active_jobs: 0,
                 peak_active_jobs: 0,
             }),
             changed: watch::channel(0).0,
@@ -253,7 +319,17 @@ impl Store {
 
 /// The string at a JSON pointer, or "".
 pub(crate) fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+    // `Value::pointer` allocates for every token (to unescape it); the double's own
+    // pointers have nothing to unescape, and it reads them on every object of a list.
+    let found = match pointer.strip_prefix('/') {
+        Some(path) if !path.contains('~') => path.split('/').try_fold(v, |v, token| match v {
+            Value::Object(m) => m.get(token),
+            Value::Array(a) => token.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        }),
+        _ => v.pointer(pointer),
+    };
+    found.and_then(Value::as_str).unwrap_or("")
 }
 
 /// Whether a Job has its terminal condition (`Complete` or `Failed`, status "True").

@@ -3,8 +3,10 @@
 //!
 //! - [`job`]: the Job and Secret of an attempt (also printed by `render-job`).
 //! - [`client`]: the API writes, throttled and retried.
-//! - `runtime`: the watch caches and the mapping of Job and Pod ends to results.
+//! - `cache`: the Jobs and Pods the watches keep, by Job name, pruned.
+//! - `runtime`: the mapping of Job and Pod ends to results.
 
+mod cache;
 pub mod client;
 pub mod job;
 pub(crate) mod runtime;

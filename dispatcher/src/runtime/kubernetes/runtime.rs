@@ -19,18 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use gantry_shared::catalog::ExecutorSpec;
 use gantry_shared::message::{Evidence, JobName, Task, TaskId};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
-use tokio::sync::watch;
+use kube::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::cache::JobCache;
 use super::client::{Created, JobClient};
 use super::job::{self, keys};
 use crate::images::Resolver;
@@ -54,9 +51,7 @@ pub(crate) struct KubeRuntime {
     namespace: String,
     prefix: String,
     settings: KubernetesSection,
-    jobs: Store<Job>,
-    pods: Store<Pod>,
-    changed: watch::Receiver<u64>,
+    cache: Arc<JobCache>,
     images: Resolver,
 }
 
@@ -77,26 +72,9 @@ impl KubeRuntime {
             .namespace
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned());
-        let (tx, changed) = watch::channel(0u64);
-        let tx = Arc::new(tx);
         let selector = format!("{}=gantry", keys::MANAGED_BY);
-        let jobs = spawn_reflector::<Job>(
-            Api::namespaced(client.clone(), &namespace),
-            watcher::Config::default().labels(&selector),
-            Some(tx.clone()),
-            shutdown.clone(),
-        );
-        let pods = spawn_reflector::<Pod>(
-            Api::namespaced(client.clone(), &namespace),
-            watcher::Config::default().labels(&selector),
-            Some(tx),
-            shutdown,
-        );
-        let ready = async {
-            jobs.wait_until_ready().await.ok();
-            pods.wait_until_ready().await.ok();
-        };
-        if tokio::time::timeout(Duration::from_secs(60), ready)
+        let cache = JobCache::start(&client, &namespace, &selector, &shutdown);
+        if tokio::time::timeout(Duration::from_secs(60), cache.wait_until_listed())
             .await
             .is_err()
         {
@@ -107,7 +85,7 @@ impl KubeRuntime {
                 ),
             });
         }
-        info!(%namespace, jobs = jobs.state().len(), "kubernetes runtime watching");
+        info!(%namespace, jobs = cache.jobs().len(), "kubernetes runtime watching");
         Ok(KubeRuntime {
             client: JobClient::new(
                 client,
@@ -118,9 +96,7 @@ impl KubeRuntime {
             namespace,
             prefix: prefix.to_owned(),
             settings: settings.clone(),
-            jobs,
-            pods,
-            changed,
+            cache,
             images,
         })
     }
@@ -209,15 +185,13 @@ impl KubeRuntime {
 
     /// Whether the cache knows the Job.
     pub(crate) fn knows(&self, name: &JobName) -> bool {
-        self.jobs
-            .get(&ObjectRef::new(name.as_str()).within(&self.namespace))
-            .is_some()
+        self.cache.job(name.as_str()).is_some()
     }
 
     /// Jobs in the cache, with whether they still run: for adoption at start.
     pub(crate) fn scan(&self) -> Vec<(KubeJob, bool)> {
-        self.jobs
-            .state()
+        self.cache
+            .jobs()
             .iter()
             .filter_map(|job| {
                 let labels = job.metadata.labels.as_ref()?;
@@ -245,7 +219,7 @@ impl KubeRuntime {
     /// Waits until the job's pod runs; its evidence and start time. `None` if the job ended
     /// (or vanished) first.
     pub(crate) async fn running(&self, job: &KubeJob) -> Option<(Evidence, Option<DateTime<Utc>>)> {
-        let mut changed = self.changed.clone();
+        let mut changed = self.cache.subscribe(job.name.as_str());
         loop {
             if let Some(pod) = self.pod_of(&job.name) {
                 let status = pod.status.as_ref();
@@ -259,10 +233,7 @@ impl KubeRuntime {
                     return None;
                 }
             }
-            match self
-                .jobs
-                .get(&ObjectRef::new(job.name.as_str()).within(&self.namespace))
-            {
+            match self.cache.job(job.name.as_str()) {
                 Some(j) if finished(&j).is_some() => return None,
                 None if Utc::now() - job.created_at > chrono::Duration::seconds(30) => return None,
                 _ => {}
@@ -274,8 +245,7 @@ impl KubeRuntime {
     /// Waits for the job to end and says how. Jobs stuck pulling their image or waiting for
     /// a node past their limits are deleted and end as failures.
     pub(crate) async fn wait(&self, job: &KubeJob) -> JobEnd {
-        let mut changed = self.changed.clone();
-        let key = ObjectRef::new(job.name.as_str()).within(&self.namespace);
+        let mut changed = self.cache.subscribe(job.name.as_str());
         loop {
             let evidence = self.evidence(&job.name);
             let end = |end: End, exit: String| JobEnd {
@@ -288,7 +258,7 @@ impl KubeRuntime {
                 evidence: evidence.clone(),
             };
             let pod = self.pod_of(&job.name);
-            match self.jobs.get(&key) {
+            match self.cache.job(job.name.as_str()) {
                 Some(k8s_job) => {
                     if let Some((end_kind, exit)) =
                         finished(&k8s_job).map(|reason| classify(&reason, pod.as_deref()))
@@ -316,20 +286,7 @@ impl KubeRuntime {
     }
 
     fn pod_of(&self, name: &JobName) -> Option<Arc<Pod>> {
-        self.pods
-            .state()
-            .into_iter()
-            .filter(|p| {
-                p.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| {
-                        l.get("job-name")
-                            .or_else(|| l.get("batch.kubernetes.io/job-name"))
-                    })
-                    .is_some_and(|j| j == name.as_str())
-            })
-            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(to_chrono))
+        self.cache.pod_of(name.as_str())
     }
 
     /// A pending job past one of its limits.
@@ -462,43 +419,6 @@ fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
         None => format!("the Job failed ({reason})"),
     };
     (End::Crashed, exit)
-}
-
-/// A cache of the objects `api` lists with `config`, kept by a watch (restarted with
-/// backoff) until shutdown; `changed` is bumped at each event.
-pub(crate) fn spawn_reflector<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    changed: Option<Arc<watch::Sender<u64>>>,
-    shutdown: CancellationToken,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = stream.next() => match event {
-                    Some(Ok(_)) => if let Some(changed) = &changed {
-                        changed.send_modify(|n| *n = n.wrapping_add(1));
-                    },
-                    Some(Err(e)) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; it restarts with backoff"),
-                    None => return,
-                },
-            }
-        }
-    });
-    reader
 }
 
 /// A Kubernetes timestamp as chrono's.

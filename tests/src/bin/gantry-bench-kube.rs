@@ -1,0 +1,427 @@
+//! `gantry-bench-kube`: how fast the `kubernetes` runtime turns published tasks into Jobs,
+//! against the Kubernetes API double, beside two baselines measured in the same run.
+//!
+//! Build the binaries first, in release: `cargo build --release --bins`, then
+//! `target/release/gantry-bench-kube --tasks 5000 --active 10000`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use chrono::Utc;
+use clap::Parser;
+use gantry_dispatcher::runtime::kubernetes::job;
+use gantry_dispatcher::settings::KubernetesSection;
+use gantry_shared::message::{ExecutorClass, JobName, Limits, Task, TaskSpec};
+use gantry_tests::bench::{Cpu, Figures, echo_spec, lapin_round_trip, median};
+use gantry_tests::kube_double::{DEFAULT_NODE, KubeDouble, Options, Script};
+use gantry_tests::{Dispatcher, TestEnv, point_at_double};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_postgres::NoTls;
+
+/// Measures the `kubernetes` runtime of gantry-dispatcher against the Kubernetes API double
+/// (in this process, on 127.0.0.1, its pods running until deleted without a process), beside
+/// two baselines measured in the same run, in rounds whose medians are reported:
+///
+/// - baseline 1: a bare lapin publish (confirmed) → consume → ack loop of as many messages
+///   of the same size, through a quorum queue of the same broker;
+/// - baseline 2: bare concurrent HTTP creates of the same Job and Secret bodies (built by the
+///   dispatcher's own job builder) on a fresh double;
+/// - gantry: a release `gantry-dispatcher --runtime kubernetes` (fresh database and prefix,
+///   fresh double) and as many tasks published as the producer library does; latency is
+///   publish → Job created in the double.
+///
+/// Then it prints the ratio of gantry's throughput to the smaller baseline's (target ≥ 0.7),
+/// the API writes per task the double received (target ≤ 2), and, in a last phase with
+/// `--active` tasks whose Jobs stay active, the dispatcher's peak RSS (target < 100 MB).
+///
+/// Needs RabbitMQ and Postgres (GANTRY_AMQP_URL, GANTRY_DATABASE_URL) and the release
+/// binaries (`cargo build --release --bins`).
+#[derive(Debug, Parser)]
+#[command(verbatim_doc_comment)]
+struct Args {
+    /// Tasks per round (and messages, and Job creates, in the baselines).
+    #[arg(long, default_value_t = 5000)]
+    tasks: usize,
+    /// Tasks of the last phase, whose Jobs all stay active while the dispatcher's peak RSS
+    /// is read; 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    active: usize,
+    /// Concurrent publishers (of tasks, and of messages in baseline 1) and concurrent
+    /// creators in baseline 2.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Rounds of baseline 1, baseline 2, gantry; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The dispatcher's `kubernetes.writes_per_second` (its burst: twice as many); its
+    /// default when unset.
+    #[arg(long)]
+    writes_per_second: Option<u32>,
+    /// The dispatcher's `max_waiting` (its prefetch); its default when unset.
+    #[arg(long)]
+    max_waiting: Option<u16>,
+    /// Extra environment for the dispatcher, as NAME=VALUE (repeatable).
+    #[arg(long = "dispatcher-env", value_parser = parse_var)]
+    dispatcher_env: Vec<(String, String)>,
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+/// The image of the bench class; the double's pods run no process, so it is never pulled.
+const IMAGE: &str = "registry.example.com/executor-echo@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+/// The longest a phase may take.
+const PHASE_LIMIT: Duration = Duration::from_secs(1200);
+
+/// What one gantry phase measured.
+struct Gantry {
+    figures: Figures,
+    writes_per_task: f64,
+    cpu: Cpu,
+    /// VmHWM and VmRSS of the dispatcher at the end, in bytes.
+    rss: (u64, u64),
+}
+
+/// One round: the two baselines, gantry, and gantry's ratio to the smaller baseline.
+struct Round {
+    lapin: Figures,
+    http: Figures,
+    gantry: Gantry,
+    ratio: f64,
+}
+
+// Two workers: the double serves the dispatcher from here while the bench waits.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    println!(
+        "gantry-bench-kube: {} tasks per round, {} concurrent, {} rounds, then {} active Jobs; dispatcher writes_per_second {}, max_waiting {}",
+        args.tasks,
+        args.concurrency,
+        args.rounds,
+        args.active,
+        args.writes_per_second
+            .map_or("default".into(), |n| n.to_string()),
+        args.max_waiting.map_or("default".into(), |n| n.to_string()),
+    );
+    let body_len = sample_task(0)?.to_amqp(Utc::now())?.0.len();
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        let lapin = lapin_round_trip(args.concurrency, args.tasks, body_len)
+            .await
+            .context("baseline 1")?;
+        let http = http_creates(args.tasks, args.concurrency)
+            .await
+            .context("baseline 2")?;
+        let gantry = gantry(&args, args.tasks).await.context("gantry")?;
+        let ratio = gantry.figures.per_second / lapin.per_second.min(http.per_second);
+        println!(
+            "round {round}: lapin {:.0} msg/s, HTTP {:.0} tasks/s, gantry {:.0} tasks/s, ratio {ratio:.2}, {:.2} writes/task",
+            lapin.per_second, http.per_second, gantry.figures.per_second, gantry.writes_per_task
+        );
+        rounds.push(Round {
+            lapin,
+            http,
+            gantry,
+            ratio,
+        });
+    }
+    let pick =
+        |f: &dyn Fn(&Round) -> Figures| Figures::median(&rounds.iter().map(f).collect::<Vec<_>>());
+    let lapin = pick(&|r| r.lapin);
+    let http = pick(&|r| r.http);
+    let gantry_figures = pick(&|r| r.gantry.figures);
+    let of = |f: &dyn Fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+    let ratio = of(&|r| r.ratio);
+    let writes = of(&|r| r.gantry.writes_per_task);
+    let cpu = Cpu::median(&rounds.iter().map(|r| r.gantry.cpu).collect::<Vec<_>>());
+
+    println!(
+        "\nmedians of {} rounds ({} at once, {} concurrent, {body_len}-byte task bodies):",
+        rounds.len(),
+        args.tasks,
+        args.concurrency
+    );
+    lapin.print("baseline 1: lapin publish→consume→ack (quorum)");
+    http.print("baseline 2: HTTP create Job + Secret (double)");
+    gantry_figures.print("gantry: publish→Job created (kubernetes runtime)");
+    println!("ratio gantry / smaller baseline: {ratio:.2} (target ≥ 0.7)");
+    println!("API writes per task: {writes:.2} (target ≤ 2)");
+    println!(
+        "CPU per task (µs): dispatcher {:.0}, this process (double, producer) {:.0}, RabbitMQ {:.0}, Postgres {:.0}, other {:.0}",
+        cpu.watched, cpu.this, cpu.rabbitmq, cpu.postgres, cpu.other
+    );
+    if args.active > 0 {
+        let held = gantry(&args, args.active).await.context("active phase")?;
+        held.figures
+            .print(&format!("gantry: {} tasks, Jobs kept active", args.active));
+        let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "dispatcher peak RSS with {} active Jobs in its cache: {:.1} MiB (VmHWM; VmRSS now {:.1} MiB) (target < 100 MB)",
+            args.active,
+            mb(held.rss.0),
+            mb(held.rss.1)
+        );
+    }
+    Ok(())
+}
+
+fn sample_task(i: usize) -> Result<Task> {
+    Ok(Task::new(spec(i)?, &Limits::default())?)
+}
+
+fn spec(i: usize) -> Result<TaskSpec> {
+    echo_spec("bench.kube", json!({"i": i, "prompt": "x".repeat(200)}))
+}
+
+fn catalog(max_active: usize) -> String {
+    format!(
+        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n"
+    )
+}
+
+/// A double whose pods run until deleted, with room for `pods` of them on its node.
+async fn double(pods: usize) -> KubeDouble {
+    let double = KubeDouble::start_with(Options {
+        script: Some(Script::RunForever),
+        ..Options::default()
+    })
+    .await;
+    double.set_node_allocatable(DEFAULT_NODE, "pods", &(pods + 10).to_string());
+    double
+}
+
+/// Baseline 2: `n` Jobs and their Secrets, as the dispatcher builds them, created over
+/// plain HTTP by `concurrency` creators (Job, then its Secret owned by it: what the runtime
+/// writes), without a token bucket or retries. Latency is the Job's POST → the Job created
+/// in the double; throughput runs from the first POST to the last Secret created.
+async fn http_creates(n: usize, concurrency: usize) -> Result<Figures> {
+    let double = double(n).await;
+    let client = double.client();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), double.namespace());
+    let secrets: Api<Secret> = Api::namespaced(client, double.namespace());
+    let catalog = gantry_shared::catalog::Catalog::parse(&catalog(n), "bench")?;
+    let class = ExecutorClass::parse("echo")?;
+    let class_spec = catalog.get(&class).context("the bench class")?;
+    let settings = KubernetesSection::default();
+    let target = job::Target {
+        namespace: double.namespace(),
+        prefix: "bench",
+    };
+    let mut bodies = Vec::with_capacity(n);
+    for i in 0..n {
+        let task = sample_task(i)?;
+        let dispatch_id = format!("k8s-bench.{}", uuid::Uuid::new_v4().simple());
+        bodies.push(job::build(
+            &task,
+            class_spec,
+            &settings,
+            &target,
+            &dispatch_id,
+            Utc::now(),
+        )?);
+    }
+    let start = Instant::now();
+    let mut running = JoinSet::new();
+    let mut latencies = Vec::with_capacity(n);
+    for (job, mut secret) in bodies {
+        while running.len() >= concurrency {
+            if let Some(r) = running.join_next().await {
+                latencies.push(r??);
+            }
+        }
+        let (jobs, secrets) = (jobs.clone(), secrets.clone());
+        running.spawn(async move {
+            let post = PostParams::default();
+            let sent = Instant::now();
+            let created = jobs.create(&post, &job).await?;
+            secret.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "batch/v1".into(),
+                kind: "Job".into(),
+                name: created.metadata.name.clone().unwrap_or_default(),
+                uid: created.metadata.uid.clone().unwrap_or_default(),
+                controller: Some(false),
+                block_owner_deletion: Some(false),
+            }]);
+            secrets.create(&post, &secret).await?;
+            anyhow::Ok((created.metadata.name.unwrap_or_default(), sent))
+        });
+    }
+    while let Some(r) = running.join_next().await {
+        latencies.push(r??);
+    }
+    let elapsed = start.elapsed();
+    let latencies = latencies
+        .into_iter()
+        .map(|(name, sent)| {
+            let created = double
+                .job_created_at(&name)
+                .context("a Job the double never made")?;
+            Ok(created.saturating_duration_since(sent))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Figures::of(n, elapsed, latencies))
+}
+
+/// Publishes `n` tasks to a fresh dispatcher on a fresh double and waits for their Jobs,
+/// then for the dispatcher to record every task running (so its caches hold them all).
+async fn gantry(args: &Args, n: usize) -> Result<Gantry> {
+    let double = double(n).await;
+    let env = TestEnv::new(Some(&catalog(n))).await?;
+    let outcome = gantry_in(args, n, &double, &env).await;
+    env.cleanup().await?;
+    outcome
+}
+
+async fn gantry_in(args: &Args, n: usize, double: &KubeDouble, env: &TestEnv) -> Result<Gantry> {
+    let kubeconfig = point_at_double(double, env)?;
+    let kubeconfig = kubeconfig.display().to_string();
+    let config = env.dir.path().join("dispatcher.yaml");
+    std::fs::write(&config, dispatcher_config(args))?;
+    let config = config.display().to_string();
+    let mut vars = vec![
+        ("GANTRY_RUNTIME", "kubernetes"),
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("GANTRY_CONFIG", config.as_str()),
+    ];
+    vars.extend(
+        args.dispatcher_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let dispatcher = tokio::task::block_in_place(|| Dispatcher::start(env, &vars))?;
+    let producer = Arc::new(env.producer().await?);
+    let writes_before = double.requests().len();
+    let cpu = Cpu::watching(Some(dispatcher.pid()));
+
+    let start = Instant::now();
+    let mut sends = JoinSet::new();
+    let mut published: HashMap<String, Instant> = HashMap::with_capacity(n);
+    for i in 0..n {
+        while sends.len() >= args.concurrency {
+            if let Some(r) = sends.join_next().await {
+                let (name, at) = r??;
+                published.insert(name, at);
+            }
+        }
+        let producer = producer.clone();
+        sends.spawn(async move {
+            let task = producer.new_task(spec(i)?)?;
+            let name = JobName::for_task(task.id, task.attempt).to_string();
+            let at = Instant::now();
+            producer.submit_task(&task).await?;
+            anyhow::Ok((name, at))
+        });
+    }
+    while let Some(r) = sends.join_next().await {
+        let (name, at) = r??;
+        published.insert(name, at);
+    }
+    double
+        .wait_for("every Job", PHASE_LIMIT, |d| {
+            (d.jobs_created() as usize >= n).then_some(())
+        })
+        .await
+        .with_context(|| format!("see {}", dispatcher.log.display()))?;
+    let mut last = start;
+    let mut latencies = Vec::with_capacity(n);
+    for (name, at) in &published {
+        let created = double
+            .job_created_at(name)
+            .with_context(|| format!("no Job {name}"))?;
+        last = last.max(created);
+        latencies.push(created.saturating_duration_since(*at));
+    }
+    let figures = Figures::of(n, last - start, latencies);
+    let cpu = Cpu::watching(Some(dispatcher.pid())).per_message(cpu, n);
+
+    all_running(&env.database_url, n, &dispatcher.log).await?;
+    // Every task is running: its writes are all done.
+    let writes = double.requests()[writes_before..]
+        .iter()
+        .filter(|r| r.is_write())
+        .count();
+    let rss = peak_rss(dispatcher.pid())?;
+    let status = tokio::task::block_in_place(|| dispatcher.terminate(Duration::from_secs(60)))?;
+    ensure!(status.success(), "the dispatcher exited with {status}");
+    if let Ok(p) = Arc::try_unwrap(producer) {
+        p.close().await;
+    }
+    Ok(Gantry {
+        figures,
+        writes_per_task: writes as f64 / n as f64,
+        cpu,
+        rss,
+    })
+}
+
+/// The `dispatcher:` section the flags ask for.
+fn dispatcher_config(args: &Args) -> String {
+    let mut yaml = "dispatcher:\n".to_owned();
+    if let Some(n) = args.max_waiting {
+        yaml.push_str(&format!("  max_waiting: {n}\n"));
+    }
+    if let Some(n) = args.writes_per_second {
+        yaml.push_str(&format!(
+            "  kubernetes:\n    writes_per_second: {n}\n    write_burst: {}\n",
+            n.saturating_mul(2)
+        ));
+    }
+    yaml
+}
+
+/// Waits until Postgres has all `n` tasks `running` (the dispatcher saw every pod run).
+async fn all_running(database_url: &str, n: usize, log: &Path) -> Result<()> {
+    let (client, conn) = tokio_postgres::connect(database_url, NoTls).await?;
+    tokio::spawn(conn);
+    let start = Instant::now();
+    loop {
+        let rows = client
+            .query("SELECT state, count(*) FROM tasks GROUP BY state", &[])
+            .await?;
+        let states: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if states.get("running").copied().unwrap_or(0) as usize >= n {
+            return Ok(());
+        }
+        if states
+            .keys()
+            .any(|s| !matches!(s.as_str(), "received" | "dispatched" | "running"))
+        {
+            bail!("tasks ended: {states:?}; see {}", log.display());
+        }
+        if start.elapsed() > PHASE_LIMIT {
+            bail!("tasks not all running: {states:?}; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// VmHWM and VmRSS of a process, in bytes.
+fn peak_rss(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |field: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+        let value = line
+            .split_whitespace()
+            .nth(1)
+            .context("an empty field")?
+            .parse::<u64>()?;
+        Ok(value * 1024)
+    };
+    Ok((kb("VmHWM:")?, kb("VmRSS:")?))
+}
