@@ -24,6 +24,7 @@ use gantry_shared::message::{Evidence, JobName, Task, TaskId};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -44,6 +45,12 @@ pub(crate) struct KubeJob {
     pub(crate) executor: String,
     pub(crate) created_at: DateTime<Utc>,
 }
+
+/// How long after its creation a Job may be missing from the cache before it is taken as
+/// deleted from outside (a new Job reaches the cache within the watch's latency).
+const VANISHED: chrono::Duration = chrono::Duration::seconds(30);
+/// The longest a follower sleeps without a change: a guard against a missed wake.
+const SAFETY_WAKE: Duration = Duration::from_secs(60);
 
 /// The runtime: an API client and the watch caches.
 pub(crate) struct KubeRuntime {
@@ -235,10 +242,10 @@ impl KubeRuntime {
             }
             match self.cache.job(job.name.as_str()) {
                 Some(j) if finished(&j).is_some() => return None,
-                None if Utc::now() - job.created_at > chrono::Duration::seconds(30) => return None,
+                None if Utc::now() - job.created_at > VANISHED => return None,
                 _ => {}
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+            self.until_change_or_limit(job, &mut changed).await;
         }
     }
 
@@ -273,7 +280,7 @@ impl KubeRuntime {
                         return end(end_kind, exit);
                     }
                 }
-                None if Utc::now() - job.created_at > chrono::Duration::seconds(30) => {
+                None if Utc::now() - job.created_at > VANISHED => {
                     return end(
                         End::Crashed,
                         "the Job disappeared before it finished (deleted from outside?)".into(),
@@ -281,8 +288,30 @@ impl KubeRuntime {
                 }
                 None => {}
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+            self.until_change_or_limit(job, &mut changed).await;
         }
+    }
+
+    /// Sleeps until the Job or its pod changes, or until the next limit that can pass
+    /// without a change (the image pull and unschedulable limits, the time a Job may be
+    /// missing from the cache) has passed. A wake per change, not a poll: with thousands of
+    /// Jobs running, a poll each second would cost thousands of wakes a second.
+    async fn until_change_or_limit(&self, job: &KubeJob, changed: &mut watch::Receiver<u64>) {
+        let age = (Utc::now() - job.created_at).to_std().unwrap_or_default();
+        let limits = [
+            self.settings.image_pull_limit,
+            self.settings.unschedulable_limit,
+            VANISHED.to_std().unwrap_or_default(),
+        ];
+        // Just past the limit, so the check after the wake finds it passed.
+        let next = limits
+            .into_iter()
+            .filter(|limit| *limit >= age)
+            .map(|limit| limit - age + Duration::from_millis(50))
+            .min()
+            .unwrap_or(SAFETY_WAKE)
+            .min(SAFETY_WAKE);
+        let _ = tokio::time::timeout(next, changed.changed()).await;
     }
 
     fn pod_of(&self, name: &JobName) -> Option<Arc<Pod>> {
