@@ -361,8 +361,10 @@ pub(crate) async fn follow(
     let Some(_following) = ctx.follow_guard(&name) else {
         return;
     };
+    // The follower lives as long as its job, so its own state stays small: each step's
+    // future is boxed, and only the one running takes memory.
     let running = tokio::select! {
-        r = runtime.running(&job) => r,
+        r = Box::pin(runtime.running(&job)) => r,
         _ = ctx.shutdown.cancelled() => return,
     };
     if let Some((evidence, started_at)) = running {
@@ -371,18 +373,17 @@ pub(crate) async fn follow(
             started_at,
             ..Change::default()
         };
-        let recorded = ctx
-            .persist("record running", || {
-                ctx.store
-                    .transition(task_id, attempt, TaskState::Running, &change)
-            })
-            .await;
+        let recorded = Box::pin(ctx.persist("record running", || {
+            ctx.store
+                .transition(task_id, attempt, TaskState::Running, &change)
+        }))
+        .await;
         if recorded.is_err() {
             return;
         }
     }
     let end = tokio::select! {
-        end = runtime.wait(job) => end,
+        end = Box::pin(runtime.wait(job)) => end,
         // The job keeps running; a restarted dispatcher adopts it.
         _ = ctx.shutdown.cancelled() => return,
     };
@@ -394,10 +395,10 @@ pub(crate) async fn follow(
             .flatten()
             .is_some_and(|r| r.state() == TaskState::Cancelled)
     };
-    if end.end != End::Published && !cancelled().await {
+    if end.end != End::Published && !Box::pin(cancelled()).await {
         let result = synthesize(&end);
         warn!(task_id = %end.task_id, job = %end.job_name, status = %result.status, exit = %end.exit, "job ended without publishing a result; publishing one on its behalf");
-        if let Err(e) = ctx.publish_result(&result).await {
+        if let Err(e) = Box::pin(ctx.publish_result(&result)).await {
             error!(error = %chain(&e), job = %name, "could not publish the synthesized result; it is retried at the next start");
             return;
         }

@@ -14,6 +14,10 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "the RabbitMQ URL {url} is not valid ({message}); set GANTRY_AMQP_URL to amqp://USER:PASSWORD@HOST:PORT/VHOST"
+    )]
+    AmqpUrl { url: String, message: String },
     #[error("RabbitMQ {operation} failed: {source}")]
     Amqp {
         operation: &'static str,
@@ -102,7 +106,10 @@ impl Error {
     /// A short label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::AmqpConnect { .. } | Error::Amqp { .. } | Error::AmqpTimeout { .. } => "amqp",
+            Error::AmqpConnect { .. }
+            | Error::AmqpUrl { .. }
+            | Error::Amqp { .. }
+            | Error::AmqpTimeout { .. } => "amqp",
             Error::Unroutable { .. } => "unroutable",
             Error::PublishNacked { .. } => "nacked",
             Error::TopologyConflict { .. } => "topology",

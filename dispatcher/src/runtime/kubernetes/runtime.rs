@@ -21,14 +21,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::ExecutorSpec;
 use gantry_shared::message::{Evidence, JobName, Task, TaskId};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::cache::JobCache;
+use super::cache::{JobCache, PodView, to_chrono};
 use super::client::{Created, JobClient};
 use super::job::{self, keys};
 use crate::images::Resolver;
@@ -182,10 +180,8 @@ impl KubeRuntime {
         let pod = self.pod_of(name);
         Evidence {
             job_name: Some(name.to_string()),
-            pod_name: pod.as_ref().and_then(|p| p.metadata.name.clone()),
-            node: pod
-                .as_ref()
-                .and_then(|p| p.spec.as_ref()?.node_name.clone()),
+            pod_name: pod.as_ref().map(|p| p.name.clone()),
+            node: pod.as_ref().and_then(|p| p.node.clone()),
             ..Evidence::default()
         }
     }
@@ -201,23 +197,16 @@ impl KubeRuntime {
             .jobs()
             .iter()
             .filter_map(|job| {
-                let labels = job.metadata.labels.as_ref()?;
-                let task_id: TaskId = labels.get(keys::TASK_ID)?.parse().ok()?;
-                let attempt: u32 = labels.get(keys::ATTEMPT)?.parse().ok()?;
-                let running = finished(job).is_none();
+                let (task_id, attempt) = (job.task_id?, job.attempt?);
                 Some((
                     KubeJob {
                         name: JobName::for_task(task_id, attempt),
                         task_id,
                         attempt,
-                        executor: labels.get(keys::EXECUTOR).cloned().unwrap_or_default(),
-                        created_at: job
-                            .metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .map_or_else(Utc::now, to_chrono),
+                        executor: job.executor.clone(),
+                        created_at: job.created.unwrap_or_else(Utc::now),
                     },
-                    running,
+                    job.finished.is_none(),
                 ))
             })
             .collect()
@@ -229,11 +218,11 @@ impl KubeRuntime {
         let mut changed = self.cache.subscribe(job.name.as_str());
         loop {
             if let Some(pod) = self.pod_of(&job.name) {
-                let status = pod.status.as_ref();
-                let phase = status.and_then(|s| s.phase.as_deref());
-                if matches!(phase, Some("Running" | "Succeeded" | "Failed")) {
-                    let started = status.and_then(|s| s.start_time.as_ref()).map(to_chrono);
-                    return Some((self.evidence(&job.name), started));
+                if matches!(
+                    pod.phase.as_deref(),
+                    Some("Running" | "Succeeded" | "Failed")
+                ) {
+                    return Some((self.evidence(&job.name), pod.started));
                 }
                 // A pod stuck pending never runs: `wait` ends it.
                 if self.stuck(job, Some(&pod)).is_some() {
@@ -241,7 +230,7 @@ impl KubeRuntime {
                 }
             }
             match self.cache.job(job.name.as_str()) {
-                Some(j) if finished(&j).is_some() => return None,
+                Some(j) if j.finished.is_some() => return None,
                 None if Utc::now() - job.created_at > VANISHED => return None,
                 _ => {}
             }
@@ -267,14 +256,17 @@ impl KubeRuntime {
             let pod = self.pod_of(&job.name);
             match self.cache.job(job.name.as_str()) {
                 Some(k8s_job) => {
-                    if let Some((end_kind, exit)) =
-                        finished(&k8s_job).map(|reason| classify(&reason, pod.as_deref()))
+                    if let Some((end_kind, exit)) = k8s_job
+                        .finished
+                        .as_deref()
+                        .map(|reason| classify(reason, pod.as_deref()))
                     {
                         return end(end_kind, exit);
                     }
                     if let Some((end_kind, exit)) = self.stuck(job, pod.as_deref()) {
                         warn!(job = %job.name, %exit, "job is stuck; deleting it");
-                        if let Err(e) = self.delete(&job.name).await {
+                        // Boxed: a wait lives as long as its Job, a delete is rare.
+                        if let Err(e) = Box::pin(self.delete(&job.name)).await {
                             warn!(job = %job.name, error = %e, "cannot delete the stuck job");
                         }
                         return end(end_kind, exit);
@@ -314,23 +306,18 @@ impl KubeRuntime {
         let _ = tokio::time::timeout(next, changed.changed()).await;
     }
 
-    fn pod_of(&self, name: &JobName) -> Option<Arc<Pod>> {
+    fn pod_of(&self, name: &JobName) -> Option<Arc<PodView>> {
         self.cache.pod_of(name.as_str())
     }
 
     /// A pending job past one of its limits.
-    fn stuck(&self, job: &KubeJob, pod: Option<&Pod>) -> Option<(End, String)> {
+    fn stuck(&self, job: &KubeJob, pod: Option<&PodView>) -> Option<(End, String)> {
         let pod = pod?;
-        let status = pod.status.as_ref()?;
-        if status.phase.as_deref() != Some("Pending") {
+        if pod.phase.as_deref() != Some("Pending") {
             return None;
         }
         let age = (Utc::now() - job.created_at).to_std().unwrap_or_default();
-        let waiting = status
-            .container_statuses
-            .iter()
-            .flatten()
-            .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
+        let waiting = pod.waiting.clone();
         if matches!(
             waiting.as_deref(),
             Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
@@ -349,12 +336,7 @@ impl KubeRuntime {
                 ),
             ));
         }
-        let unschedulable = status.conditions.iter().flatten().any(|c| {
-            c.type_ == "PodScheduled"
-                && c.status == "False"
-                && c.reason.as_deref() == Some("Unschedulable")
-        });
-        if unschedulable && age > self.settings.unschedulable_limit {
+        if pod.unschedulable && age > self.settings.unschedulable_limit {
             return Some((
                 End::Failure {
                     kind: "unschedulable",
@@ -371,39 +353,18 @@ impl KubeRuntime {
     }
 }
 
-/// Why a finished Job finished: `Complete`, or the reason of its `Failed` condition.
-fn finished(job: &Job) -> Option<String> {
-    let conditions = job.status.as_ref()?.conditions.as_ref()?;
-    conditions
-        .iter()
-        .find_map(|c| match (c.type_.as_str(), c.status.as_str()) {
-            ("Complete", "True") => Some("Complete".to_owned()),
-            ("Failed", "True") => Some(c.reason.clone().unwrap_or_else(|| "Failed".into())),
-            _ => None,
-        })
-}
-
 /// The end of a finished Job, from its reason and its pod.
-fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
+fn classify(reason: &str, pod: Option<&PodView>) -> (End, String) {
     if reason == "Complete" {
         return (End::Published, "completed".into());
     }
     if reason == "DeadlineExceeded" {
         return (End::Deadline, "activeDeadlineSeconds passed".into());
     }
-    let status = pod.and_then(|p| p.status.as_ref());
-    let pod_reason = status.and_then(|s| s.reason.clone()).unwrap_or_default();
-    let disrupted = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
-        });
-    let terminated = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.first())
-        .and_then(|c| c.state.as_ref()?.terminated.clone());
-    if terminated.as_ref().and_then(|t| t.reason.as_deref()) == Some("OOMKilled") {
+    let pod_reason = pod.and_then(|p| p.reason.clone()).unwrap_or_default();
+    let disrupted = pod.is_some_and(|p| p.disrupted);
+    let terminated = pod.and_then(|p| p.terminated.as_ref());
+    if terminated.and_then(|t| t.reason.as_deref()) == Some("OOMKilled") {
         return (
             End::Failure {
                 kind: "oom",
@@ -422,7 +383,7 @@ fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
             },
             format!(
                 "the pod was evicted ({})",
-                status.and_then(|s| s.message.clone()).unwrap_or(pod_reason)
+                pod.and_then(|p| p.message.clone()).unwrap_or(pod_reason)
             ),
         );
     }
@@ -436,7 +397,7 @@ fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
             "the pod's node was lost".into(),
         );
     }
-    let exit = match &terminated {
+    let exit = match terminated {
         Some(t) => {
             let mut s = format!("exit code {}", t.exit_code);
             if let Some(m) = t.message.as_deref().filter(|m| !m.is_empty()) {
@@ -448,10 +409,4 @@ fn classify(reason: &str, pod: Option<&Pod>) -> (End, String) {
         None => format!("the Job failed ({reason})"),
     };
     (End::Crashed, exit)
-}
-
-/// A Kubernetes timestamp as chrono's.
-fn to_chrono(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> DateTime<Utc> {
-    let nanos = u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0);
-    DateTime::from_timestamp(t.0.as_second(), nanos).unwrap_or_else(Utc::now)
 }
