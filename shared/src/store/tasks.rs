@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
+use tokio_postgres::{AsyncMessage, NoTls, Row, Statement};
 use tracing::{debug, instrument};
 
 use super::{DONE_CHANNEL, Store, TaskState, clean, pg, scrub};
@@ -125,9 +126,9 @@ impl Store {
         let tx = client.transaction().await.map_err(pg("begin"))?;
         let attempt = attempt_i32(task.attempt);
         // `xmax = 0` tells a fresh row from a cancelled placeholder filled in here.
-        let inserted: Option<bool> = tx
-            .query_opt(
-                "INSERT INTO tasks (task_id, task, executor, state, attempt, reply_to,
+        let insert = cached(
+            &tx,
+            "INSERT INTO tasks (task_id, task, executor, state, attempt, reply_to,
                      idempotency_key, traceparent, deadline, submitted_at, envelope)
                  VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (task_id) DO UPDATE SET task = EXCLUDED.task,
@@ -136,6 +137,11 @@ impl Store {
                      envelope = EXCLUDED.envelope
                  WHERE tasks.task = '' AND tasks.state = 'cancelled'
                  RETURNING (xmax = 0)",
+        )
+        .await?;
+        let inserted: Option<bool> = tx
+            .query_opt(
+                &insert,
                 &[
                     &task.id.as_uuid(),
                     &task.name.as_str(),
@@ -559,6 +565,14 @@ fn attempt_i32(attempt: u32) -> i32 {
     i32::try_from(attempt).unwrap_or(i32::MAX)
 }
 
+/// A statement of the task lifecycle's hot path, prepared once per connection (the pool's
+/// cache): Postgres parses and plans it once, and each use is one round trip, not two.
+async fn cached(tx: &Transaction<'_>, sql: &str) -> Result<Statement> {
+    tx.prepare_cached(sql)
+        .await
+        .map_err(pg("prepare a task statement"))
+}
+
 async fn insert_event(
     tx: &Transaction<'_>,
     id: TaskId,
@@ -567,12 +581,14 @@ async fn insert_event(
     detail: Option<&Value>,
 ) -> Result<bool> {
     let detail = detail.map(scrub);
+    let insert = cached(
+        tx,
+        "INSERT INTO task_events (task_id, attempt, event, detail) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (task_id, attempt, event) DO NOTHING",
+    )
+    .await?;
     let n = tx
-        .execute(
-            "INSERT INTO task_events (task_id, attempt, event, detail) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (task_id, attempt, event) DO NOTHING",
-            &[&id.as_uuid(), &attempt, &event, &detail],
-        )
+        .execute(&insert, &[&id.as_uuid(), &attempt, &event, &detail])
         .await
         .map_err(pg("insert task event"))?;
     Ok(n == 1)
@@ -595,11 +611,13 @@ struct Locked {
 }
 
 async fn lock(tx: &Transaction<'_>, id: TaskId) -> Result<Option<Locked>> {
+    let select = cached(
+        tx,
+        "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
+    )
+    .await?;
     let row = tx
-        .query_opt(
-            "SELECT state, attempt, reply_to FROM tasks WHERE task_id = $1 FOR UPDATE",
-            &[&id.as_uuid()],
-        )
+        .query_opt(&select, &[&id.as_uuid()])
         .await
         .map_err(pg("lock task"))?;
     Ok(row.map(|row| Locked {
@@ -681,7 +699,8 @@ pub(super) async fn transition_in(
         change.result.as_ref().map(scrub),
         change.error.as_ref().map(scrub),
     );
-    tx.execute(
+    let update = cached(
+        tx,
         "UPDATE tasks SET state = $2, attempt = $3, updated_at = now(),
              dispatch_id = coalesce($4, dispatch_id), job_name = coalesce($5, job_name),
              pod_name = coalesce($6, pod_name), node = coalesce($7, node),
@@ -691,6 +710,10 @@ pub(super) async fn transition_in(
              finished_at = coalesce($11, finished_at),
              result = coalesce($12, result), error = coalesce($13, error)
          WHERE task_id = $1",
+    )
+    .await?;
+    tx.execute(
+        &update,
         &[
             &id.as_uuid(),
             &event,
