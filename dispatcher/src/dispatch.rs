@@ -259,6 +259,10 @@ async fn dispatch(
     let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
     let (job, _ended) = match runtime.start(&task, &spec, &dispatch_id).await {
         Ok(s) => s,
+        Err(Error::Unrunnable { reason, .. }) => {
+            let reason = format!("invalid: {reason}");
+            return dead_letter(ctx, queue, delivery, &reason, "invalid").await;
+        }
         Err(e) => {
             // The job cannot start (missing program, refused by the API server, full
             // disk): fail the attempt with the reason rather than loop on it.

@@ -18,6 +18,10 @@ pub enum Error {
     StateDirBusy(String),
     #[error("job {job}: {message}")]
     Job { job: String, message: String },
+    /// The task can never run as it asks (e.g. more GPUs than its class allows): no attempt
+    /// would do better, so it is dead-lettered, not retried.
+    #[error("task {task} cannot run as asked: {reason}")]
+    Unrunnable { task: String, reason: String },
     #[error(
         "the executor program {0} was not found; build it (cargo build --bins) or set --executor-bin / GANTRY_EXECUTOR_BIN"
     )]
@@ -85,6 +89,7 @@ impl Error {
             Error::Shared(e) => e.metric_label(),
             Error::StateDir { .. } | Error::StateDirBusy(_) => "state_dir",
             Error::Job { .. } | Error::ExecutorMissing(_) => "job",
+            Error::Unrunnable { .. } => "invalid",
             Error::ShuttingDown => "shutdown",
             Error::CatalogSource { .. } => "config",
             Error::Kube { .. } => "kubernetes",

@@ -230,6 +230,15 @@ async fn submit(
     payload: serde_json::Value,
     ttl: Duration,
 ) -> anyhow::Result<(gantry_producer::Producer, gantry_shared::message::TaskId)> {
+    submit_asking(env, payload, ttl, None).await
+}
+
+async fn submit_asking(
+    env: &gantry_tests::TestEnv,
+    payload: serde_json::Value,
+    ttl: Duration,
+    resources: Option<gantry_shared::message::Resources>,
+) -> anyhow::Result<(gantry_producer::Producer, gantry_shared::message::TaskId)> {
     let producer = env.producer().await?;
     let id = producer
         .submit(TaskSpec {
@@ -240,7 +249,7 @@ async fn submit(
             reply_to: None,
             idempotency_key: None,
             priority: None,
-            resources: None,
+            resources,
         })
         .await?;
     Ok((producer, id))
@@ -335,6 +344,40 @@ async fn an_evicted_job_is_retried_and_succeeds_on_its_second_attempt() -> anyho
         .map(|e| (e.attempt, e.event))
         .collect();
     assert!(events.contains(&(1, "retrying".into())), "{events:?}");
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+// The double serves from this process while the test blocks on the dispatcher's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_asking_more_gpus_than_its_class_allows_is_dead_lettered_without_a_job()
+-> anyhow::Result<()> {
+    let c = cluster("").await?;
+    let gpus = gantry_shared::message::Resources {
+        gpu_count: Some(2),
+        gpu_type: None,
+    };
+    let (producer, id) =
+        submit_asking(&c.env, json!({}), Duration::from_secs(120), Some(gpus)).await?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        record.state,
+        "dead_lettered",
+        "{:?}\n{}",
+        record.error,
+        c.dispatcher.log_text()
+    );
+    let reason = record.terminal_reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("invalid: ") && reason.contains("asks for 2 GPUs"),
+        "{reason}"
+    );
+    assert_eq!(record.attempt, 1, "never retried");
+    assert_eq!(
+        c.double.jobs_created(),
+        0,
+        "no Job for a task that cannot run"
+    );
     producer.close().await;
     c.env.cleanup().await
 }

@@ -132,9 +132,15 @@ impl KubeRuntime {
         };
         let (job, secret) =
             job::build(task, spec, &self.settings, &target, dispatch_id, Utc::now()).map_err(
-                |e| Error::Job {
-                    job: task.id.to_string(),
-                    message: e.to_string(),
+                |e| match e {
+                    job::BuildError::TooManyGpus { .. } => Error::Unrunnable {
+                        task: task.id.to_string(),
+                        reason: e.to_string(),
+                    },
+                    e => Error::Job {
+                        job: task.id.to_string(),
+                        message: e.to_string(),
+                    },
                 },
             )?;
         let created = self
