@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use gantry_producer::dlq::{
-    DEFAULT_IN_FLIGHT, DeadLetters, PurgeOptions, ReplayOptions, Selection, Summary, parse_age,
-    parse_time,
+    Action, DEFAULT_IN_FLIGHT, DeadLetters, PurgeOptions, ReplayOptions, Selection, Summary,
+    parse_age, parse_time,
 };
 use gantry_shared::config::Config;
 use gantry_shared::message::TaskId;
@@ -352,41 +352,22 @@ fn selection(ids: &[Uuid], all: bool, filter: DeadLetterFilter) -> Selection {
 }
 
 async fn replay(dl: &DeadLetters, args: ReplayArgs) -> Result<Exit> {
-    let mut selection = selection(&args.id, args.all, args.filter.to_filter());
-    if !selection.is_chosen() {
-        return Err(gantry_producer::Error::NothingSelected { action: "replay" }.into());
-    }
-    let options = ReplayOptions {
+    let selection = selection(&args.id, args.all, args.filter.to_filter());
+    let action = Action::Replay(ReplayOptions {
         ttl: args.ttl,
         rate: args.rate,
-        dry_run: true,
+        dry_run: args.dry_run,
         in_flight: DEFAULT_IN_FLIGHT,
-    };
-    if args.dry_run {
-        let summary = dl.replay(&selection, &options, interrupted()).await?;
-        return report(&summary, args.json);
-    }
-    if !args.yes {
-        let Some(ids) = confirm(dl, &selection, "replay", args.json).await? else {
-            return Ok(Exit::Done);
-        };
-        selection.filter.ids = ids;
-    }
-    let options = ReplayOptions {
-        dry_run: false,
-        ..options
-    };
-    if !args.json {
-        eprintln!(
-            "replaying {selection} from {}{}",
-            dl.queue(),
-            args.rate
-                .map(|r| format!(", at most {r} per second"))
-                .unwrap_or_default()
-        );
-    }
-    let summary = dl.replay(&selection, &options, interrupted()).await?;
-    report(&summary, args.json)
+    });
+    let rate = args
+        .rate
+        .map(|r| format!(", at most {r} per second"))
+        .unwrap_or_default();
+    let flags = (args.yes, args.json);
+    pass(dl, selection, action, flags, |s| {
+        format!("replaying {s} from {}{rate}", dl.queue())
+    })
+    .await
 }
 
 async fn purge(dl: &DeadLetters, args: PurgeArgs) -> Result<Exit> {
@@ -394,33 +375,48 @@ async fn purge(dl: &DeadLetters, args: PurgeArgs) -> Result<Exit> {
     if let Some(age) = args.older_than {
         filter.until = Some(Utc::now() - age);
     }
-    let mut selection = selection(&args.id, args.all, filter);
-    if !selection.is_chosen() {
-        return Err(gantry_producer::Error::NothingSelected { action: "purge" }.into());
-    }
-    let options = PurgeOptions {
-        dry_run: true,
+    let selection = selection(&args.id, args.all, filter);
+    let action = Action::Purge(PurgeOptions {
+        dry_run: args.dry_run,
         in_flight: DEFAULT_IN_FLIGHT,
-    };
-    if args.dry_run {
-        let summary = dl.purge(&selection, &options, interrupted()).await?;
-        return report(&summary, args.json);
+    });
+    let flags = (args.yes, args.json);
+    pass(dl, selection, action, flags, |s| {
+        format!("purging {s} from {}", dl.queue())
+    })
+    .await
+}
+
+/// What replay and purge share: an empty selection is refused; a dry run only reports;
+/// otherwise, unless `--yes` (`flags.0`), the operator confirms what a dry run found and
+/// the pass acts on exactly those; `announce` says what starts (not with `--json`,
+/// `flags.1`).
+async fn pass(
+    dl: &DeadLetters,
+    mut selection: Selection,
+    action: Action,
+    (yes, json): (bool, bool),
+    announce: impl FnOnce(&Selection) -> String,
+) -> Result<Exit> {
+    let verb = action.verb();
+    if !selection.is_chosen() {
+        return Err(gantry_producer::Error::NothingSelected { action: verb }.into());
     }
-    if !args.yes {
-        let Some(ids) = confirm(dl, &selection, "purge", args.json).await? else {
+    if action.dry_run() {
+        let summary = dl.run(&selection, action, interrupted()).await?;
+        return report(&summary, json);
+    }
+    if !yes {
+        let Some(ids) = confirm(dl, &selection, verb, json).await? else {
             return Ok(Exit::Done);
         };
         selection.filter.ids = ids;
     }
-    let options = PurgeOptions {
-        dry_run: false,
-        ..options
-    };
-    if !args.json {
-        eprintln!("purging {selection} from {}", dl.queue());
+    if !json {
+        eprintln!("{}", announce(&selection));
     }
-    let summary = dl.purge(&selection, &options, interrupted()).await?;
-    report(&summary, args.json)
+    let summary = dl.run(&selection, action, interrupted()).await?;
+    report(&summary, json)
 }
 
 /// Counts the matches with a dry pass and asks on the terminal. The ids it returns are the

@@ -257,6 +257,20 @@ impl DeadLetters {
         pass::run(self, selection, Action::Purge(options.clone()), shutdown).await
     }
 
+    /// Runs one pass of `action` (a replay or a purge) over the selected dead letters, as
+    /// [`DeadLetters::replay`] and [`DeadLetters::purge`] do.
+    ///
+    /// # Errors
+    /// As [`DeadLetters::replay`].
+    pub async fn run(
+        &self,
+        selection: &Selection,
+        action: Action,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Summary> {
+        pass::run(self, selection, action, shutdown).await
+    }
+
     async fn connect(&self, name: &str) -> Result<Connection> {
         let name = format!("{CONNECTION_NAME}/{name}");
         amqp::connect(&self.config().amqp_url, &name, self.config().broker_timeout)

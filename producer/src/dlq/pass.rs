@@ -89,7 +89,8 @@ impl Action {
         }
     }
 
-    pub(super) fn dry_run(&self) -> bool {
+    /// Whether it only reads and reports.
+    pub fn dry_run(&self) -> bool {
         match self {
             Action::Replay(o) => o.dry_run,
             Action::Purge(o) => o.dry_run,
