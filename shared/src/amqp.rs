@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use backon::Retryable;
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
@@ -68,6 +68,29 @@ pub async fn connect_with_retry(
         .retry(policy)
         .notify(|e, delay| warn!(error = %e, ?delay, "RabbitMQ unavailable; retrying"))
         .await
+}
+
+/// Looks at a queue without creating it (a passive declare, within `timeout`): its ready
+/// message count. A missing queue is an [`Error::Amqp`] whose source is a 404 (and the
+/// broker closes the channel).
+///
+/// # Errors
+/// As [`timed`].
+pub async fn peek_queue(channel: &Channel, queue: &str, timeout: Duration) -> Result<u32> {
+    let declared = timed(
+        "queue.declare",
+        timeout,
+        channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(declared.message_count())
 }
 
 /// Puts `timeout` around one broker operation.

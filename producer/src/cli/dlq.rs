@@ -58,6 +58,33 @@ pub(crate) enum DlqCommand {
     Purge(PurgeArgs),
 }
 
+/// Which dead letters `replay` and `purge` take: by id, or every one, narrowed by filters.
+#[derive(Debug, Args)]
+pub(crate) struct SelectArgs {
+    /// Only these dead letters (repeat, or list several)
+    #[arg(long, value_name = "ID", num_args = 1.., action = clap::ArgAction::Append)]
+    pub(crate) id: Vec<Uuid>,
+
+    /// Every dead letter in the queue (filters still narrow it)
+    #[arg(long, conflicts_with = "id")]
+    pub(crate) all: bool,
+
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
+}
+
+impl SelectArgs {
+    /// The selection these arguments make, with `filter` (their filters, maybe adjusted).
+    fn selection(&self, filter: DeadLetterFilter) -> Selection {
+        let mut selection = Selection::filtered(DeadLetterFilter {
+            ids: self.id.clone(),
+            ..filter
+        });
+        selection.all = self.all;
+        selection
+    }
+}
+
 /// The filters `list`, `replay` and `purge` share; all given must match.
 #[derive(Debug, Args)]
 pub(crate) struct FilterArgs {
@@ -191,16 +218,8 @@ Examples:
 #[derive(Debug, Args)]
 #[command(after_help = REPLAY_AFTER_HELP)]
 pub(crate) struct ReplayArgs {
-    /// Only these dead letters (repeat, or list several)
-    #[arg(long, value_name = "ID", num_args = 1.., action = clap::ArgAction::Append)]
-    pub(crate) id: Vec<Uuid>,
-
-    /// Every dead letter in the queue (filters still narrow it)
-    #[arg(long, conflicts_with = "id")]
-    pub(crate) all: bool,
-
     #[command(flatten)]
-    pub(crate) filter: FilterArgs,
+    pub(crate) select: SelectArgs,
 
     /// Show what would be replayed; publish, ack and record nothing
     #[arg(long)]
@@ -241,16 +260,8 @@ Examples:
 #[derive(Debug, Args)]
 #[command(after_help = PURGE_AFTER_HELP)]
 pub(crate) struct PurgeArgs {
-    /// Only these dead letters (repeat, or list several)
-    #[arg(long, value_name = "ID", num_args = 1.., action = clap::ArgAction::Append)]
-    pub(crate) id: Vec<Uuid>,
-
-    /// Every dead letter in the queue (filters still narrow it)
-    #[arg(long, conflicts_with = "id")]
-    pub(crate) all: bool,
-
     #[command(flatten)]
-    pub(crate) filter: FilterArgs,
+    pub(crate) select: SelectArgs,
 
     /// Dead letters that died more than DURATION ago (e.g. 7d, 36h)
     #[arg(long, value_name = "DURATION", conflicts_with = "until", value_parser = |s: &str| parse_age(s))]
@@ -342,17 +353,8 @@ async fn show(dl: &DeadLetters, args: ShowArgs) -> Result<Exit> {
     Ok(Exit::Done)
 }
 
-fn selection(ids: &[Uuid], all: bool, filter: DeadLetterFilter) -> Selection {
-    let mut selection = Selection::filtered(DeadLetterFilter {
-        ids: ids.to_vec(),
-        ..filter
-    });
-    selection.all = all;
-    selection
-}
-
 async fn replay(dl: &DeadLetters, args: ReplayArgs) -> Result<Exit> {
-    let selection = selection(&args.id, args.all, args.filter.to_filter());
+    let selection = args.select.selection(args.select.filter.to_filter());
     let action = Action::Replay(ReplayOptions {
         ttl: args.ttl,
         rate: args.rate,
@@ -371,11 +373,11 @@ async fn replay(dl: &DeadLetters, args: ReplayArgs) -> Result<Exit> {
 }
 
 async fn purge(dl: &DeadLetters, args: PurgeArgs) -> Result<Exit> {
-    let mut filter = args.filter.to_filter();
+    let mut filter = args.select.filter.to_filter();
     if let Some(age) = args.older_than {
         filter.until = Some(Utc::now() - age);
     }
-    let selection = selection(&args.id, args.all, filter);
+    let selection = args.select.selection(filter);
     let action = Action::Purge(PurgeOptions {
         dry_run: args.dry_run,
         in_flight: DEFAULT_IN_FLIGHT,
@@ -570,7 +572,7 @@ mod tests {
         let Command::Dlq(DlqCommand::Replay(args)) = cli.command else {
             panic!("not a replay");
         };
-        assert_eq!(args.id.len(), 2);
+        assert_eq!(args.select.id.len(), 2);
         assert_eq!(args.ttl, Duration::from_secs(1800));
         assert_eq!(
             parse(&["replay", "--rate", "0", "--all"])
@@ -582,13 +584,14 @@ mod tests {
 
     #[test]
     fn a_selection_needs_ids_all_or_a_filter() {
-        let none = selection(&[], false, DeadLetterFilter::default());
-        assert!(!none.is_chosen());
-        assert!(selection(&[], true, DeadLetterFilter::default()).is_chosen());
-        let filter = DeadLetterFilter {
-            executor: Some("echo".into()),
-            ..DeadLetterFilter::default()
+        let select = |args: &[&str]| {
+            let Command::Dlq(DlqCommand::Purge(args)) = parse(args).unwrap().command else {
+                panic!("not a purge");
+            };
+            args.select.selection(args.select.filter.to_filter())
         };
-        assert!(selection(&[], false, filter).is_chosen());
+        assert!(!select(&["purge"]).is_chosen());
+        assert!(select(&["purge", "--all"]).is_chosen());
+        assert!(select(&["purge", "--executor", "echo"]).is_chosen());
     }
 }

@@ -72,8 +72,6 @@ use gantry_shared::amqp::{self, timed};
 use gantry_shared::config::Config;
 use gantry_shared::store::{DeadLetterFilter, DeadLetterRecord};
 use gantry_shared::topology::Topology;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::Serialize;
 use tracing::instrument;
@@ -281,21 +279,9 @@ impl DeadLetters {
     /// The passive declare of `<prefix>.dead` on `channel` (which a missing queue closes).
     async fn depth(&self, channel: &Channel) -> Result<u32> {
         let queue = self.queue();
-        let declared = timed(
-            "queue.declare",
-            self.config().broker_timeout,
-            channel.queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
+        let declared = amqp::peek_queue(channel, &queue, self.config().broker_timeout).await;
         match declared {
-            Ok(q) => Ok(q.message_count()),
+            Ok(depth) => Ok(depth),
             Err(gantry_shared::Error::Amqp { source, .. }) if is_not_found(&source) => {
                 Err(Error::NoDeadQueue {
                     queue,

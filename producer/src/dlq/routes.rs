@@ -12,12 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_shared::amqp::timed;
+use gantry_shared::amqp::{self, timed};
 use gantry_shared::message::ExecutorClass;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
 use crate::producer::is_not_found;
@@ -85,19 +83,8 @@ impl Routes {
             .await
             .map_err(|e| chain(&e))?,
         };
-        let declared = timed(
-            "queue.declare",
-            self.timeout,
-            channel.queue_declare(
-                self.topology.task_queue(&class).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
+        let queue = self.topology.task_queue(&class);
+        let declared = amqp::peek_queue(&channel, &queue, self.timeout).await;
         match declared {
             Ok(_) => {
                 self.channel = Some(channel);
