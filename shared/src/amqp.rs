@@ -12,7 +12,7 @@ use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Queue};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
@@ -71,13 +71,13 @@ pub async fn connect_with_retry(
 }
 
 /// Looks at a queue without creating it (a passive declare, within `timeout`): its ready
-/// message count. A missing queue is an [`Error::Amqp`] whose source is a 404 (and the
+/// messages and consumers. A missing queue is an [`Error::Amqp`] whose source is a 404 (and the
 /// broker closes the channel).
 ///
 /// # Errors
 /// As [`timed`].
-pub async fn peek_queue(channel: &Channel, queue: &str, timeout: Duration) -> Result<u32> {
-    let declared = timed(
+pub async fn peek_queue(channel: &Channel, queue: &str, timeout: Duration) -> Result<Queue> {
+    timed(
         "queue.declare",
         timeout,
         channel.queue_declare(
@@ -89,8 +89,7 @@ pub async fn peek_queue(channel: &Channel, queue: &str, timeout: Duration) -> Re
             FieldTable::default(),
         ),
     )
-    .await?;
-    Ok(declared.message_count())
+    .await
 }
 
 /// Puts `timeout` around one broker operation.

@@ -27,8 +27,7 @@ use gantry_shared::config::{Config, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use secrecy::ExposeSecret;
@@ -371,16 +370,7 @@ where
 pub async fn queue_state(queue: &str) -> Result<(u32, u32)> {
     let conn = amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
     let channel = conn.create_channel().await?;
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let q = amqp::peek_queue(&channel, queue, Duration::from_secs(10)).await?;
     let _ = conn.close(200, "ok".into()).await;
     Ok((q.message_count(), q.consumer_count()))
 }

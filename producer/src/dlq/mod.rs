@@ -281,7 +281,7 @@ impl DeadLetters {
         let queue = self.queue();
         let declared = amqp::peek_queue(channel, &queue, self.config().broker_timeout).await;
         match declared {
-            Ok(depth) => Ok(depth),
+            Ok(q) => Ok(q.message_count()),
             Err(gantry_shared::Error::Amqp { source, .. }) if is_not_found(&source) => {
                 Err(Error::NoDeadQueue {
                     queue,
