@@ -94,6 +94,11 @@ pub(crate) struct Terminated {
 }
 
 impl PodView {
+    /// Whether the pod has said how it ended: a final phase, or a terminated container.
+    pub(crate) fn ended(&self) -> bool {
+        self.terminated.is_some() || matches!(self.phase.as_deref(), Some("Failed" | "Succeeded"))
+    }
+
     fn of(pod: &Pod) -> PodView {
         let status = pod.status.as_ref();
         let containers = status

@@ -47,6 +47,8 @@ pub(crate) struct KubeJob {
 /// How long after its creation a Job may be missing from the cache before it is taken as
 /// deleted from outside (a new Job reaches the cache within the watch's latency).
 const VANISHED: chrono::Duration = chrono::Duration::seconds(30);
+/// How long a failed Job's end waits for its pod's last status (see [`KubeRuntime::wait`]).
+const POD_SETTLE: Duration = Duration::from_secs(5);
 /// The longest a follower sleeps without a change: a guard against a missed wake.
 const SAFETY_WAKE: Duration = Duration::from_secs(60);
 
@@ -248,6 +250,8 @@ impl KubeRuntime {
     /// a node past their limits are deleted and end as failures.
     pub(crate) async fn wait(&self, job: &KubeJob) -> JobEnd {
         let mut changed = self.cache.subscribe(job.name.as_str());
+        // When the Job was first seen failed while its pod had not yet said how it ended.
+        let mut failed_seen: Option<std::time::Instant> = None;
         loop {
             let evidence = self.evidence(&job.name);
             let end = |end: End, exit: String| JobEnd {
@@ -262,12 +266,25 @@ impl KubeRuntime {
             let pod = self.pod_of(&job.name);
             match self.cache.job(job.name.as_str()) {
                 Some(k8s_job) => {
-                    if let Some((end_kind, exit)) = k8s_job
-                        .finished
-                        .as_deref()
-                        .map(|reason| classify(reason, pod.as_deref()))
-                    {
-                        return end(end_kind, exit);
+                    if let Some(reason) = k8s_job.finished.as_deref() {
+                        // Jobs and Pods come through separate watches, so a Job can be seen
+                        // failed before its pod's last status (OOMKilled, evicted) arrives:
+                        // give the pod a moment to say how it ended.
+                        let pod_told = pod.as_deref().is_none_or(PodView::ended);
+                        let since = *failed_seen.get_or_insert_with(std::time::Instant::now);
+                        if pod_told
+                            || matches!(reason, "Complete" | "DeadlineExceeded")
+                            || since.elapsed() >= POD_SETTLE
+                        {
+                            let (end_kind, exit) = classify(reason, pod.as_deref());
+                            return end(end_kind, exit);
+                        }
+                        let _ = tokio::time::timeout(
+                            POD_SETTLE.saturating_sub(since.elapsed()),
+                            changed.changed(),
+                        )
+                        .await;
+                        continue;
                     }
                     if let Some((end_kind, exit)) = self.stuck(job, pod.as_deref()) {
                         warn!(job = %job.name, %exit, "job is stuck; deleting it");
