@@ -22,6 +22,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "retries and replay",
         sql: include_str!("migrations/0002_retries_and_replay.sql"),
     },
+    Migration {
+        version: 3,
+        name: "dead letter fillfactor",
+        sql: include_str!("migrations/0003_dead_letter_fillfactor.sql"),
+    },
 ];
 
 /// Arbitrary constant naming Gantry's migration lock.
