@@ -5,6 +5,7 @@
 mod bad_input;
 mod cancel;
 mod contract;
+mod deploy;
 mod dlq;
 mod lifecycle;
 mod manifests;
