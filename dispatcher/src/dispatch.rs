@@ -227,7 +227,7 @@ async fn dispatch(
     permit: OwnedSemaphorePermit,
 ) -> Result<()> {
     let (state, attempt) = ctx
-        .persist("record received", || ctx.store.record_received(&task))
+        .persist("record received", || ctx.lifecycle.received(&task))
         .await?;
     if state.is_terminal() || attempt > task.attempt as i32 {
         info!(task_id = %task.id, %state, attempt, "task already {state}; skipping this delivery");
@@ -291,7 +291,7 @@ async fn dispatch(
         ..Change::default()
     };
     ctx.persist("record dispatched", || {
-        ctx.store
+        ctx.lifecycle
             .transition(task.id, task.attempt, TaskState::Dispatched, &dispatched)
     })
     .await?;
@@ -301,7 +301,7 @@ async fn dispatch(
             ..dispatched.clone()
         };
         ctx.persist("record running", || {
-            ctx.store
+            ctx.lifecycle
                 .transition(task.id, task.attempt, TaskState::Running, &running)
         })
         .await?;
@@ -378,7 +378,7 @@ pub(crate) async fn follow(
             ..Change::default()
         };
         let recorded = Box::pin(ctx.persist("record running", || {
-            ctx.store
+            ctx.lifecycle
                 .transition(task_id, attempt, TaskState::Running, &change)
         }))
         .await;

@@ -24,6 +24,7 @@ mod dead_letter;
 mod dispatch;
 mod error;
 pub mod images;
+mod lifecycle;
 mod metrics;
 mod recorder;
 mod render;

@@ -20,6 +20,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::runtime::kubernetes::runtime::KubeRuntime;
@@ -32,6 +33,8 @@ pub(crate) struct Ctx {
     pub(crate) settings: Settings,
     pub(crate) topology: Topology,
     pub(crate) store: Store,
+    /// The dispatch loop's writes, committed in groups.
+    pub(crate) lifecycle: Lifecycle,
     pub(crate) publisher: Publisher,
     pub(crate) runtime: Option<Runtime>,
     pub(crate) metrics: Metrics,
@@ -176,6 +179,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Ctx {
         topology,
+        lifecycle: Lifecycle::start(store.clone()),
         store,
         publisher,
         runtime,

@@ -5,6 +5,7 @@
 //! Migrations run by themselves on first connect, under an advisory lock, so replicas that
 //! start together apply each migration once.
 
+mod batch;
 mod dead_letters;
 mod migrate;
 mod state;
@@ -19,6 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::NoTls;
 use tracing::warn;
 
+pub use batch::Transition;
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterRecord};
 pub use state::TaskState;
 pub use tasks::{Applied, Cancel, Change, ResultWrite, TaskRecord};

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tokio_postgres::{AsyncMessage, NoTls, Row, Statement};
 use tracing::{debug, instrument};
 
+use super::batch::{self, Transition};
 use super::{DONE_CHANNEL, Store, TaskState, clean, pg, scrub};
 use crate::message::{Evidence, Task, TaskId, TaskResult};
 use crate::{Error, Result};
@@ -122,69 +123,20 @@ impl Store {
     /// Postgres errors.
     #[instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
     pub async fn record_received(&self, task: &Task) -> Result<(TaskState, i32)> {
+        let received = self.record_received_many(&[task]).await?;
+        Ok(received[0])
+    }
+
+    /// [`Store::record_received`] for many tasks, in one transaction; each task's state and
+    /// attempt afterwards, in the order given.
+    ///
+    /// # Errors
+    /// Postgres errors; then nothing of the batch is recorded.
+    #[instrument(skip_all, fields(batch = tasks.len()))]
+    pub async fn record_received_many(&self, tasks: &[&Task]) -> Result<Vec<(TaskState, i32)>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
-        let attempt = attempt_i32(task.attempt);
-        // `xmax = 0` tells a fresh row from a cancelled placeholder filled in here.
-        let insert = cached(
-            &tx,
-            "INSERT INTO tasks (task_id, task, executor, state, attempt, reply_to,
-                     idempotency_key, traceparent, deadline, submitted_at, envelope)
-                 VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (task_id) DO UPDATE SET task = EXCLUDED.task,
-                     executor = EXCLUDED.executor, deadline = EXCLUDED.deadline,
-                     submitted_at = EXCLUDED.submitted_at, reply_to = EXCLUDED.reply_to,
-                     envelope = EXCLUDED.envelope
-                 WHERE tasks.task = '' AND tasks.state = 'cancelled'
-                 RETURNING (xmax = 0)",
-        )
-        .await?;
-        let inserted: Option<bool> = tx
-            .query_opt(
-                &insert,
-                &[
-                    &task.id.as_uuid(),
-                    &task.name.as_str(),
-                    &task.executor.as_str(),
-                    &attempt,
-                    &task.reply_to,
-                    &task.idempotency_key,
-                    &task.traceparent,
-                    &task.deadline,
-                    &task.submitted_at,
-                    &scrub(&serde_json::to_value(task.envelope())?),
-                ],
-            )
-            .await
-            .map_err(pg("insert task"))?
-            .map(|row| row.get(0));
-        let outcome = if inserted == Some(true) {
-            insert_event(&tx, task.id, attempt, "received", None).await?;
-            (TaskState::Received, attempt)
-        } else if inserted == Some(false) {
-            // Cancelled before any dispatcher received it.
-            (TaskState::Cancelled, attempt)
-        } else {
-            let change = Change::default();
-            match transition_in(&tx, task.id, task.attempt, TaskState::Received, &change).await? {
-                Applied::Stale { current, attempt } => (current, attempt),
-                Applied::Changed { .. } => {
-                    // A new attempt (retry or replay) may carry a new deadline.
-                    tx.execute(
-                        "UPDATE tasks SET envelope = $2, deadline = $3 WHERE task_id = $1",
-                        &[
-                            &task.id.as_uuid(),
-                            &scrub(&serde_json::to_value(task.envelope())?),
-                            &task.deadline,
-                        ],
-                    )
-                    .await
-                    .map_err(pg("update envelope"))?;
-                    (TaskState::Received, attempt)
-                }
-                _ => (TaskState::Received, attempt),
-            }
-        };
+        let outcome = batch::received_in(&tx, tasks).await?;
         tx.commit().await.map_err(pg("commit"))?;
         Ok(outcome)
     }
@@ -201,9 +153,25 @@ impl Store {
         state: TaskState,
         change: &Change,
     ) -> Result<Applied> {
+        let one = Transition {
+            id,
+            attempt,
+            state,
+            change: change.clone(),
+        };
+        let mut applied = self.transitions(std::slice::from_ref(&one)).await?;
+        Ok(applied.pop().unwrap_or(Applied::Unknown))
+    }
+
+    /// Applies many transitions in one transaction; what each did, in the order given.
+    ///
+    /// # Errors
+    /// Postgres errors; then nothing of the batch is applied.
+    #[instrument(skip_all, fields(batch = batch.len()))]
+    pub async fn transitions(&self, batch: &[Transition]) -> Result<Vec<Applied>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
-        let applied = transition_in(&tx, id, attempt, state, change).await?;
+        let applied = batch::transitions_in(&tx, batch).await?;
         tx.commit().await.map_err(pg("commit"))?;
         Ok(applied)
     }
@@ -234,7 +202,7 @@ impl Store {
     pub async fn record_result_writes(&self, writes: &[ResultWrite<'_>]) -> Result<Vec<Applied>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
-        let mut outcomes = Vec::with_capacity(writes.len());
+        let mut batch = Vec::with_capacity(writes.len());
         for w in writes {
             let r = w.result;
             let mut detail = json!({"reported_by": r.reported_by, "status": r.status});
@@ -253,8 +221,14 @@ impl Store {
                 detail: Some(detail),
                 ..Change::default()
             };
-            outcomes.push(transition_in(&tx, r.task_id, r.attempt, w.state, &change).await?);
+            batch.push(Transition {
+                id: r.task_id,
+                attempt: r.attempt,
+                state: w.state,
+                change,
+            });
         }
+        let outcomes = batch::transitions_in(&tx, &batch).await?;
         tx.commit().await.map_err(pg("commit results"))?;
         Ok(outcomes)
     }
@@ -561,13 +535,13 @@ impl Store {
     }
 }
 
-fn attempt_i32(attempt: u32) -> i32 {
+pub(super) fn attempt_i32(attempt: u32) -> i32 {
     i32::try_from(attempt).unwrap_or(i32::MAX)
 }
 
 /// A statement of the task lifecycle's hot path, prepared once per connection (the pool's
 /// cache): Postgres parses and plans it once, and each use is one round trip, not two.
-async fn cached(tx: &Transaction<'_>, sql: &str) -> Result<Statement> {
+pub(super) async fn cached(tx: &Transaction<'_>, sql: &str) -> Result<Statement> {
     tx.prepare_cached(sql)
         .await
         .map_err(pg("prepare a task statement"))
@@ -604,10 +578,67 @@ pub enum Cancel {
 }
 
 /// A task row, locked for the rest of the transaction.
-struct Locked {
-    state: TaskState,
-    attempt: i32,
-    reply_to: Option<String>,
+pub(super) struct Locked {
+    pub(super) state: TaskState,
+    pub(super) attempt: i32,
+    pub(super) reply_to: Option<String>,
+}
+
+impl Locked {
+    fn from_row(row: &Row) -> Locked {
+        Locked {
+            state: row
+                .get::<_, String>("state")
+                .parse()
+                .unwrap_or(TaskState::Received),
+            attempt: row.get("attempt"),
+            reply_to: row.get("reply_to"),
+        }
+    }
+}
+
+/// Locks the rows of `ids` (in one order, so two writers never deadlock on them).
+pub(super) async fn lock_all(
+    tx: &Transaction<'_>,
+    ids: &[uuid::Uuid],
+) -> Result<std::collections::HashMap<uuid::Uuid, Locked>> {
+    let select = cached(
+        tx,
+        "SELECT task_id, state, attempt, reply_to FROM tasks WHERE task_id = ANY($1)
+         ORDER BY task_id FOR UPDATE",
+    )
+    .await?;
+    let rows = tx.query(&select, &[&ids]).await.map_err(pg("lock tasks"))?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get("task_id"), Locked::from_row(row)))
+        .collect())
+}
+
+/// `received` for a task Postgres knows already: a redelivery (nothing changes) or a new
+/// attempt (retry or replay), which may carry a new deadline.
+pub(super) async fn received_again(tx: &Transaction<'_>, task: &Task) -> Result<(TaskState, i32)> {
+    let attempt = attempt_i32(task.attempt);
+    let change = Change::default();
+    Ok(
+        match transition_in(tx, task.id, task.attempt, TaskState::Received, &change).await? {
+            Applied::Stale { current, attempt } => (current, attempt),
+            Applied::Changed { .. } => {
+                tx.execute(
+                    "UPDATE tasks SET envelope = $2, deadline = $3 WHERE task_id = $1",
+                    &[
+                        &task.id.as_uuid(),
+                        &scrub(&serde_json::to_value(task.envelope())?),
+                        &task.deadline,
+                    ],
+                )
+                .await
+                .map_err(pg("update envelope"))?;
+                (TaskState::Received, attempt)
+            }
+            _ => (TaskState::Received, attempt),
+        },
+    )
 }
 
 async fn lock(tx: &Transaction<'_>, id: TaskId) -> Result<Option<Locked>> {
@@ -620,14 +651,7 @@ async fn lock(tx: &Transaction<'_>, id: TaskId) -> Result<Option<Locked>> {
         .query_opt(&select, &[&id.as_uuid()])
         .await
         .map_err(pg("lock task"))?;
-    Ok(row.map(|row| Locked {
-        state: row
-            .get::<_, String>(0)
-            .parse()
-            .unwrap_or(TaskState::Received),
-        attempt: row.get(1),
-        reply_to: row.get(2),
-    }))
+    Ok(row.as_ref().map(Locked::from_row))
 }
 
 /// The transition rule, applied under a row lock.

@@ -1,0 +1,164 @@
+//! The dispatch loop's Postgres writes (`received`, `dispatched`, `running`), committed in
+//! groups: each hand-off asks and awaits its own write as before, and one writer applies
+//! whatever writes are waiting in one transaction per kind ([`Store::record_received_many`],
+//! [`Store::transitions`]). Under load, the writes that arrive while a group commits form
+//! the next group; alone, a write is committed at once, so grouping adds no wait.
+//!
+//! One transaction per write made Postgres and the round trips to it the larger part of a
+//! dispatch's cost: three transactions of four or five statements for every task.
+
+use gantry_shared::message::{Task, TaskId};
+use gantry_shared::store::{Applied, Change, Store, TaskState, Transition};
+use gantry_shared::telemetry::chain;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+type Result<T> = gantry_shared::Result<T>;
+
+/// Most writes of one kind in one transaction.
+const GROUP: usize = 128;
+
+/// The writes waiting for the writer.
+enum Request {
+    Received(Box<Task>, oneshot::Sender<Result<(TaskState, i32)>>),
+    Transition(Box<Transition>, oneshot::Sender<Result<Applied>>),
+}
+
+/// The handle the dispatch loop writes through; the writer runs while a handle exists.
+pub(crate) struct Lifecycle {
+    store: Store,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Lifecycle {
+    /// Starts the writer on `store`.
+    pub(crate) fn start(store: Store) -> Lifecycle {
+        let (requests, incoming) = mpsc::channel(4 * GROUP);
+        tokio::spawn(write(store.clone(), incoming));
+        Lifecycle { store, requests }
+    }
+
+    /// [`Store::record_received`], committed with the writes waiting beside it.
+    ///
+    /// # Errors
+    /// Postgres errors, as [`Store::record_received`] has them.
+    pub(crate) async fn received(&self, task: &Task) -> Result<(TaskState, i32)> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Received(Box::new(task.clone()), reply);
+        match self.ask(request, answer).await {
+            Some(outcome) => outcome,
+            None => self.store.record_received(task).await,
+        }
+    }
+
+    /// [`Store::transition`], committed with the writes waiting beside it.
+    ///
+    /// # Errors
+    /// Postgres errors, as [`Store::transition`] has them.
+    pub(crate) async fn transition(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        state: TaskState,
+        change: &Change,
+    ) -> Result<Applied> {
+        let (reply, answer) = oneshot::channel();
+        let transition = Box::new(Transition {
+            id,
+            attempt,
+            state,
+            change: change.clone(),
+        });
+        match self
+            .ask(Request::Transition(transition, reply), answer)
+            .await
+        {
+            Some(outcome) => outcome,
+            None => self.store.transition(id, attempt, state, change).await,
+        }
+    }
+
+    /// Hands `request` to the writer and awaits its answer; `None` if the writer is gone
+    /// (then the caller writes on its own).
+    async fn ask<T>(&self, request: Request, answer: oneshot::Receiver<T>) -> Option<T> {
+        self.requests.send(request).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// The writer: takes what is waiting, commits it, answers each, until every handle is gone.
+async fn write(store: Store, mut incoming: mpsc::Receiver<Request>) {
+    let mut waiting = Vec::with_capacity(GROUP);
+    while incoming.recv_many(&mut waiting, GROUP).await > 0 {
+        let (mut received, mut transitions) = (Vec::new(), Vec::new());
+        for request in waiting.drain(..) {
+            match request {
+                Request::Received(task, reply) => received.push((task, reply)),
+                Request::Transition(t, reply) => transitions.push((*t, reply)),
+            }
+        }
+        debug!(
+            received = received.len(),
+            transitions = transitions.len(),
+            "committing a group of lifecycle writes"
+        );
+        tokio::join!(
+            write_received(&store, received),
+            write_transitions(&store, transitions)
+        );
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+type Received = (Box<Task>, Reply<(TaskState, i32)>);
+
+async fn write_received(store: &Store, group: Vec<Received>) {
+    if group.is_empty() {
+        return;
+    }
+    let tasks: Vec<&Task> = group.iter().map(|(t, _)| t.as_ref()).collect();
+    match store.record_received_many(&tasks).await {
+        Ok(outcomes) => {
+            for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        // Alone, so that each gets its own outcome and one bad write fails only itself.
+        Err(e) if group.len() > 1 => {
+            warn!(error = %chain(&e), writes = group.len(), "a group of received writes failed; writing each on its own");
+            for (task, reply) in group {
+                let _ = reply.send(store.record_received(&task).await);
+            }
+        }
+        Err(e) => {
+            if let Some((_, reply)) = group.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+async fn write_transitions(store: &Store, group: Vec<(Transition, Reply<Applied>)>) {
+    if group.is_empty() {
+        return;
+    }
+    let (batch, replies): (Vec<Transition>, Vec<Reply<Applied>>) = group.into_iter().unzip();
+    match store.transitions(&batch).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) if batch.len() > 1 => {
+            warn!(error = %chain(&e), writes = batch.len(), "a group of transitions failed; writing each on its own");
+            for (t, reply) in batch.iter().zip(replies) {
+                let _ = reply.send(store.transition(t.id, t.attempt, t.state, &t.change).await);
+            }
+        }
+        Err(e) => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
