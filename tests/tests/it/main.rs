@@ -11,4 +11,5 @@ mod lifecycle;
 mod manifests;
 mod restart;
 mod retries;
+mod store_batch;
 mod topology;
