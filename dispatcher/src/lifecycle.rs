@@ -7,16 +7,22 @@
 //! One transaction per write made Postgres and the round trips to it the larger part of a
 //! dispatch's cost: three transactions of four or five statements for every task.
 
+use std::sync::Arc;
+
 use gantry_shared::message::{Task, TaskId};
 use gantry_shared::store::{Applied, Change, Store, TaskState, Transition};
 use gantry_shared::telemetry::chain;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::metrics::Groups;
+
 type Result<T> = gantry_shared::Result<T>;
 
 /// Most writes of one kind in one transaction.
 const GROUP: usize = 128;
+/// How long a group that already has company waits for more writes.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// The writes waiting for the writer.
 enum Request {
@@ -31,10 +37,10 @@ pub(crate) struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// Starts the writer on `store`.
-    pub(crate) fn start(store: Store) -> Lifecycle {
+    /// Starts the writer on `store`, counting its groups in `counts`.
+    pub(crate) fn start(store: Store, counts: Arc<Groups>) -> Lifecycle {
         let (requests, incoming) = mpsc::channel(4 * GROUP);
-        tokio::spawn(write(store.clone(), incoming));
+        tokio::spawn(write(store.clone(), incoming, counts));
         Lifecycle { store, requests }
     }
 
@@ -87,9 +93,20 @@ impl Lifecycle {
 }
 
 /// The writer: takes what is waiting, commits it, answers each, until every handle is gone.
-async fn write(store: Store, mut incoming: mpsc::Receiver<Request>) {
+async fn write(store: Store, mut incoming: mpsc::Receiver<Request>, counts: Arc<Groups>) {
     let mut waiting = Vec::with_capacity(GROUP);
     while incoming.recv_many(&mut waiting, GROUP).await > 0 {
+        // Others are writing too: give them a moment to join this group.
+        if waiting.len() > 1 {
+            let until = tokio::time::Instant::now() + LINGER;
+            while waiting.len() < GROUP {
+                let more = GROUP - waiting.len();
+                tokio::select! {
+                    n = incoming.recv_many(&mut waiting, more) => if n == 0 { break },
+                    () = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
         let (mut received, mut transitions) = (Vec::new(), Vec::new());
         for request in waiting.drain(..) {
             match request {
@@ -103,8 +120,8 @@ async fn write(store: Store, mut incoming: mpsc::Receiver<Request>) {
             "committing a group of lifecycle writes"
         );
         tokio::join!(
-            write_received(&store, received),
-            write_transitions(&store, transitions)
+            write_received(&store, received, &counts),
+            write_transitions(&store, transitions, &counts)
         );
     }
 }
@@ -112,13 +129,14 @@ async fn write(store: Store, mut incoming: mpsc::Receiver<Request>) {
 type Reply<T> = oneshot::Sender<Result<T>>;
 type Received = (Box<Task>, Reply<(TaskState, i32)>);
 
-async fn write_received(store: &Store, group: Vec<Received>) {
+async fn write_received(store: &Store, group: Vec<Received>, counts: &Groups) {
     if group.is_empty() {
         return;
     }
     let tasks: Vec<&Task> = group.iter().map(|(t, _)| t.as_ref()).collect();
     match store.record_received_many(&tasks).await {
         Ok(outcomes) => {
+            counts.committed(outcomes.len());
             for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
             }
@@ -138,13 +156,18 @@ async fn write_received(store: &Store, group: Vec<Received>) {
     }
 }
 
-async fn write_transitions(store: &Store, group: Vec<(Transition, Reply<Applied>)>) {
+async fn write_transitions(
+    store: &Store,
+    group: Vec<(Transition, Reply<Applied>)>,
+    counts: &Groups,
+) {
     if group.is_empty() {
         return;
     }
     let (batch, replies): (Vec<Transition>, Vec<Reply<Applied>>) = group.into_iter().unzip();
     match store.transitions(&batch).await {
         Ok(outcomes) => {
+            counts.committed(outcomes.len());
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
             }

@@ -1,8 +1,8 @@
 //! Counters of what the dispatcher did, logged every minute and at shutdown.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tracing::info;
 
@@ -20,6 +20,8 @@ pub(crate) struct Metrics {
     pub(crate) catalog_refused: AtomicU64,
     /// Tasks put back in their queue because their image could not be resolved yet.
     pub(crate) image_waits: AtomicU64,
+    /// The lifecycle writer's: writes, and the transactions that committed them.
+    pub(crate) lifecycle: Arc<Groups>,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -51,9 +53,25 @@ impl Metrics {
             catalog_reloads = get(&self.catalog_reloads),
             catalog_refused = get(&self.catalog_refused),
             image_waits = get(&self.image_waits),
+            lifecycle_writes = get(&self.lifecycle.writes),
+            lifecycle_commits = get(&self.lifecycle.commits),
             %rejected,
             "dispatcher counters"
         );
+    }
+}
+
+/// Writes committed in groups, and the groups' transactions.
+#[derive(Default)]
+pub(crate) struct Groups {
+    pub(crate) writes: AtomicU64,
+    pub(crate) commits: AtomicU64,
+}
+
+impl Groups {
+    pub(crate) fn committed(&self, writes: usize) {
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        inc(&self.commits);
     }
 }
 

@@ -177,13 +177,14 @@ pub async fn run(
     } else {
         None
     };
+    let metrics = Metrics::default();
     let ctx = Arc::new(Ctx {
         topology,
-        lifecycle: Lifecycle::start(store.clone()),
+        lifecycle: Lifecycle::start(store.clone(), metrics.lifecycle.clone()),
         store,
         publisher,
         runtime,
-        metrics: Metrics::default(),
+        metrics,
         shutdown: token.clone(),
         catalog: watch::Sender::new(Arc::new(initial)),
         following: Mutex::new(HashSet::new()),

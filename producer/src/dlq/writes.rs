@@ -98,6 +98,9 @@ impl Writes {
                 tracing::warn!(error = %e, "the Postgres connection of a dead-letter pass ended");
             }
         });
+        gantry_shared::store::set_up_session(&client)
+            .await
+            .map_err(pg("set up the session"))?;
         Ok(Writes {
             client,
             record: None,
