@@ -98,9 +98,9 @@ impl Writes {
                 tracing::warn!(error = %e, "the Postgres connection of a dead-letter pass ended");
             }
         });
-        gantry_shared::store::set_up_session(&client)
-            .await
-            .map_err(pg("set up the session"))?;
+        // Generic plans are fine here, unlike on the store's long-lived connections (see
+        // `gantry_shared::store::set_up_session`): a pass's connection lives for the pass,
+        // during which the tables it reads keep their size.
         Ok(Writes {
             client,
             record: None,
