@@ -141,16 +141,13 @@ async fn write_received(store: &Store, group: Vec<Received>, counts: &Groups) {
                 let _ = reply.send(Ok(outcome));
             }
         }
-        // Alone, so that each gets its own outcome and one bad write fails only itself.
-        Err(e) if group.len() > 1 => {
-            warn!(error = %chain(&e), writes = group.len(), "a group of received writes failed; writing each on its own");
-            for (task, reply) in group {
-                let _ = reply.send(store.record_received(&task).await);
-            }
-        }
         Err(e) => {
-            if let Some((_, reply)) = group.into_iter().next() {
-                let _ = reply.send(Err(e));
+            let replies = group.into_iter().map(|(task, reply)| (reply, task));
+            for (reply, task, alone) in failed("received writes", e, replies) {
+                let _ = reply.send(match alone {
+                    Some(e) => Err(e),
+                    None => store.record_received(&task).await,
+                });
             }
         }
     }
@@ -172,16 +169,74 @@ async fn write_transitions(
                 let _ = reply.send(Ok(outcome));
             }
         }
-        Err(e) if batch.len() > 1 => {
-            warn!(error = %chain(&e), writes = batch.len(), "a group of transitions failed; writing each on its own");
-            for (t, reply) in batch.iter().zip(replies) {
-                let _ = reply.send(store.transition(t.id, t.attempt, t.state, &t.change).await);
-            }
-        }
         Err(e) => {
-            if let Some(reply) = replies.into_iter().next() {
-                let _ = reply.send(Err(e));
+            for (reply, t, alone) in failed("transitions", e, replies.into_iter().zip(batch)) {
+                let _ = reply.send(match alone {
+                    Some(e) => Err(e),
+                    None => store.transition(t.id, t.attempt, t.state, &t.change).await,
+                });
             }
         }
+    }
+}
+
+/// What each write of a failed group gets: an error to try again later when the failure may
+/// pass (Postgres unavailable: writing each alone would only wait for it once per write),
+/// or `None`, to be written on its own, when it may be one write's fault (one bad write
+/// then fails only itself). A group of one gets its own error.
+fn failed<R, W>(
+    what: &str,
+    error: gantry_shared::Error,
+    writes: impl ExactSizeIterator<Item = (R, W)>,
+) -> Vec<(R, W, Option<gantry_shared::Error>)> {
+    let n = writes.len();
+    let why = chain(&error);
+    if n == 1 {
+        let mut error = Some(error);
+        return writes.map(|(r, w)| (r, w, error.take())).collect();
+    }
+    if error.is_transient() {
+        warn!(error = %why, writes = n, "a group of {what} failed; each is tried again");
+        writes
+            .map(|(r, w)| (r, w, Some(gantry_shared::Error::GroupWrite(why.clone()))))
+            .collect()
+    } else {
+        warn!(error = %why, writes = n, "a group of {what} failed; writing each on its own");
+        writes.map(|(r, w)| (r, w, None)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gantry_shared::Error;
+
+    use super::failed;
+
+    fn fates(error: Error, n: usize) -> Vec<Option<String>> {
+        let writes = (0..n).map(|i| (i, i));
+        failed("writes", error, writes)
+            .into_iter()
+            .map(|(_, _, e)| e.map(|e| e.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_group_that_failed_for_a_passing_reason_is_tried_again_and_else_written_alone() {
+        // Postgres unavailable: every write is to be tried again, none alone now.
+        let again = fates(Error::ListenLost, 3);
+        assert_eq!(again.len(), 3);
+        assert!(again.iter().all(|e| {
+            e.as_deref()
+                .is_some_and(|e| e.contains("group of writes") && e.contains("try again"))
+        }));
+        // Perhaps one write's fault: each is written on its own.
+        let timeout = || Error::WaitTimeout(std::time::Duration::from_secs(1));
+        assert_eq!(fates(timeout(), 3), vec![None, None, None]);
+        // A group of one gets its own error, whatever it is.
+        assert_eq!(fates(timeout(), 1), vec![Some(timeout().to_string())]);
+        assert_eq!(
+            fates(Error::ListenLost, 1),
+            vec![Some(Error::ListenLost.to_string())]
+        );
     }
 }

@@ -100,6 +100,10 @@ pub enum Error {
         "task {0} is not known to Gantry (it was never received, or the database is another one)"
     )]
     UnknownTask(crate::message::TaskId),
+    /// A write committed in a group with others failed with the group, for a reason that
+    /// may pass (Postgres restarting, a lost connection); the write is to be tried again.
+    #[error("Postgres failed a group of writes this one was in ({0}); try again")]
+    GroupWrite(String),
 }
 
 impl Error {
@@ -121,7 +125,7 @@ impl Error {
             | Error::CatalogRead { .. } => "config",
             Error::Invalid(_) | Error::Encode(_) => "invalid",
             Error::WaitTimeout(_) => "timeout",
-            Error::ListenLost => "postgres",
+            Error::ListenLost | Error::GroupWrite(_) => "postgres",
             Error::UnknownTask(_) => "unknown_task",
         }
     }
@@ -134,6 +138,7 @@ impl Error {
             | Error::AmqpTimeout { .. }
             | Error::PostgresPool(_)
             | Error::ListenLost
+            | Error::GroupWrite(_)
             | Error::PublishNacked { .. } => true,
             Error::Postgres { source, .. } => crate::store::is_transient(source),
             _ => false,
