@@ -424,7 +424,7 @@ impl WatchFilter {
         }
     }
 
-    fn bookmark(&self, rv: u64, initial_end: bool) -> Value {
+    fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
         let mut metadata = json!({"resourceVersion": rv.to_string()});
         if initial_end {
             metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
@@ -434,12 +434,15 @@ impl WatchFilter {
         } else {
             json!({"kind": self.kind.name(), "apiVersion": self.kind.api_version(), "metadata": metadata})
         };
-        json!({"type": "BOOKMARK", "object": object})
+        event("BOOKMARK", &object)
     }
 }
 
-fn line(v: &Value) -> Bytes {
-    let mut b = v.to_string().into_bytes();
+/// One line of a watch stream, `{"type":…,"object":…}`, in the API server's order: its
+/// `WatchEvent` is a Go struct whose `Type` comes first. (A `json!` map would sort `object`
+/// first, which clients must then buffer whole before they know what to parse it as.)
+fn event(ty: &str, object: &Value) -> Bytes {
+    let mut b = format!("{{\"type\":{},\"object\":{object}}}", Value::from(ty)).into_bytes();
     b.push(b'\n');
     Bytes::from(b)
 }
@@ -511,12 +514,11 @@ async fn run_watch(
                 (objects, st.rv())
             });
             for o in objects {
-                let ev = json!({"type": "ADDED", "object": filter.shape(o)});
-                if tx.send(line(&ev)).await.is_err() {
+                if tx.send(event("ADDED", &filter.shape(o))).await.is_err() {
                     return;
                 }
             }
-            if send_initial && tx.send(line(&filter.bookmark(rv, true))).await.is_err() {
+            if send_initial && tx.send(filter.bookmark(rv, true)).await.is_err() {
                 return;
             }
             rv
@@ -532,18 +534,13 @@ async fn run_watch(
         match batch {
             Err(oldest) => {
                 let gone = ApiError::gone(format!("too old resource version: {cursor} ({oldest})"));
-                let _ = tx
-                    .send(line(&json!({"type": "ERROR", "object": gone.to_status()})))
-                    .await;
+                let _ = tx.send(event("ERROR", &gone.to_status())).await;
                 return;
             }
             Ok((events, rv)) => {
                 for e in events {
                     if let Some((ty, object)) = filter.view(&e)
-                        && tx
-                            .send(line(&json!({"type": ty, "object": object})))
-                            .await
-                            .is_err()
+                        && tx.send(event(ty, &object)).await.is_err()
                     {
                         return;
                     }
@@ -557,7 +554,7 @@ async fn run_watch(
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => return,
             _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
                 next_bookmark = tokio::time::Instant::now() + interval;
-                if tx.send(line(&filter.bookmark(cursor, false))).await.is_err() {
+                if tx.send(filter.bookmark(cursor, false)).await.is_err() {
                     return;
                 }
             }
