@@ -124,7 +124,10 @@ impl Store {
     #[instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
     pub async fn record_received(&self, task: &Task) -> Result<(TaskState, i32)> {
         let received = self.record_received_many(&[task]).await?;
-        Ok(received[0])
+        Ok(received
+            .first()
+            .copied()
+            .unwrap_or((TaskState::Received, attempt_i32(task.attempt))))
     }
 
     /// [`Store::record_received`] for many tasks, in one transaction; each task's state and
