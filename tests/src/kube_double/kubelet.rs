@@ -109,7 +109,8 @@ impl Cluster {
         let (nodes, used) = self.inner.store.read(|st| {
             let nodes: Vec<Value> = st.list(Kind::Node, None).cloned().collect();
             let mut used: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-            for p in st.list(Kind::Pod, None).filter(|_| counts) {
+            let pods = counts.then(|| st.list(Kind::Pod, None));
+            for p in pods.into_iter().flatten() {
                 let node = str_at(p, "/spec/nodeName");
                 if node.is_empty()
                     || str_at(p, "/metadata/uid") == uid
@@ -165,8 +166,13 @@ impl Cluster {
         ));
         let log = dir.join("log");
         if !self.runs.contains_key(&uid) {
-            let _ = std::fs::create_dir_all(&dir);
-            let _ = std::fs::File::create(&log);
+            // Only a pod that runs a process needs a directory (its volumes, its log and
+            // its termination message); a scripted pod's log is empty without one. Making
+            // one per pod cost the double more than anything else it does for a pod.
+            if script.is_none() {
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::File::create(&log);
+            }
             self.inner.lock_pods().insert(
                 uid.clone(),
                 PodProcess {

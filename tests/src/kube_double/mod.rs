@@ -350,9 +350,9 @@ impl Inner {
             .filter(|p| p.namespace == namespace && p.name == name)
             .max_by_key(|p| p.started)
             .map(|p| p.log.clone())?;
-        std::fs::read(path)
-            .ok()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        // A scripted pod has no log file: it never wrote a line.
+        let bytes = std::fs::read(path).unwrap_or_default();
+        Some(String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 

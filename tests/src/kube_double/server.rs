@@ -2,6 +2,7 @@
 //! request log, and watches as chunked streams of JSON lines that replay remembered
 //! changes from a resourceVersion on (410 Gone in an `ERROR` event when it is forgotten).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -394,7 +395,7 @@ impl WatchFilter {
 
     /// The event this watch sees for a change, if any: a change that makes an object
     /// (stop) match the selectors is seen as its addition (deletion).
-    fn view(&self, e: &Event) -> Option<(&'static str, Value)> {
+    fn view<'e>(&self, e: &'e Event) -> Option<(&'static str, Cow<'e, Value>)> {
         if e.key.kind != self.kind
             || self
                 .namespace
@@ -413,7 +414,14 @@ impl WatchFilter {
             (EventType::Deleted, true, _) => "DELETED",
             _ => return None,
         };
-        Some((ty, self.shape((*e.object).clone())))
+        // Serialized from the stored object itself, as the API server's watch cache
+        // serializes its own: no deep copy of each object for each watcher.
+        let object = if self.metadata_only {
+            Cow::Owned(partial_metadata((*e.object).clone()))
+        } else {
+            Cow::Borrowed(&*e.object)
+        };
+        Some((ty, object))
     }
 
     fn shape(&self, v: Value) -> Value {
