@@ -67,14 +67,14 @@ async fn a_redelivered_task_finds_its_job_and_never_creates_a_second_one() -> an
     assert!(matches!(first, Created::New(_)));
     let again = client.create(&job, secret).await?;
     assert!(matches!(again, Created::Existing(_)));
-    assert_eq!(again.job().metadata.uid, first.job().metadata.uid);
+    assert_eq!(again.metadata().uid, first.metadata().uid);
     assert_eq!(double.jobs_created(), 1);
 
     let name = job.metadata.name.clone().expect("name");
     let stored = double.get_secret(&name).expect("the Secret exists");
     let owner = &stored.metadata.owner_references.expect("owned")[0];
     assert_eq!(owner.kind, "Job");
-    assert_eq!(Some(owner.uid.clone()), first.job().metadata.uid);
+    assert_eq!(Some(owner.uid.clone()), first.metadata().uid);
     Ok(())
 }
 

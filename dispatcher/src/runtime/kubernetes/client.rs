@@ -9,9 +9,10 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, PostParams, PropagationPolicy};
-use kube::{Api, Client};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, PartialObjectMeta, PostParams, PropagationPolicy};
+use kube::{Api, Client, Resource};
+use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -29,17 +30,18 @@ pub enum KubeError {
     },
 }
 
-/// Whether the job was made by this call or was there already.
+/// Whether the job was made by this call or was there already, with its metadata (all the
+/// runtime reads of it: name, uid, creation time).
 #[derive(Debug, Clone)]
 pub enum Created {
-    New(Box<Job>),
-    Existing(Box<Job>),
+    New(Box<ObjectMeta>),
+    Existing(Box<ObjectMeta>),
 }
 
 impl Created {
-    pub fn job(&self) -> &Job {
+    pub fn metadata(&self) -> &ObjectMeta {
         match self {
-            Created::New(j) | Created::Existing(j) => j,
+            Created::New(m) | Created::Existing(m) => m,
         }
     }
 }
@@ -85,6 +87,7 @@ impl Bucket {
 
 /// The runtime's API client for one namespace.
 pub struct JobClient {
+    client: Client,
     jobs: Api<Job>,
     secrets: Api<Secret>,
     bucket: Bucket,
@@ -103,14 +106,15 @@ impl JobClient {
         let (jobs, secrets) = match namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
-                Api::namespaced(client, ns),
+                Api::namespaced(client.clone(), ns),
             ),
             None => (
                 Api::default_namespaced(client.clone()),
-                Api::default_namespaced(client),
+                Api::default_namespaced(client.clone()),
             ),
         };
         JobClient {
+            client,
             jobs,
             secrets,
             bucket: Bucket::new(writes_per_second, burst),
@@ -142,24 +146,25 @@ impl JobClient {
     /// The API refused a write for good (invalid object, forbidden) or kept failing.
     pub async fn create(&self, job: &Job, mut secret: Secret) -> Result<Created, KubeError> {
         let name = job.metadata.name.clone().unwrap_or_default();
-        let post = PostParams::default();
         let created = match self
-            .write("create Job", || self.jobs.create(&post, job))
+            .write("create Job", || self.create_object(&self.jobs, job))
             .await
         {
-            Ok(job) => Created::New(Box::new(job)),
+            Ok(meta) => Created::New(Box::new(meta)),
             Err(KubeError::Api {
                 source: kube::Error::Api(status),
                 ..
             }) if status.is_already_exists() => {
                 debug!(job = %name, "job exists already; a redelivered task finds it");
-                let existing = self.write("read Job", || self.jobs.get(&name)).await?;
-                Created::Existing(Box::new(existing))
+                let existing = self
+                    .write("read Job", || self.jobs.get_metadata(&name))
+                    .await?;
+                Created::Existing(Box::new(existing.metadata))
             }
             Err(e) => return Err(e),
         };
-        let owner = created.job();
-        if let (Some(job_name), Some(uid)) = (&owner.metadata.name, &owner.metadata.uid) {
+        let owner = created.metadata();
+        if let (Some(job_name), Some(uid)) = (&owner.name, &owner.uid) {
             secret.metadata.owner_references = Some(vec![OwnerReference {
                 api_version: "batch/v1".into(),
                 kind: "Job".into(),
@@ -170,7 +175,9 @@ impl JobClient {
             }]);
         }
         match self
-            .write("create Secret", || self.secrets.create(&post, &secret))
+            .write("create Secret", || {
+                self.create_object(&self.secrets, &secret)
+            })
             .await
         {
             Ok(_) => {}
@@ -207,6 +214,22 @@ impl JobClient {
     }
 
     /// One API call behind the token bucket, retried while the failure may pass.
+    /// POSTs `object` to `api`'s collection, as `Api::create` does, and reads back only
+    /// the metadata of what the API server stored: a created Job comes back whole, pod
+    /// template included, and a Secret with its payload, none of which the runtime reads.
+    async fn create_object<K>(&self, api: &Api<K>, object: &K) -> Result<ObjectMeta, kube::Error>
+    where
+        K: Resource + Serialize,
+    {
+        let body = serde_json::to_vec(object).map_err(kube::Error::SerdeError)?;
+        let mut request = kube::core::Request::new(api.resource_url())
+            .create(&PostParams::default(), body)
+            .map_err(kube::Error::BuildRequest)?;
+        request.extensions_mut().insert("create");
+        let created: PartialObjectMeta<K> = self.client.request(request).await?;
+        Ok(created.metadata)
+    }
+
     async fn write<T, F, Fut>(&self, what: &str, call: F) -> Result<T, KubeError>
     where
         F: FnMut() -> Fut,

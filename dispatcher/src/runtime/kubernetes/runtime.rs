@@ -155,8 +155,7 @@ impl KubeRuntime {
             })?;
         let is_new = matches!(created, Created::New(_));
         let created_at = created
-            .job()
-            .metadata
+            .metadata()
             .creation_timestamp
             .as_ref()
             .map_or_else(Utc::now, to_chrono);
