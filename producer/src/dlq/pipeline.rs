@@ -486,6 +486,21 @@ impl Send {
     async fn run(self, mut input: mpsc::Receiver<Vec<Item>>, sender: Sender) {
         let replaying = matches!(sender, Sender::Replay { .. });
         let sender = Arc::new(sender);
+        // The acks go out from a task of their own, in the order they are taken (a
+        // `multiple` ack must never follow one of a later tag), so that publishing goes
+        // on while an ack is written: awaiting each ack here left the window of
+        // publishes part empty for a sixth of a replay.
+        let (to_acker, acker) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(
+            Acker {
+                timeout: self.timeout,
+                marks: self.marks.clone(),
+                reports: self.reports.clone(),
+                queue: self.queue.clone(),
+                replaying,
+            }
+            .run(acker),
+        );
         let mut running: JoinSet<Published> = JoinSet::new();
         let mut queued: VecDeque<Item> = VecDeque::new();
         let mut acks = Acks::new();
@@ -516,10 +531,17 @@ impl Send {
                     }
                 }
             }
-            self.ack(&mut acks, run, running.is_empty(), replaying)
-                .await;
+            take(&mut acks, run, running.is_empty(), &to_acker);
         }
-        self.ack(&mut acks, usize::MAX, true, replaying).await;
+        take(&mut acks, usize::MAX, true, &to_acker);
+        drop(to_acker);
+        if let Err(e) = acker.await {
+            let warning = format!(
+                "acking stopped ({e}); what was not acked stays in {}",
+                self.queue
+            );
+            let _ = self.reports.send(Report::Warning(warning));
+        }
         if let Sender::Replay {
             channel,
             connection,
@@ -555,35 +577,62 @@ impl Send {
             }
         }
     }
+}
 
-    /// Acks what [`Acks::take`] gives, and reports each dead letter done (or why not).
-    async fn ack(&self, acks: &mut Acks<Confirmed>, run: usize, flush: bool, replaying: bool) {
-        let (taken, multiple) = acks.take(run, flush);
-        let Some(last) = taken.last() else {
-            return;
-        };
-        let results = if multiple {
-            let result = ack(&last.delivery, true, self.timeout).await;
-            vec![result; taken.len()]
-        } else {
-            let acking = taken.iter().map(|c| ack(&c.delivery, false, self.timeout));
-            futures_util::future::join_all(acking).await
-        };
-        for (confirmed, result) in taken.into_iter().zip(results) {
-            let outcome = match result {
-                Ok(()) => {
-                    let _ = self.marks.send(confirmed.letter_id);
-                    Ok(None)
-                }
-                Err(e) if replaying => Err(format!(
-                    "published, but {e}: it stays in {}, and the next replay publishes it again (the dispatcher runs one job per attempt)",
-                    self.queue
-                )),
-                Err(e) => Err(format!("{e}; it stays in {}", self.queue)),
+/// What [`Acks::take`] gives, handed to the acker (nothing when nothing is ready).
+fn take(acks: &mut Acks<Confirmed>, run: usize, flush: bool, acker: &UnboundedSender<Taken>) {
+    let (taken, multiple) = acks.take(run, flush);
+    if !taken.is_empty() {
+        // The acker ends only after this sender is dropped.
+        let _ = acker.send(Taken { taken, multiple });
+    }
+}
+
+/// Confirmed deliveries to ack, at once with one `multiple` ack of the last, or each.
+struct Taken {
+    taken: Vec<Confirmed>,
+    multiple: bool,
+}
+
+/// Acks the deliveries the send stage takes, one batch after the other, and reports each
+/// dead letter done (or why not).
+struct Acker {
+    timeout: Duration,
+    marks: UnboundedSender<Uuid>,
+    reports: UnboundedSender<Report>,
+    queue: String,
+    replaying: bool,
+}
+
+impl Acker {
+    async fn run(self, mut input: UnboundedReceiver<Taken>) {
+        while let Some(Taken { taken, multiple }) = input.recv().await {
+            let Some(last) = taken.last() else {
+                continue;
             };
-            let _ = self
-                .reports
-                .send(Report::Outcome((confirmed.entry, outcome)));
+            let results = if multiple {
+                let result = ack(&last.delivery, true, self.timeout).await;
+                vec![result; taken.len()]
+            } else {
+                let acking = taken.iter().map(|c| ack(&c.delivery, false, self.timeout));
+                futures_util::future::join_all(acking).await
+            };
+            for (confirmed, result) in taken.into_iter().zip(results) {
+                let outcome = match result {
+                    Ok(()) => {
+                        let _ = self.marks.send(confirmed.letter_id);
+                        Ok(None)
+                    }
+                    Err(e) if self.replaying => Err(format!(
+                        "published, but {e}: it stays in {}, and the next replay publishes it again (the dispatcher runs one job per attempt)",
+                        self.queue
+                    )),
+                    Err(e) => Err(format!("{e}; it stays in {}", self.queue)),
+                };
+                let _ = self
+                    .reports
+                    .send(Report::Outcome((confirmed.entry, outcome)));
+            }
         }
     }
 }
