@@ -544,6 +544,102 @@ async fn lists_filter_by_label_and_field_selectors() {
 }
 
 #[tokio::test]
+async fn every_page_of_a_list_shows_the_state_of_its_first_and_a_watch_from_it_sees_the_rest() {
+    let d = KubeDouble::start().await;
+    let api: Api<ConfigMap> = Api::namespaced(d.client(), d.namespace());
+    let post = PostParams::default();
+    let map = |name: &str, v: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}, "data": {"v": v}})).unwrap()
+    };
+    for name in ["a", "b", "c", "d"] {
+        api.create(&post, &map(name, "1")).await.unwrap();
+    }
+    let first = api.list(&ListParams::default().limit(2)).await.unwrap();
+    let rv = first.metadata.resource_version.clone().unwrap();
+    let token = first.metadata.continue_.clone().unwrap();
+    let seen = |list: &kube::core::ObjectList<ConfigMap>| -> Vec<(String, String)> {
+        list.items
+            .iter()
+            .map(|m| {
+                (
+                    m.metadata.name.clone().unwrap(),
+                    m.data.as_ref().unwrap()["v"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        seen(&first),
+        [("a".into(), "1".into()), ("b".into(), "1".into())]
+    );
+
+    // Between the pages: a change on the first page, one on the second, an object deleted
+    // and one created where the second page reads.
+    let patch = |v: &str| Patch::Merge(json!({"data": {"v": v}}));
+    api.patch("a", &PatchParams::default(), &patch("2"))
+        .await
+        .unwrap();
+    api.patch("d", &PatchParams::default(), &patch("2"))
+        .await
+        .unwrap();
+    api.delete("c", &DeleteParams::default()).await.unwrap();
+    api.create(&post, &map("bb", "1")).await.unwrap();
+
+    let second = api
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(&second),
+        [("c".into(), "1".into()), ("d".into(), "1".into())]
+    );
+    assert_eq!(
+        second.metadata.resource_version.as_deref(),
+        Some(rv.as_str())
+    );
+    assert_eq!(second.metadata.continue_, None);
+
+    // What the pages did not show, a watch from their resourceVersion does.
+    let mut events = Box::pin(api.watch(&WatchParams::default(), &rv).await.unwrap());
+    let mut changes = Vec::new();
+    while changes.len() < 4 {
+        let e = tokio::time::timeout(WAIT, events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match e {
+            WatchEvent::Added(m) => changes.push(("ADDED", m.metadata.name.unwrap())),
+            WatchEvent::Modified(m) => changes.push(("MODIFIED", m.metadata.name.unwrap())),
+            WatchEvent::Deleted(m) => changes.push(("DELETED", m.metadata.name.unwrap())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected = [
+        ("MODIFIED", "a"),
+        ("MODIFIED", "d"),
+        ("DELETED", "c"),
+        ("ADDED", "bb"),
+    ];
+    assert_eq!(changes, expected.map(|(t, n)| (t, n.to_owned())));
+
+    // Once those changes are forgotten, the token is too old: 410, as from the API server.
+    d.compact();
+    let err = api_error(
+        api.list(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (410, "Expired"));
+    let err = api_error(
+        api.list(&ListParams::default().continue_token("not-a-token"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 400);
+}
+
+#[tokio::test]
 async fn a_watch_sees_added_modified_deleted_in_order() {
     let d = KubeDouble::start().await;
     let maps: Api<ConfigMap> = Api::default_namespaced(d.client());

@@ -264,18 +264,37 @@ pub(crate) fn list(
             ));
         }
     };
-    let start = query.get("continue").cloned().unwrap_or_default();
+    let from = query
+        .get("continue")
+        .map(|t| Continue::parse(t))
+        .transpose()?;
     store.read(|st| {
-        let mut items: Vec<Value> = st
-            .list(kind, namespace)
-            .filter(|o| labels.matches_object(o) && fields.matches(kind, o))
-            .filter(|o| start.is_empty() || sort_key(o) > start)
-            .cloned()
-            .collect();
-        let mut metadata = json!({"resourceVersion": st.rv().to_string()});
+        let selected = |o: &Value| labels.matches_object(o) && fields.matches(kind, o);
+        let (rv, mut items): (u64, Vec<Value>) = match &from {
+            None => (
+                st.rv(),
+                st.list(kind, namespace)
+                    .filter(|o| selected(o))
+                    .cloned()
+                    .collect(),
+            ),
+            Some(c) => {
+                let at = st
+                    .list_at(kind, namespace, c.rv, (&c.namespace, &c.name))
+                    .ok_or_else(|| {
+                        ApiError::gone(
+                            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                        )
+                    })?;
+                (c.rv, at.into_iter().filter(|o| selected(o)).collect())
+            }
+        };
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
         if limit > 0 && items.len() > limit {
             let rest = items.split_off(limit);
-            metadata["continue"] = json!(sort_key(items.last().unwrap_or(&Value::Null)));
+            if let Some(last) = items.last() {
+                metadata["continue"] = json!(Continue::after(rv, last));
+            }
             metadata["remainingItemCount"] = json!(rest.len());
         }
         for i in &mut items {
@@ -293,12 +312,41 @@ pub(crate) fn list(
     })
 }
 
-fn sort_key(o: &Value) -> String {
-    format!(
-        "{}/{}",
-        str_at(o, "/metadata/namespace"),
-        str_at(o, "/metadata/name")
-    )
+/// Where the next page of a list starts: the list's resourceVersion (every page shows the
+/// state at the first) and the last object served. Opaque to clients, like the API
+/// server's; here `RV/NAMESPACE/NAME`.
+struct Continue {
+    rv: u64,
+    namespace: String,
+    name: String,
+}
+
+impl Continue {
+    fn after(rv: u64, last: &Value) -> String {
+        format!(
+            "{rv}/{}/{}",
+            str_at(last, "/metadata/namespace"),
+            str_at(last, "/metadata/name")
+        )
+    }
+
+    fn parse(token: &str) -> ApiResult<Continue> {
+        let mut parts = token.splitn(3, '/');
+        match (
+            parts.next().and_then(|rv| rv.parse().ok()),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(rv), Some(namespace), Some(name)) => Ok(Continue {
+                rv,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }),
+            _ => Err(ApiError::bad_request(format!(
+                "continue key is not valid: {token:?}"
+            ))),
+        }
+    }
 }
 
 /// PUT: replaces the object (or only its status).

@@ -110,6 +110,49 @@ impl State {
             .map(|(_, v)| v)
     }
 
+    /// The objects of `kind` (in `namespace`, or all) whose (namespace, name) come after
+    /// `after`, as they were at resourceVersion `rv`, in key order: the later pages of a
+    /// list all show the state of its first, as the API server serves them from one
+    /// snapshot. `None` when changes since `rv` are forgotten.
+    pub(crate) fn list_at(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        rv: u64,
+        after: (&str, &str),
+    ) -> Option<Vec<Value>> {
+        if rv < self.compacted {
+            return None;
+        }
+        let in_range = |k: &Key| {
+            k.kind == kind
+                && namespace.is_none_or(|ns| k.namespace == ns)
+                && (k.namespace.as_str(), k.name.as_str()) > after
+        };
+        let mut at: BTreeMap<Key, Value> = self
+            .list(kind, namespace)
+            .map(|o| (Key::of(kind, o), o))
+            .filter(|(k, _)| in_range(k))
+            .map(|(k, o)| (k, o.clone()))
+            .collect();
+        // Undo, newest first, every change made since.
+        for e in self.history.iter().rev().take_while(|e| e.rv > rv) {
+            if !in_range(&e.key) {
+                continue;
+            }
+            match (e.ty, &e.old) {
+                (EventType::Added, _) => {
+                    at.remove(&e.key);
+                }
+                (_, Some(old)) => {
+                    at.insert(e.key.clone(), (**old).clone());
+                }
+                (_, None) => {}
+            }
+        }
+        Some(at.into_values().collect())
+    }
+
     /// The objects naming `owner_uid` in their `ownerReferences`, in key order.
     pub(crate) fn owned_by<'a>(
         &'a self,
