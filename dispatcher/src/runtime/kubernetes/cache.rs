@@ -364,7 +364,9 @@ fn spawn_watch<K, V>(
                 Some(Ok(watcher::Event::InitDone)) => {
                     on_update(Update::Listed(std::mem::take(&mut listing)));
                 }
-                Some(Err(e)) => warn!(error = %e, "watch failed; it restarts with backoff"),
+                Some(Err(e)) => {
+                    warn!(kind = %K::kind(&()), error = %e, "watch failed; it lists again and restarts with backoff");
+                }
                 None => return,
             }
         }
