@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod kube_double;
+pub mod placement;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use chrono::Utc;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use gantry_dispatcher::runtime::kubernetes::job;
 use gantry_dispatcher::settings::KubernetesSection;
 use gantry_shared::message::{ExecutorClass, JobName, Limits, Task, TaskSpec};
 use gantry_tests::bench::{Cpu, Figures, echo_spec, lapin_round_trip, median};
 use gantry_tests::kube_double::{DEFAULT_NODE, KubeDouble, Options, Script};
+use gantry_tests::placement::{Split, pin_current_thread};
 use gantry_tests::{Dispatcher, TestEnv, point_at_double};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -24,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
+use tokio::signal::unix::SignalKind;
 use tokio::task::JoinSet;
 use tokio_postgres::NoTls;
 
@@ -38,6 +40,13 @@ use tokio_postgres::NoTls;
 /// - gantry: a release `gantry-dispatcher --runtime kubernetes` (fresh database and prefix,
 ///   fresh double) and as many tasks published as the producer library does; latency is
 ///   publish → Job created in the double.
+///
+/// With `--placement split` (the default), the double runs on a CPU of its own and
+/// everything else (this process's publishers and HTTP clients, the dispatcher, RabbitMQ
+/// and Postgres) on the others, in the baselines and the gantry run alike, as an API server
+/// runs on machines of its own; RabbitMQ's and Postgres's threads are moved for the run
+/// and put back after it (moving them needs root). `--placement shared` leaves every
+/// process on every CPU.
 ///
 /// Then it prints the ratio of gantry's throughput to the smaller baseline's (target ≥ 0.7),
 /// the API writes per task the double received (target ≤ 2), and, in a last phase with
@@ -69,9 +78,19 @@ struct Args {
     /// The dispatcher's `max_waiting` (its prefetch); its default when unset.
     #[arg(long)]
     max_waiting: Option<u16>,
+    /// Where the processes run: `split` gives the double a CPU of its own and everything
+    /// else the others; `shared` leaves every process on every CPU.
+    #[arg(long, value_enum, default_value_t = Placement::Split)]
+    placement: Placement,
     /// Extra environment for the dispatcher, as NAME=VALUE (repeatable).
     #[arg(long = "dispatcher-env", value_parser = parse_var)]
     dispatcher_env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Placement {
+    Split,
+    Shared,
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
@@ -102,10 +121,99 @@ struct Round {
     ratio: f64,
 }
 
-// Two workers: the double serves the dispatcher from here while the bench waits.
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    let split = match args.placement {
+        Placement::Split => {
+            // Before any runtime starts: its threads, and the dispatcher, inherit the rest.
+            let split = Arc::new(Split::new()?);
+            let moved = split.move_service("beam.smp")? + split.move_service("postgres")?;
+            println!(
+                "placement: {} ({moved} threads of RabbitMQ and Postgres moved until the end)",
+                split.describe(
+                    "the double",
+                    "this process's clients, the dispatcher, RabbitMQ and Postgres"
+                )
+            );
+            Some(split)
+        }
+        Placement::Shared => {
+            println!("placement: every process on every CPU");
+            None
+        }
+    };
+    // Two workers: the double (with `shared`) serves the dispatcher from here while the
+    // bench waits.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let doubles = match &split {
+        Some(split) => {
+            let cpu = split.isolated_set()?;
+            Doubles(Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("kube-double")
+                    .on_thread_start(move || {
+                        if let Err(e) = pin_current_thread(&cpu) {
+                            eprintln!("the double's thread stays on every CPU: {e}");
+                        }
+                    })
+                    .enable_all()
+                    .build()?,
+            ))
+        }
+        None => Doubles(None),
+    };
+    let outcome = runtime.block_on(async {
+        if let Some(split) = split.clone() {
+            // Interrupted or terminated: put RabbitMQ and Postgres back before leaving.
+            let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+            tokio::spawn(async move {
+                let code = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => 130,
+                    _ = term.recv() => 143,
+                };
+                split.restore();
+                std::process::exit(code);
+            });
+        }
+        run(args, &doubles).await
+    });
+    if let Some(rt) = doubles.0 {
+        rt.shutdown_background();
+    }
+    runtime.shutdown_background();
+    drop(split);
+    outcome
+}
+
+/// Where the doubles run: on a runtime of their own (pinned to the isolated CPU), or on
+/// the bench's.
+struct Doubles(Option<tokio::runtime::Runtime>);
+
+impl Doubles {
+    /// A double whose pods run until deleted, with room for `pods` of them on its node.
+    async fn start(&self, pods: usize) -> Result<KubeDouble> {
+        let options = Options {
+            script: Some(Script::RunForever),
+            // The API server's watch cache grows to 102,400 changes (to keep about 75 s of
+            // history); the double's default, 10,000, is 1,500 tasks of this benchmark, so
+            // a dispatcher a few seconds behind would be sent to list everything again.
+            history_limit: 102_400,
+            ..Options::default()
+        };
+        let double = match &self.0 {
+            Some(rt) => rt.spawn(KubeDouble::start_with(options)).await?,
+            None => KubeDouble::start_with(options).await,
+        };
+        double.set_node_allocatable(DEFAULT_NODE, "pods", &(pods + 10).to_string());
+        Ok(double)
+    }
+}
+
+async fn run(args: Args, doubles: &Doubles) -> Result<()> {
     println!(
         "gantry-bench-kube: {} tasks per round, {} concurrent, {} rounds, then {} active Jobs; dispatcher writes_per_second {}, max_waiting {}",
         args.tasks,
@@ -122,10 +230,10 @@ async fn main() -> Result<()> {
         let lapin = lapin_round_trip(args.concurrency, args.tasks, body_len)
             .await
             .context("baseline 1")?;
-        let http = http_creates(args.tasks, args.concurrency)
+        let http = http_creates(doubles, args.tasks, args.concurrency)
             .await
             .context("baseline 2")?;
-        let gantry = gantry(&args, args.tasks).await.context("gantry")?;
+        let gantry = gantry(&args, doubles, args.tasks).await.context("gantry")?;
         let ratio = gantry.figures.per_second / lapin.per_second.min(http.per_second);
         println!(
             "round {round}: lapin {:.0} msg/s, HTTP {:.0} tasks/s, gantry {:.0} tasks/s, ratio {ratio:.2}, {:.2} writes/task",
@@ -164,7 +272,9 @@ async fn main() -> Result<()> {
         cpu.watched, cpu.this, cpu.rabbitmq, cpu.postgres, cpu.other
     );
     if args.active > 0 {
-        let held = gantry(&args, args.active).await.context("active phase")?;
+        let held = gantry(&args, doubles, args.active)
+            .await
+            .context("active phase")?;
         held.figures
             .print(&format!("gantry: {} tasks, Jobs kept active", args.active));
         let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -192,23 +302,12 @@ fn catalog(max_active: usize) -> String {
     )
 }
 
-/// A double whose pods run until deleted, with room for `pods` of them on its node.
-async fn double(pods: usize) -> KubeDouble {
-    let double = KubeDouble::start_with(Options {
-        script: Some(Script::RunForever),
-        ..Options::default()
-    })
-    .await;
-    double.set_node_allocatable(DEFAULT_NODE, "pods", &(pods + 10).to_string());
-    double
-}
-
 /// Baseline 2: `n` Jobs and their Secrets, as the dispatcher builds them, created over
 /// plain HTTP by `concurrency` creators (Job, then its Secret owned by it: what the runtime
 /// writes), without a token bucket or retries. Latency is the Job's POST → the Job created
 /// in the double; throughput runs from the first POST to the last Secret created.
-async fn http_creates(n: usize, concurrency: usize) -> Result<Figures> {
-    let double = double(n).await;
+async fn http_creates(doubles: &Doubles, n: usize, concurrency: usize) -> Result<Figures> {
+    let double = doubles.start(n).await?;
     let client = double.client();
     let jobs: Api<Job> = Api::namespaced(client.clone(), double.namespace());
     let secrets: Api<Secret> = Api::namespaced(client, double.namespace());
@@ -277,8 +376,8 @@ async fn http_creates(n: usize, concurrency: usize) -> Result<Figures> {
 
 /// Publishes `n` tasks to a fresh dispatcher on a fresh double and waits for their Jobs,
 /// then for the dispatcher to record every task running (so its caches hold them all).
-async fn gantry(args: &Args, n: usize) -> Result<Gantry> {
-    let double = double(n).await;
+async fn gantry(args: &Args, doubles: &Doubles, n: usize) -> Result<Gantry> {
+    let double = doubles.start(n).await?;
     let env = TestEnv::new(Some(&catalog(n))).await?;
     let outcome = gantry_in(args, n, &double, &env).await;
     env.cleanup().await?;
