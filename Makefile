@@ -31,4 +31,4 @@ bench: setup
 bench-kube: setup
 	cargo build --release --locked --bins
 	target/release/gantry-bench-kube --tasks 5000 --active 10000 --rounds 3 \
-		--writes-per-second 1000 --max-waiting 64
+		--writes-per-second 10000 --max-waiting 64
