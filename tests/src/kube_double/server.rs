@@ -414,21 +414,17 @@ impl WatchFilter {
             (EventType::Deleted, true, _) => "DELETED",
             _ => return None,
         };
-        // Serialized from the stored object itself, as the API server's watch cache
-        // serializes its own: no deep copy of each object for each watcher.
-        let object = if self.metadata_only {
-            Cow::Owned(partial_metadata((*e.object).clone()))
-        } else {
-            Cow::Borrowed(&*e.object)
-        };
-        Some((ty, object))
+        Some((ty, self.shape(&e.object)))
     }
 
-    fn shape(&self, v: Value) -> Value {
+    /// The object as this watch sends it: serialized from the stored object itself, as
+    /// the API server's watch cache serializes its own (no deep copy per watcher), unless
+    /// only its metadata is asked for.
+    fn shape<'a>(&self, v: &'a Value) -> Cow<'a, Value> {
         if self.metadata_only {
-            partial_metadata(v)
+            Cow::Owned(partial_metadata(v.clone()))
         } else {
-            v
+            Cow::Borrowed(v)
         }
     }
 
@@ -522,7 +518,7 @@ async fn run_watch(
                 (objects, st.rv())
             });
             for o in objects {
-                if tx.send(event("ADDED", &filter.shape(o))).await.is_err() {
+                if tx.send(event("ADDED", &filter.shape(&o))).await.is_err() {
                     return;
                 }
             }
