@@ -20,7 +20,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             ctx.store.record_dead_letters(&letters)
         })
         .await?;
-    for (letter, outcome) in letters.iter().zip(outcomes) {
+    for (DeadLetter { label: letter, .. }, outcome) in letters.iter().zip(outcomes) {
         if outcome != Applied::Duplicate {
             inc(&ctx.metrics.dead_letters_recorded);
             info!(dead_letter_id = %letter.id, task_id = ?letter.task_id.map(|t| t.to_string()), reason = %letter.reason, "dead letter recorded");

@@ -12,7 +12,7 @@
 //! A replay or purge opens an exclusive consumer with manual acks on `<prefix>.dead`, reads
 //! the queue's depth `N` at the start, and takes exactly `N` deliveries (or fewer, if the
 //! queue gives no more within a short idle time). Each is read with
-//! [`DeadLetter::from_message`], the same way the recorder read it, so its id is the id in
+//! [`Label::read`], the same way the recorder read it, so its id is the id in
 //! Postgres. A delivery the [`Selection`] does not match is held un-acked: it is never
 //! nacked with requeue during the pass, which would bring it back to be read twice. When
 //! the pass ends, the channel closes and every held message returns to the queue
@@ -20,7 +20,7 @@
 //!
 //! A matching delivery is replayed in this order: the task's new attempt is recorded (what
 //! `Store::record_replay` does: a `replayed` event of the new attempt, the task reopened);
-//! the message built by [`DeadLetter::replay`] is published to `<prefix>.tasks` with the
+//! the message built by [`Label::replay`] is published to `<prefix>.tasks` with the
 //! executor class as routing key, `mandatory`, on a separate publishing connection, and
 //! awaited until the broker confirms it; only then is the dead letter acked; then it is
 //! marked replayed in Postgres. A replay that no queue would take (no queue for its
@@ -77,7 +77,7 @@ use serde::Serialize;
 use tracing::instrument;
 use uuid::Uuid;
 
-pub use gantry_shared::dead_letter::DeadLetter;
+pub use gantry_shared::dead_letter::{DeadLetter, Label};
 pub use pass::{Action, DEFAULT_IN_FLIGHT, Entry, Failure, PurgeOptions, ReplayOptions, Summary};
 pub use selection::{Selection, parse_age, parse_time};
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use gantry_shared::amqp::timed;
-use gantry_shared::dead_letter::DeadLetter;
+use gantry_shared::dead_letter::{Label, reason_kind};
 use gantry_shared::message::TaskId;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -121,15 +121,22 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub(super) fn of(letter: &DeadLetter) -> Entry {
+    /// The reason kind: the text before the first colon (`invalid`, `expired`, …).
+    pub fn reason_kind(&self) -> &str {
+        reason_kind(&self.reason)
+    }
+}
+
+impl From<Label> for Entry {
+    fn from(label: Label) -> Entry {
         Entry {
-            id: letter.id,
-            task_id: letter.task_id,
-            task: letter.task.clone(),
-            executor: letter.executor.clone(),
-            reason: letter.reason.clone(),
-            dead_at: letter.dead_at,
-            attempt: letter.attempt,
+            id: label.id,
+            task_id: label.task_id,
+            task: label.task,
+            executor: label.executor,
+            reason: label.reason,
+            dead_at: label.dead_at,
+            attempt: label.attempt,
         }
     }
 }
@@ -360,15 +367,15 @@ async fn read(
             }
         };
         summary.read += 1;
-        let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
-        if !selection.matches(&letter) {
+        let label = Label::read(&delivery.properties, &delivery.data);
+        if !selection.matches(&label) {
             // Held: never acked nor requeued here, it goes back when the channel closes.
             summary.kept += 1;
             continue;
         }
         let Some(pipeline) = pipeline.as_deref_mut() else {
             summary.matched += 1;
-            collect(summary, look(&letter, &delivery, ttl));
+            collect(summary, look(label, &delivery, ttl));
             continue;
         };
         if let Some(pacer) = pacer.as_deref_mut() {
@@ -384,10 +391,10 @@ async fn read(
             }
         }
         summary.matched += 1;
-        let mut entry = Entry::of(&letter);
-        let replay = match ttl
-            .map(|ttl| letter.replay(&delivery.properties, &delivery.data, ttl, Utc::now()))
-        {
+        let replay =
+            ttl.map(|ttl| label.replay(&delivery.properties, &delivery.data, ttl, Utc::now()));
+        let mut entry = Entry::from(label);
+        let replay = match replay {
             Some(None) => {
                 collect(summary, (entry, Err(no_route())));
                 continue;
@@ -400,7 +407,6 @@ async fn read(
         };
         let item = Item {
             delivery,
-            letter,
             entry,
             replay,
         };
@@ -458,12 +464,13 @@ fn pacer(rate: u32) -> Interval {
 
 /// A dry run's look at one delivery: what a replay would publish (`ttl` given), or what a
 /// purge would remove.
-fn look(letter: &DeadLetter, delivery: &Delivery, ttl: Option<Duration>) -> Outcome {
-    let mut entry = Entry::of(letter);
-    let Some(ttl) = ttl else {
+fn look(label: Label, delivery: &Delivery, ttl: Option<Duration>) -> Outcome {
+    let replay = ttl.map(|ttl| label.replay(&delivery.properties, &delivery.data, ttl, Utc::now()));
+    let mut entry = Entry::from(label);
+    let Some(replay) = replay else {
         return (entry, Ok(None));
     };
-    match letter.replay(&delivery.properties, &delivery.data, ttl, Utc::now()) {
+    match replay {
         Some(replay) => {
             entry.attempt = replay.task.map(|(_, attempt)| attempt);
             (entry, Ok(None))

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_shared::amqp::{self, publish_confirmed, timed};
-use gantry_shared::dead_letter::{DeadLetter, Replay};
+use gantry_shared::dead_letter::Replay;
 use gantry_shared::message::TaskId;
 use gantry_shared::store::{Applied, Store};
 use gantry_shared::telemetry::chain;
@@ -48,7 +48,6 @@ const MARK_LINGER: Duration = Duration::from_millis(50);
 /// One matching delivery on its way through the stages.
 pub(super) struct Item {
     pub(super) delivery: Delivery,
-    pub(super) letter: DeadLetter,
     pub(super) entry: Entry,
     /// The message to publish, for a replay.
     pub(super) replay: Option<Replay>,
@@ -94,11 +93,29 @@ impl Pipeline {
         let timeout = config.broker_timeout;
         let queue = dl.queue();
         let in_flight = action.in_flight();
-        let store = dl.tracker.store().await?.clone();
-        let connect = || async {
+        // Postgres (the store, and the connection of the batched writes) and the publisher
+        // are connected at once: a pass is timed from its start.
+        let publisher = async {
+            match action {
+                Action::Replay(_) => open_publisher(dl, timeout).await.map(Some),
+                Action::Purge(_) => Ok(None),
+            }
+        };
+        let connect_writes = async {
             Writes::connect(config)
                 .await
                 .map_err(|e| dl.tracker.database_error(e))
+        };
+        let (store, writes, publisher) =
+            tokio::join!(dl.tracker.store(), connect_writes, publisher);
+        let (store, writes) = match (store, writes) {
+            (Ok(store), Ok(writes)) => (store.clone(), writes),
+            (Err(e), _) | (_, Err(e)) => {
+                if let Ok(Some((channel, connection))) = &publisher {
+                    super::close(Some(channel), connection).await;
+                }
+                return Err(e);
+            }
         };
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let (input, input_rx) = mpsc::channel(BATCH);
@@ -112,16 +129,8 @@ impl Pipeline {
             queue: queue.clone(),
         };
         let (to_send, send_rx) = mpsc::channel(2);
-        let (sender, routes, mark_as) = match action {
-            Action::Replay(_) => {
-                let connection = dl.connect("publish").await?;
-                let channel = match amqp::confirm_channel(&connection, timeout).await {
-                    Ok(channel) => channel,
-                    Err(e) => {
-                        super::close(None, &connection).await;
-                        return Err(Error::broker(e));
-                    }
-                };
+        let (sender, routes, mark_as) = match publisher? {
+            Some((channel, connection)) => {
                 let connection = Arc::new(connection);
                 let routes = Routes::new(connection.clone(), dl.topology.clone(), timeout);
                 let sender = Sender::Replay {
@@ -131,11 +140,11 @@ impl Pipeline {
                 };
                 (sender, Some(routes), Mark::Replayed)
             }
-            Action::Purge(_) => (Sender::Purge, None, Mark::Purged),
+            None => (Sender::Purge, None, Mark::Purged),
         };
         let recorder = Recorder {
             routes,
-            writes: connect().await?,
+            writes,
             mark_as,
             store,
             reports: reports_tx.clone(),
@@ -194,6 +203,18 @@ impl Pipeline {
         let mut late_stop = None;
         while let Some(report) = reports.recv().await {
             apply(&mut late_stop, summary, report);
+        }
+    }
+}
+
+/// The publisher of a replay: a confirm-mode channel on a connection of its own.
+async fn open_publisher(dl: &DeadLetters, timeout: Duration) -> Result<(Channel, Connection)> {
+    let connection = dl.connect("publish").await?;
+    match amqp::confirm_channel(&connection, timeout).await {
+        Ok(channel) => Ok((channel, connection)),
+        Err(e) => {
+            super::close(None, &connection).await;
+            Err(Error::broker(e))
         }
     }
 }
@@ -321,7 +342,7 @@ impl Recorder {
         }
         let replays_of: Vec<(TaskId, u32, Uuid)> = routed
             .iter()
-            .filter_map(|i| i.replay.as_ref()?.task.map(|(t, a)| (t, a, i.letter.id)))
+            .filter_map(|i| i.replay.as_ref()?.task.map(|(t, a)| (t, a, i.entry.id)))
             .collect();
         let applied = if replays_of.is_empty() {
             Ok(Vec::new())
@@ -356,7 +377,7 @@ impl Recorder {
             if applied.next() == Some(Applied::Unknown) {
                 let backfilled = record::record_replay(
                     &self.store,
-                    &item.letter,
+                    &item.entry,
                     &item.delivery.properties,
                     &item.delivery.data,
                     task_id,
@@ -403,7 +424,6 @@ struct Send {
 /// A delivery whose replay was confirmed (or that is purged), waiting for its ack.
 struct Confirmed {
     delivery: Delivery,
-    letter_id: Uuid,
     entry: Entry,
 }
 
@@ -620,7 +640,7 @@ impl Acker {
             for (confirmed, result) in taken.into_iter().zip(results) {
                 let outcome = match result {
                     Ok(()) => {
-                        let _ = self.marks.send(confirmed.letter_id);
+                        let _ = self.marks.send(confirmed.entry.id);
                         Ok(None)
                     }
                     Err(e) if self.replaying => Err(format!(
@@ -641,7 +661,6 @@ impl Acker {
 async fn publish(sender: Arc<Sender>, item: Item, timeout: Duration, queue: &str) -> Published {
     let Item {
         delivery,
-        letter,
         entry,
         replay,
     } = item;
@@ -664,7 +683,7 @@ async fn publish(sender: Arc<Sender>, item: Item, timeout: Duration, queue: &str
         )
         .await;
         if let Err(e) = published {
-            info!(dead_letter_id = %letter.id, error = %chain(&e), "replay not published; the dead letter stays");
+            info!(dead_letter_id = %entry.id, error = %chain(&e), "replay not published; the dead letter stays");
             let error = format!("{}; it stays in {queue}", chain(&e));
             let mut reports = vec![Report::Outcome((entry, Err(error)))];
             if !matches!(
@@ -677,11 +696,7 @@ async fn publish(sender: Arc<Sender>, item: Item, timeout: Duration, queue: &str
             return (tag, Err(reports));
         }
     }
-    let confirmed = Confirmed {
-        delivery,
-        letter_id: letter.id,
-        entry,
-    };
+    let confirmed = Confirmed { delivery, entry };
     (tag, Ok(confirmed))
 }
 

@@ -9,7 +9,6 @@
 //! end already recorded and changes nothing, so the reopened task stays reopened. Every
 //! write here is idempotent, so a replay that runs again changes nothing.
 
-use gantry_shared::dead_letter::DeadLetter;
 use gantry_shared::message::{
     Evidence, ExecutorClass, FieldTableExt, Task, TaskEnvelope, TaskId, TaskName, headers,
 };
@@ -18,7 +17,9 @@ use lapin::BasicProperties;
 use serde_json::json;
 use tracing::{debug, instrument};
 
-/// Records the replay of `letter` as attempt `attempt` of `task_id`
+use super::pass::Entry;
+
+/// Records the replay of the dead letter `letter` as attempt `attempt` of `task_id`
 /// (`Store::record_replay`), recording the task first if Postgres does not know it yet.
 ///
 /// # Errors
@@ -26,7 +27,7 @@ use tracing::{debug, instrument};
 #[instrument(skip_all, fields(dead_letter_id = %letter.id, %task_id, attempt))]
 pub(super) async fn record_replay(
     store: &Store,
-    letter: &DeadLetter,
+    letter: &Entry,
     props: &BasicProperties,
     data: &[u8],
     task_id: TaskId,

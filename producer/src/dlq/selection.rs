@@ -5,7 +5,7 @@
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use gantry_shared::dead_letter::DeadLetter;
+use gantry_shared::dead_letter::Label;
 use gantry_shared::store::DeadLetterFilter;
 
 use crate::{Error, Result};
@@ -55,7 +55,7 @@ impl Selection {
     /// Whether the dead letter read from a message is selected. The same conditions as
     /// [`gantry_shared::store::Store::find_dead_letters`] applies in SQL: equal reason
     /// kind, executor, task name and task id; `since <= dead_at < until`; id among `ids`.
-    pub fn matches(&self, letter: &DeadLetter) -> bool {
+    pub fn matches(&self, letter: &Label) -> bool {
         if !self.is_chosen() {
             return false;
         }
@@ -154,7 +154,7 @@ mod tests {
     use lapin::types::{AMQPValue, FieldTable};
     use serde_json::json;
 
-    fn letter(executor: &str, reason: &str, dead_at: i64) -> DeadLetter {
+    fn letter(executor: &str, reason: &str, dead_at: i64) -> Label {
         let mut h = FieldTable::default();
         h.insert(
             "x-gantry-reason".into(),
@@ -169,7 +169,7 @@ mod tests {
             "task": "demo.echo",
             "executor": executor,
         });
-        DeadLetter::from_message(
+        Label::read(
             &BasicProperties::default().with_headers(h),
             &serde_json::to_vec(&body).unwrap(),
         )

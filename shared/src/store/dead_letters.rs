@@ -21,7 +21,8 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
         let mut outcomes = Vec::with_capacity(letters.len());
-        for d in letters {
+        for letter in letters {
+            let d = &letter.label;
             let inserted = tx
                 .execute(
                     "INSERT INTO dead_letters (id, message_id, task_id, task, executor, reason,
@@ -36,17 +37,17 @@ impl Store {
                         &clean(d.executor.as_deref()),
                         &clean(Some(&d.reason)),
                         &clean(Some(d.reason_kind())),
-                        &d.death.as_ref().map(scrub),
-                        &scrub(&d.headers),
-                        &d.body,
-                        &d.body_truncated,
+                        &letter.death.as_ref().map(scrub),
+                        &scrub(&letter.headers),
+                        &letter.body,
+                        &letter.body_truncated,
                         &d.dead_at,
                     ],
                 )
                 .await
                 .map_err(pg("insert dead letter"))?;
             let applied = match (inserted, d.task_id) {
-                (1, Some(_)) if !d.ends_task() => Applied::Unknown,
+                (1, Some(_)) if !letter.ends_task() => Applied::Unknown,
                 (1, Some(task_id)) => {
                     let state = if d.reason_kind() == "expired" {
                         TaskState::Expired
@@ -68,7 +69,7 @@ impl Store {
                     let attempt = d.attempt.unwrap_or(1);
                     match super::tasks::transition_in(&tx, task_id, attempt, state, &change).await?
                     {
-                        Applied::Unknown => never_received(&tx, d, task_id, state).await?,
+                        Applied::Unknown => never_received(&tx, letter, task_id, state).await?,
                         other => other,
                     }
                 }
@@ -207,11 +208,12 @@ impl Store {
 /// invalid) still gets a row, so `gantry status` and `gantry wait` can say how it ended.
 async fn never_received(
     tx: &tokio_postgres::Transaction<'_>,
-    d: &DeadLetter,
+    letter: &DeadLetter,
     task_id: TaskId,
     state: TaskState,
 ) -> Result<Applied> {
-    let envelope: Option<crate::message::TaskEnvelope> = serde_json::from_slice(&d.body).ok();
+    let d = &letter.label;
+    let envelope: Option<crate::message::TaskEnvelope> = serde_json::from_slice(&letter.body).ok();
     let (deadline, submitted_at) = envelope
         .as_ref()
         .map_or((d.dead_at, d.dead_at), |e| (e.deadline, e.submitted_at));
