@@ -127,7 +127,6 @@ impl Pipeline {
         let send = Send {
             timeout,
             in_flight,
-            marks,
             reports: reports_tx.clone(),
             queue: queue.clone(),
         };
@@ -145,6 +144,13 @@ impl Pipeline {
             }
             None => (Sender::Purge, None, Mark::Purged),
         };
+        let acker = Acker {
+            timeout,
+            marks,
+            reports: reports_tx.clone(),
+            queue: queue.clone(),
+            replaying: mark_as == Mark::Replayed,
+        };
         let recorder = Recorder {
             routes,
             writes,
@@ -154,7 +160,7 @@ impl Pipeline {
             queue,
         };
         stages.spawn(recorder.run(input_rx, to_send, marks_rx));
-        stages.spawn(send.run(send_rx, sender));
+        stages.spawn(send.run(send_rx, sender, acker));
         Ok(Pipeline {
             input,
             reports_tx,
@@ -419,7 +425,6 @@ fn fail(reports: &UnboundedSender<Report>, item: Item, error: String) {
 struct Send {
     timeout: Duration,
     in_flight: usize,
-    marks: UnboundedSender<Uuid>,
     reports: UnboundedSender<Report>,
     queue: String,
 }
@@ -506,24 +511,14 @@ impl<T> Acks<T> {
 }
 
 impl Send {
-    async fn run(self, mut input: mpsc::Receiver<Vec<Item>>, sender: Sender) {
-        let replaying = matches!(sender, Sender::Replay { .. });
+    async fn run(self, mut input: mpsc::Receiver<Vec<Item>>, sender: Sender, acker: Acker) {
         let sender = Arc::new(sender);
         // The acks go out from a task of their own, in the order they are taken (a
         // `multiple` ack must never follow one of a later tag), so that publishing goes
         // on while an ack is written: awaiting each ack here left the window of
         // publishes part empty for a sixth of a replay.
-        let (to_acker, acker) = mpsc::unbounded_channel();
-        let acker = tokio::spawn(
-            Acker {
-                timeout: self.timeout,
-                marks: self.marks.clone(),
-                reports: self.reports.clone(),
-                queue: self.queue.clone(),
-                replaying,
-            }
-            .run(acker),
-        );
+        let (to_acker, taken) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(acker.run(taken));
         let mut running: JoinSet<Published> = JoinSet::new();
         let mut queued: VecDeque<Item> = VecDeque::new();
         let mut acks = Acks::new();
