@@ -51,8 +51,13 @@ impl Label {
     /// Reads a dead letter's label from its properties and body, whatever shape the body
     /// has.
     pub fn read(props: &BasicProperties, data: &[u8]) -> Label {
+        Label::read_with(props, data, first_death(headers_of(props)))
+    }
+
+    /// [`Label::read`], given RabbitMQ's first `x-death` entry as JSON (a record converts
+    /// the whole history anyway).
+    fn read_with(props: &BasicProperties, data: &[u8], first_death: Option<Value>) -> Label {
         let table = headers_of(props);
-        let first_death = first_death(table);
         let reason = match table.get_str(headers::REASON) {
             Some(r) => r.to_owned(),
             None => rabbit_reason(first_death.as_ref()),
@@ -115,9 +120,11 @@ impl DeadLetter {
     /// Reads a dead letter from its properties and body, whatever shape the body has.
     pub fn from_message(props: &BasicProperties, data: &[u8]) -> DeadLetter {
         let table = headers_of(props);
+        let death = table.inner().get(headers::X_DEATH).map(value_to_json);
+        let first_death = death.as_ref().and_then(|d| d.get(0)).cloned();
         DeadLetter {
-            label: Label::read(props, data),
-            death: table.inner().get(headers::X_DEATH).map(value_to_json),
+            label: Label::read_with(props, data, first_death),
+            death,
             headers: table.to_json(),
             body: data[..data.len().min(MAX_RECORDED_BODY)].to_vec(),
             body_truncated: data.len() > MAX_RECORDED_BODY,
