@@ -61,6 +61,15 @@ impl TaskState {
         }
     }
 
+    /// Whether attempt `delivered` of a task that stands at `(self, attempt)` is over: the
+    /// task has ended, has moved on to a later attempt, or waits to retry this one. A
+    /// dispatcher never starts a job for such an attempt.
+    pub fn has_ended(&self, attempt: u32, delivered: u32) -> bool {
+        self.is_terminal()
+            || attempt > delivered
+            || (attempt == delivered && *self == TaskState::Retrying)
+    }
+
     /// Whether moving from `(self, attempt)` to `(next, next_attempt)` is progress.
     pub fn can_become(&self, attempt: u32, next: TaskState, next_attempt: u32) -> bool {
         if self.is_terminal() {
@@ -111,6 +120,23 @@ mod tests {
         assert!(!Running.can_become(1, Running, 1));
         assert!(Retrying.can_become(1, Received, 2));
         assert!(!Running.can_become(2, Succeeded, 1));
+    }
+
+    #[test]
+    fn an_attempt_is_over_once_the_task_ended_moved_on_or_waits_to_retry_it() {
+        for live in [Received, Dispatched, Running] {
+            assert!(!live.has_ended(2, 2), "{live}");
+            assert!(live.has_ended(3, 2), "{live} at a later attempt");
+        }
+        assert!(Retrying.has_ended(2, 2));
+        assert!(
+            !Retrying.has_ended(1, 2),
+            "the retry of attempt 1 is attempt 2"
+        );
+        for terminal in [Succeeded, Failed, Expired, Cancelled, DeadLettered] {
+            assert!(terminal.has_ended(1, 1));
+            assert!(terminal.has_ended(1, 2));
+        }
     }
 
     #[test]

@@ -618,14 +618,20 @@ pub(super) async fn lock_all(
         .collect())
 }
 
-/// `received` for a task Postgres knows already: a redelivery (nothing changes) or a new
-/// attempt (retry or replay), which may carry a new deadline.
+/// `received` for a task Postgres knows already: a new attempt (retry or replay), which may
+/// carry a new deadline, or a repeated delivery of an attempt, which changes nothing and is
+/// answered with the task's state as it stands (a repeat of an attempt that has ended must
+/// say so, or the dispatcher would run it again).
 pub(super) async fn received_again(tx: &Transaction<'_>, task: &Task) -> Result<(TaskState, i32)> {
     let attempt = attempt_i32(task.attempt);
     let change = Change::default();
     Ok(
         match transition_in(tx, task.id, task.attempt, TaskState::Received, &change).await? {
             Applied::Stale { current, attempt } => (current, attempt),
+            Applied::Duplicate => match lock(tx, task.id).await? {
+                Some(Locked { state, attempt, .. }) => (state, attempt),
+                None => (TaskState::Received, attempt),
+            },
             Applied::Changed { .. } => {
                 tx.execute(
                     "UPDATE tasks SET envelope = $2, deadline = $3 WHERE task_id = $1",
@@ -639,7 +645,7 @@ pub(super) async fn received_again(tx: &Transaction<'_>, task: &Task) -> Result<
                 .map_err(pg("update envelope"))?;
                 (TaskState::Received, attempt)
             }
-            _ => (TaskState::Received, attempt),
+            Applied::Unknown => (TaskState::Received, attempt),
         },
     )
 }
