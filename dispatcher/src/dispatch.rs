@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use gantry_shared::message::{
     Evidence, ExecutorClass, JobName, Rejection, ResultStatus, Task, TaskError, TaskResult,
 };
-use gantry_shared::store::{Change, TaskState};
+use gantry_shared::store::{Applied, Change, TaskState};
 use gantry_shared::telemetry::chain;
 use lapin::Consumer;
 use lapin::message::Delivery;
@@ -26,7 +26,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::consume::{SessionEnd, Source, open_until_shutdown};
-use crate::metrics::inc;
+use crate::metrics::{Handled, inc};
 use crate::runtime::{End, JobEnd, RuntimeJob};
 use crate::service::Ctx;
 use crate::{Error, Result, dead_letter};
@@ -141,29 +141,34 @@ async fn handle(
             }
             Step::Requeue(task) => {
                 let why = "held too long waiting for capacity";
-                requeue(&ctx, &queue, &delivery, &task, why).await
+                requeue(&ctx, &queue, &delivery, &task, why, "capacity").await
             }
         };
-        match done {
-            Ok(()) => {}
-            Err(Error::ShuttingDown) => {}
+        let handled = match done {
+            Ok(handled) => handled,
+            // Not acked: the message goes back to its queue when the channel closes.
+            Err(Error::ShuttingDown) => Handled::Requeued("shutdown"),
             Err(e) => {
                 // Back to the queue; a message that fails every time reaches the delivery
                 // limit and is dead-lettered as poison instead of holding a prefetch slot.
                 error!(error = %chain(&e), "could not hand the message off; returning it to its queue");
-                let requeue = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };
-                if let Err(e) = delivery.nack(requeue).await {
-                    warn!(error = %e, "nack failed; the message comes back when the channel closes");
-                }
+                nack(&delivery).await;
+                Handled::Requeued("error")
             }
-        }
+        };
+        ctx.metrics.deliveries.count(handled);
     }
     .instrument(span)
     .await;
 }
 
 /// Dead-letters a message that is not a valid task, with its reason, then acks it.
-async fn refuse(ctx: &Ctx, queue: &str, delivery: &Delivery, rejection: &Rejection) -> Result<()> {
+async fn refuse(
+    ctx: &Ctx,
+    queue: &str,
+    delivery: &Delivery,
+    rejection: &Rejection,
+) -> Result<Handled> {
     dead_letter(
         ctx,
         queue,
@@ -181,24 +186,25 @@ async fn dead_letter(
     delivery: &Delivery,
     reason: &str,
     label: &'static str,
-) -> Result<()> {
+) -> Result<Handled> {
     let count = ctx.metrics.rejected(label);
     warn!(%reason, rejected_total = count, "rejected message; dead-lettering it");
     dead_letter::publish(&ctx.publisher, &ctx.topology.dlx(), queue, delivery, reason).await?;
     ack(delivery).await;
-    Ok(())
+    Ok(Handled::DeadLettered(label))
 }
 
-/// Puts a task that waited too long for capacity back at the end of its queue, as a new
-/// publish (confirmed, then the original is acked): a nack would count as a delivery
-/// towards the poison limit.
+/// Puts a task back at the end of its queue (it waited too long for capacity, or its image
+/// cannot be resolved yet), as a new publish (confirmed, then the original is acked): a nack
+/// would count as a delivery towards the poison limit. Counted as requeued for `reason`.
 async fn requeue(
     ctx: &Ctx,
     queue: &str,
     delivery: &Delivery,
     task: &Task,
     why: &str,
-) -> Result<()> {
+    reason: &'static str,
+) -> Result<Handled> {
     let (body, props) = match task.to_amqp(Utc::now()) {
         Ok(m) => m,
         Err(rejection) => return refuse(ctx, queue, delivery, &rejection).await,
@@ -215,9 +221,17 @@ async fn requeue(
         .await?;
     ack(delivery).await;
     info!(task_id = %task.id, why, "requeued at the end of the queue");
-    Ok(())
+    Ok(Handled::Requeued(reason))
 }
 
+/// Hands one task attempt to the runtime. The attempt's Job is created only by the delivery
+/// that claims it: the claim is the attempt's `dispatched` event, recorded in Postgres before
+/// the create, and a task row that says the attempt is over, or an event that says another
+/// delivery claimed it, ends the delivery without a Job. So a repeated delivery of an attempt
+/// (a redelivery, a duplicate retry, a copy dead-lettered twice out of a delay queue) never
+/// runs it a second time, even after its first Job is gone. A claim whose Job was never
+/// created (the dispatcher stopped in between) is failed as lost at the next start; one
+/// whose Job was created without its Secret is completed by the redelivery.
 async fn dispatch(
     ctx: &Arc<Ctx>,
     class: &ExecutorClass,
@@ -225,44 +239,88 @@ async fn dispatch(
     delivery: &Delivery,
     task: Task,
     permit: OwnedSemaphorePermit,
-) -> Result<()> {
+) -> Result<Handled> {
     let (state, attempt) = ctx
         .persist("record received", || ctx.lifecycle.received(&task))
         .await?;
-    if state.is_terminal() || attempt > task.attempt as i32 {
-        info!(task_id = %task.id, %state, attempt, "task already {state}; skipping this delivery");
-        inc(&ctx.metrics.skipped);
+    let current = u32::try_from(attempt).unwrap_or(0);
+    if state.has_ended(current, task.attempt) {
+        let why = if state.is_terminal() {
+            "ended"
+        } else if current > task.attempt {
+            "superseded"
+        } else {
+            "retrying"
+        };
+        info!(task_id = %task.id, attempt = task.attempt, %state, current_attempt = attempt,
+              "this attempt is over (the task is {state} at attempt {attempt}); skipping the delivery");
         ack(delivery).await;
-        return Ok(());
+        return Ok(Handled::Skipped(why));
     }
     let catalog = ctx.catalog();
     let Some(spec) = catalog.get(class) else {
         // Its consumer is being stopped: back to the queue, where the class's tasks wait.
-        return Err(Error::Job {
-            job: task.id.to_string(),
-            message: format!("executor class {class} left the catalog"),
-        });
+        warn!(task_id = %task.id, "executor class {class} left the catalog; returning the task to its queue");
+        nack(delivery).await;
+        return Ok(Handled::Requeued("class_removed"));
     };
     let runtime = ctx.runtime.as_ref().ok_or(Error::ShuttingDown)?;
     let spec = match runtime.resolve_image(&task, spec).await {
         Ok(spec) => spec,
         Err(e) if e.is_transient() => {
-            inc(&ctx.metrics.image_waits);
             warn!(task_id = %task.id, error = %chain(&e), "no image for the task yet");
-            return requeue(ctx, queue, delivery, &task, "waiting for its image").await;
+            return requeue(
+                ctx,
+                queue,
+                delivery,
+                &task,
+                "waiting for its image",
+                "image",
+            )
+            .await;
         }
         Err(e) => {
             let reason = format!("image: {e}");
             return dead_letter(ctx, queue, delivery, &reason, e.metric_label()).await;
         }
     };
+    if let Err(Error::Unrunnable { reason, .. }) = runtime.admit(&task, &spec) {
+        let reason = format!("invalid: {reason}");
+        return dead_letter(ctx, queue, delivery, &reason, "invalid").await;
+    }
+    let name = JobName::for_task(task.id, task.attempt);
     let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
-    let (job, _ended) = match runtime.start(&task, &spec, &dispatch_id).await {
-        Ok(s) => s,
-        Err(Error::Unrunnable { reason, .. }) => {
-            let reason = format!("invalid: {reason}");
-            return dead_letter(ctx, queue, delivery, &reason, "invalid").await;
+    let claim = Change {
+        evidence: Evidence {
+            dispatch_id: Some(dispatch_id.clone()),
+            ..runtime.evidence(&name)
+        },
+        ..Change::default()
+    };
+    let claimed = ctx
+        .persist("record dispatched", || {
+            ctx.lifecycle
+                .transition(task.id, task.attempt, TaskState::Dispatched, &claim)
+        })
+        .await?;
+    if !claimed.changed() {
+        if claimed == Applied::Duplicate
+            && let Err(e) = runtime.complete(&task, &spec).await
+        {
+            warn!(task_id = %task.id, job = %name, error = %chain(&e), "cannot complete the claimed attempt's Job");
         }
+        let why = match claimed {
+            Applied::Stale { current, .. } if current.is_terminal() => "ended",
+            Applied::Unknown => "unknown",
+            _ => "claimed",
+        };
+        info!(task_id = %task.id, job = %name, outcome = ?claimed,
+              "another delivery of this attempt claimed its Job; skipping this one");
+        ack(delivery).await;
+        return Ok(Handled::Skipped(why));
+    }
+    let (job, existed) = match runtime.start(&task, &spec, &dispatch_id).await {
+        Ok(s) => s,
         Err(e) => {
             // The job cannot start (missing program, refused by the API server, full
             // disk): fail the attempt with the reason rather than loop on it.
@@ -279,26 +337,18 @@ async fn dispatch(
                 },
             );
             ctx.publish_result(&result).await?;
-            runtime.mark_handled(&JobName::for_task(task.id, task.attempt));
+            runtime.mark_handled(&name);
             ack(delivery).await;
-            return Ok(());
+            return Ok(Handled::Failed("dispatch_failed"));
         }
     };
-    let mut evidence = runtime.evidence(job.name());
-    evidence.dispatch_id = Some(dispatch_id);
-    let dispatched = Change {
-        evidence,
-        ..Change::default()
-    };
-    ctx.persist("record dispatched", || {
-        ctx.lifecycle
-            .transition(task.id, task.attempt, TaskState::Dispatched, &dispatched)
-    })
-    .await?;
+    if existed {
+        warn!(task_id = %task.id, job = %name, "the attempt's Job existed before its claim (a dispatcher stopped between creating it and recording that); following it");
+    }
     if runtime.runs_at_start() {
         let running = Change {
             started_at: runtime.started_at(&job),
-            ..dispatched.clone()
+            ..claim.clone()
         };
         ctx.persist("record running", || {
             ctx.lifecycle
@@ -307,7 +357,6 @@ async fn dispatch(
         .await?;
     }
     ack(delivery).await;
-    inc(&ctx.metrics.dispatched);
     tokio::spawn(follow(
         ctx.clone(),
         task.id,
@@ -315,7 +364,11 @@ async fn dispatch(
         job,
         Some(permit),
     ));
-    Ok(())
+    Ok(if existed {
+        Handled::Adopted
+    } else {
+        Handled::Dispatched
+    })
 }
 
 fn parse(ctx: &Ctx, class: &ExecutorClass, delivery: &Delivery) -> Result<Task, Rejection> {
@@ -338,6 +391,17 @@ fn parse(ctx: &Ctx, class: &ExecutorClass, delivery: &Delivery) -> Result<Task, 
         });
     }
     Ok(task)
+}
+
+/// Returns a delivery to its queue.
+async fn nack(delivery: &Delivery) {
+    let requeue = lapin::options::BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(e) = delivery.nack(requeue).await {
+        warn!(error = %e, "nack failed; the message comes back when the channel closes");
+    }
 }
 
 async fn ack(delivery: &Delivery) {
@@ -549,8 +613,11 @@ fn synthesized(
 }
 
 /// At start: adopts running jobs, deals with jobs that ended while no dispatcher ran, and
-/// fails tasks that Postgres says run on this node but whose job is gone (a wiped state
-/// directory), so every task reaches a terminal state.
+/// fails the attempts that Postgres says this runtime dispatched but whose job is gone, so
+/// every task reaches a terminal state. A job is gone when it was claimed but never created
+/// (the dispatcher stopped in between), when its state directory was wiped, or when it was
+/// deleted while no dispatcher followed it; its attempt is failed as `job_lost`, which is
+/// retried, and never started again under the same attempt.
 pub(crate) async fn reconcile(
     ctx: &Arc<Ctx>,
     capacity: &HashMap<ExecutorClass, Arc<Semaphore>>,
@@ -565,6 +632,7 @@ pub(crate) async fn reconcile(
             .and_then(|c| capacity.get(&c).cloned())
             .and_then(|s| s.try_acquire_owned().ok());
         info!(job = %job.name(), running, "reconciling a job found at start");
+        inc(&ctx.metrics.reconciled);
         let (task_id, attempt) = match &job {
             RuntimeJob::Local(j) => (j.task_id, j.attempt),
             RuntimeJob::Kube(j) => (j.task_id, j.attempt),
@@ -594,13 +662,20 @@ pub(crate) async fn reconcile(
         if name.as_str() != job_name || runtime.knows(&name) {
             continue;
         }
-        warn!(task_id = %record.task_id, job = %name, "the task's job is gone from the state directory; failing the attempt");
+        warn!(task_id = %record.task_id, job = %name, state = %record.state, "the attempt's job is gone; failing the attempt as lost");
         let end = JobEnd {
             task_id: record.task_id,
             attempt,
             job_name: name.clone(),
-            end: End::Crashed,
-            exit: "job lost: its directory no longer exists".into(),
+            end: End::Failure {
+                kind: "job_lost",
+                retryable: true,
+                reason: "JobLost",
+            },
+            exit: format!(
+                "job lost: the attempt was {} but its job no longer exists (never created, or deleted while no dispatcher followed it)",
+                record.state
+            ),
             log_tail: String::new(),
             evidence: runtime.evidence(&name),
         };

@@ -207,6 +207,10 @@ impl Settings {
             &mut d.kubernetes.image_pull_limit,
         )?;
         env_duration(
+            "GANTRY_TTL_AFTER_FINISHED",
+            &mut d.kubernetes.ttl_after_finished,
+        )?;
+        env_duration(
             "GANTRY_UNSCHEDULABLE_LIMIT",
             &mut d.kubernetes.unschedulable_limit,
         )?;

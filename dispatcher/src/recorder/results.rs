@@ -1,7 +1,7 @@
 //! Results: `gantry.results` → `tasks` and `task_events`, then forward to `reply_to`.
 
 use gantry_shared::message::{ExecutorClass, ResultStatus, TaskError, TaskResult};
-use gantry_shared::store::{Applied, ResultWrite};
+use gantry_shared::store::{Applied, ResultWrite, TaskRecord};
 use gantry_shared::telemetry::chain;
 use lapin::message::Delivery;
 use tracing::{debug, error, info, warn};
@@ -89,12 +89,16 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
                 inc(&ctx.metrics.results_duplicate);
                 debug!(task_id = %result.task_id, "duplicate result; nothing changed");
                 // A crash between commit and publish leaves the retry, dead letter or
-                // forward to the redelivery; each is safe to repeat.
+                // forward to the redelivery of the same result; each is safe to repeat. A
+                // second, different result for the attempt (the executor's and the
+                // dispatcher's, say) has nothing left to do: the first one's plan was
+                // followed, and following it again would publish the retry twice.
                 if let Some(record) = ctx
                     .persist("read task", || ctx.store.task(result.task_id))
                     .await?
                     && record.attempt == result.attempt as i32
                     && record.state == plan.state(result).as_str()
+                    && is_recorded(&record, result)
                 {
                     follow_plan(ctx, result, plan).await?;
                     if let Some(queue) = record.reply_to.filter(|_| record.forwarded_at.is_none())
@@ -114,6 +118,18 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `result` is the very result recorded for its task (a redelivery of it), not
+/// another result for the same attempt: results are told apart by who reported them and
+/// when they were made.
+fn is_recorded(record: &TaskRecord, result: &TaskResult) -> bool {
+    let Some(stored) = record.result.as_ref() else {
+        return false;
+    };
+    let made = serde_json::to_value(result.finished_at).ok();
+    stored.get("reported_by").and_then(|v| v.as_str()) == Some(result.reported_by.as_str())
+        && stored.get("finished_at") == made.as_ref()
 }
 
 /// Records each result alone; one that Postgres refuses for good is dead-lettered for

@@ -13,7 +13,7 @@ use gantry_shared::message::{Evidence, JobName, Task, TaskId};
 
 use self::kubernetes::runtime::{KubeJob, KubeRuntime};
 use self::local::{LocalJob, LocalRuntime};
-use crate::Result;
+use crate::{Error, Result};
 
 /// How a job ended, as far as the runtime can tell.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +99,23 @@ impl Runtime {
         }
     }
 
-    /// Starts the job of `task` or finds it; whether it is already over.
+    /// Whether the class can run `task` at all, before anything is recorded for it.
+    ///
+    /// # Errors
+    /// [`Error::Unrunnable`] with the reason (more GPUs than the class allows).
+    pub(crate) fn admit(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
+        match self {
+            Runtime::Local(_) => Ok(()),
+            Runtime::Kubernetes(_) => {
+                kubernetes::job::admit(task, spec).map_err(|e| Error::Unrunnable {
+                    task: task.id.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Starts the job of `task`, or finds it; whether it existed already.
     pub(crate) async fn start(
         &self,
         task: &Task,
@@ -108,15 +124,27 @@ impl Runtime {
     ) -> Result<(RuntimeJob, bool)> {
         match self {
             Runtime::Local(rt) => Ok(match rt.start(task, spec, dispatch_id)? {
-                local::Started::Created(j) | local::Started::Running(j) => {
-                    (RuntimeJob::Local(Box::new(j)), false)
+                local::Started::Created(j) => (RuntimeJob::Local(Box::new(j)), false),
+                local::Started::Running(j) | local::Started::Ended(j) => {
+                    (RuntimeJob::Local(Box::new(j)), true)
                 }
-                local::Started::Ended(j) => (RuntimeJob::Local(Box::new(j)), true),
             }),
             Runtime::Kubernetes(rt) => {
-                let (job, _) = rt.start(task, spec, dispatch_id).await?;
-                Ok((RuntimeJob::Kube(job), false))
+                let (job, is_new) = rt.start(task, spec, dispatch_id).await?;
+                Ok((RuntimeJob::Kube(job), !is_new))
             }
+        }
+    }
+
+    /// Finishes what a start left undone for an attempt whose job exists (the Kubernetes
+    /// Job's Secret); never starts a job.
+    ///
+    /// # Errors
+    /// The API refused the write.
+    pub(crate) async fn complete(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
+        match self {
+            Runtime::Local(_) => Ok(()),
+            Runtime::Kubernetes(rt) => rt.complete(task, spec).await,
         }
     }
 

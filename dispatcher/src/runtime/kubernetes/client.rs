@@ -144,7 +144,7 @@ impl JobClient {
     ///
     /// # Errors
     /// The API refused a write for good (invalid object, forbidden) or kept failing.
-    pub async fn create(&self, job: &Job, mut secret: Secret) -> Result<Created, KubeError> {
+    pub async fn create(&self, job: &Job, secret: Secret) -> Result<Created, KubeError> {
         let name = job.metadata.name.clone().unwrap_or_default();
         let created = match self
             .write("create Job", || self.create_object(&self.jobs, job))
@@ -163,7 +163,29 @@ impl JobClient {
             }
             Err(e) => return Err(e),
         };
-        let owner = created.metadata();
+        self.create_owned_secret(created.metadata(), secret).await?;
+        Ok(created)
+    }
+
+    /// Creates the Secret of an existing Job, owned by it, unless it exists: what a
+    /// dispatcher that stopped between the Job and its Secret left undone. Never creates
+    /// the Job.
+    ///
+    /// # Errors
+    /// The Job cannot be read (or is gone), or the API refused the Secret.
+    pub async fn complete(&self, job_name: &str, secret: Secret) -> Result<(), KubeError> {
+        let job = self
+            .write("read Job", || self.jobs.get_metadata(job_name))
+            .await?;
+        self.create_owned_secret(&job.metadata, secret).await
+    }
+
+    /// Creates `secret` owned by the Job `owner`; one that exists is left alone.
+    async fn create_owned_secret(
+        &self,
+        owner: &ObjectMeta,
+        mut secret: Secret,
+    ) -> Result<(), KubeError> {
         if let (Some(job_name), Some(uid)) = (&owner.name, &owner.uid) {
             secret.metadata.owner_references = Some(vec![OwnerReference {
                 api_version: "batch/v1".into(),
@@ -180,14 +202,13 @@ impl JobClient {
             })
             .await
         {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(KubeError::Api {
                 source: kube::Error::Api(status),
                 ..
-            }) if status.is_already_exists() => {}
-            Err(e) => return Err(e),
+            }) if status.is_already_exists() => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(created)
     }
 
     /// Deletes a Job with background propagation (its pods and Secret go with it). A Job

@@ -99,20 +99,7 @@ pub fn build(
     if left <= 0 {
         return Err(BuildError::DeadlinePassed(task.deadline));
     }
-    let allowed = spec
-        .resources
-        .as_ref()
-        .and_then(|r| r.gpu_count)
-        .unwrap_or(0);
-    if let Some(asked) = task.resources.as_ref().and_then(|r| r.gpu_count)
-        && asked > allowed
-    {
-        return Err(BuildError::TooManyGpus {
-            class: task.executor.to_string(),
-            asked,
-            allowed,
-        });
-    }
+    admit(task, spec)?;
     let active_deadline = (left + 999) / 1000;
     let name = JobName::for_task(task.id, task.attempt).to_string();
     let labels = labels(task);
@@ -174,6 +161,27 @@ pub fn build(
         status: None,
     };
     Ok((job, secret))
+}
+
+/// Whether the class can run the task at all: it asks for no more GPUs than the class
+/// allows. Checked before anything is recorded for the attempt.
+///
+/// # Errors
+/// [`BuildError::TooManyGpus`].
+pub fn admit(task: &Task, spec: &ExecutorSpec) -> Result<(), BuildError> {
+    let allowed = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.gpu_count)
+        .unwrap_or(0);
+    match task.resources.as_ref().and_then(|r| r.gpu_count) {
+        Some(asked) if asked > allowed => Err(BuildError::TooManyGpus {
+            class: task.executor.to_string(),
+            asked,
+            allowed,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The labels of every object of a task attempt; the watcher selects on `MANAGED_BY`.

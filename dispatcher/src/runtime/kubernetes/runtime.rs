@@ -171,6 +171,41 @@ impl KubeRuntime {
         ))
     }
 
+    /// Completes the creation of the attempt's Job when it exists but may lack its Secret
+    /// (a dispatcher stopped between the two writes): while the Job has not finished and
+    /// its pod has not started, the Secret is created unless it exists. The Job itself is
+    /// never created here.
+    pub(crate) async fn complete(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
+        let name = JobName::for_task(task.id, task.attempt);
+        let Some(existing) = self.cache.job(name.as_str()) else {
+            return Ok(());
+        };
+        let started = self
+            .pod_of(&name)
+            .is_some_and(|p| p.phase.as_deref() != Some("Pending"));
+        if existing.finished.is_some() || started {
+            return Ok(());
+        }
+        let target = job::Target {
+            namespace: &self.namespace,
+            prefix: &self.prefix,
+        };
+        let (_, secret) =
+            job::build(task, spec, &self.settings, &target, "", Utc::now()).map_err(|e| {
+                Error::Job {
+                    job: name.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        self.client
+            .complete(name.as_str(), secret)
+            .await
+            .map_err(|e| Error::Job {
+                job: name.to_string(),
+                message: gantry_shared::telemetry::chain(&e),
+            })
+    }
+
     /// Deletes a Job (and with it its pod and Secret).
     pub(crate) async fn delete(&self, name: &JobName) -> Result<()> {
         self.client
