@@ -287,8 +287,12 @@ pub(crate) async fn execute(
             "the executor was terminated after the deadline {} had passed",
             task.deadline
         )),
+        // Stopped from outside before the work was done: the pod is evicted, preempted or
+        // drained, or the job is cancelled. The attempt failed and may be retried; a
+        // cancelled task is recorded `cancelled` before its job is stopped, so this result
+        // comes late and changes nothing.
         Finished::Stopped(StopReason::Signal) => Execution::Done(Verdict::stopped(
-            ResultStatus::Cancelled,
+            ResultStatus::Failed,
             "terminated",
             "the executor was terminated (SIGTERM or SIGINT) before the engine finished; it was stopped".into(),
             true,

@@ -50,13 +50,13 @@ async fn the_deadline_kills_the_command_group_and_expires_the_task() {
 }
 
 #[tokio::test]
-async fn a_signal_before_the_deadline_cancels_the_task() {
+async fn a_signal_before_the_deadline_fails_the_attempt_as_retryable() {
     let shutdown = tokio::time::sleep(Duration::from_millis(200));
     let began = Instant::now();
     let verdict =
         verdict(execute(&sh("sleep 30".into()), &task(Value::Null), None, shutdown).await);
     assert!(began.elapsed() < Duration::from_secs(5));
-    assert_eq!(verdict.status, ResultStatus::Cancelled);
+    assert_eq!(verdict.status, ResultStatus::Failed);
     assert_eq!(verdict.terminal_reason, "terminated");
     let error = verdict.error.unwrap();
     assert_eq!(error.kind, "terminated");
