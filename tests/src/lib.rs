@@ -7,11 +7,15 @@
 //! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up.
 //! - [`Dispatcher`]: a `gantry-dispatcher` process, with SIGTERM and SIGKILL.
 //! - [`bin_path`]: where the built binaries are.
+//! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
+//! - [`executions`]: a class whose work leaves a record of every execution.
 //! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
 //! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
 //!   benchmarks share.
 
 pub mod bench;
+pub mod duplicate;
+pub mod executions;
 pub mod kube_double;
 pub mod placement;
 
@@ -308,6 +312,11 @@ impl Dispatcher {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The numbers of the last `dispatcher counters` line of the log (`name=N` fields).
+    pub fn counters(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        counters_in(&self.log_text())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -346,6 +355,22 @@ impl Drop for Dispatcher {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The numbers of the last `dispatcher counters` line of a dispatcher's log.
+pub fn counters_in(log: &str) -> Option<std::collections::BTreeMap<String, u64>> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("dispatcher counters"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|field| {
+                let (name, value) = field.split_once('=')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect(),
+    )
 }
 
 /// Re-checks `probe` every 50 ms until it yields a value or `timeout` passes: waiting for a

@@ -505,14 +505,7 @@ async fn a_dispatcher_killed_with_20_jobs_running_is_restarted_without_duplicate
         dispatcher,
     } = c;
     dispatcher.kill_hard()?;
-    let kubeconfig = env.dir.path().join("kubeconfig").display().to_string();
-    let restarted = gantry_tests::Dispatcher::start(
-        &env,
-        &[
-            ("GANTRY_RUNTIME", "kubernetes"),
-            ("KUBECONFIG", kubeconfig.as_str()),
-        ],
-    )?;
+    let restarted = restart_on_double(&env)?;
     for id in &ids {
         let record = producer.wait(*id, Duration::from_secs(120)).await?;
         assert_eq!(record.state, "succeeded", "{:?}", record.error);
@@ -551,6 +544,37 @@ async fn a_cancelled_task_has_its_job_deleted() -> anyhow::Result<()> {
     c.env.cleanup().await
 }
 
+/// Waits until a create on `path` (`/jobs`, `/secrets`) has been dropped, kills the
+/// dispatcher (SIGKILL) and lifts the faults.
+async fn kill_once_a_create_is_dropped(
+    c: Cluster,
+    path: &str,
+) -> anyhow::Result<(KubeDouble, gantry_tests::TestEnv)> {
+    c.double
+        .wait_for("a create, dropped", Duration::from_secs(30), |d| {
+            d.requests()
+                .iter()
+                .any(|r| r.method == "POST" && r.path.ends_with(path))
+                .then_some(())
+        })
+        .await?;
+    c.dispatcher.kill_hard()?;
+    c.double.clear_faults();
+    Ok((c.double, c.env))
+}
+
+/// A dispatcher on the double again, after the test's was killed.
+fn restart_on_double(env: &gantry_tests::TestEnv) -> anyhow::Result<gantry_tests::Dispatcher> {
+    let kubeconfig = env.dir.path().join("kubeconfig").display().to_string();
+    gantry_tests::Dispatcher::start(
+        env,
+        &[
+            ("GANTRY_RUNTIME", "kubernetes"),
+            ("KUBECONFIG", kubeconfig.as_str()),
+        ],
+    )
+}
+
 async fn eventually_running(
     producer: &gantry_producer::Producer,
     id: gantry_shared::message::TaskId,
@@ -563,4 +587,198 @@ async fn eventually_running(
             .map(|_| ()))
     })
     .await
+}
+
+/// An attempt ran twice on a real API server: evicted first attempts were retried, and a
+/// second delivery of an attempt that came after its task had ended and its Job had been
+/// deleted by the TTL controller made the Job again. RabbitMQ delivers at least once, so
+/// here every task message (first attempts and retries) is delivered a second time, after
+/// every task has ended and every Job is gone. The executions themselves leave the evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_copies_of_evicted_and_retried_attempts_never_run_an_attempt_twice()
+-> anyhow::Result<()> {
+    use gantry_tests::duplicate::Duplicator;
+    use gantry_tests::executions::Executions;
+    use gantry_tests::kube_double::Script;
+
+    const TASKS: usize = 8;
+    let double = KubeDouble::start().await;
+    let executor = gantry_tests::bin_path("gantry-executor");
+    double.set_image_entrypoint(IMAGE, vec![executor.display().to_string()]);
+    double.script_jobs_labelled("gantry.dev/attempt", "1", Script::Evict);
+    let catalog = format!(
+        "executors:\n  echo:\n    engine: {}\n    image: {IMAGE}\n    max_active_jobs: 4\n    retry: {{ max_attempts: 2, min_delay: 1s, max_delay: 1s }}\n",
+        Executions::engine()
+    );
+    let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
+    let executions = Executions::new(&env.dir.path().join("executions"))?;
+    let config = env.dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "dispatcher:\n  kubernetes:\n    ttl_after_finished: 2s\n",
+    )?;
+    let duplicator = Duplicator::start(&env).await?;
+    let kubeconfig = gantry_tests::point_at_double(&double, &env)?;
+    let (kubeconfig, config) = (
+        kubeconfig.display().to_string(),
+        config.display().to_string(),
+    );
+    let dispatcher = gantry_tests::Dispatcher::start(
+        &env,
+        &[
+            ("GANTRY_RUNTIME", "kubernetes"),
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("GANTRY_CONFIG", config.as_str()),
+        ],
+    )?;
+
+    let producer = env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..TASKS {
+        let (_, id) = submit(&env, executions.payload(1500), Duration::from_secs(300)).await?;
+        ids.push(id);
+    }
+    for id in &ids {
+        let record = producer.wait(*id, Duration::from_secs(120)).await?;
+        assert_eq!(record.state, "succeeded", "{:?}", record.error);
+        assert_eq!(
+            record.attempt, 2,
+            "the first attempt was evicted and retried"
+        );
+    }
+    duplicator
+        .wait_for(2 * TASKS, Duration::from_secs(30))
+        .await?;
+    double
+        .wait_for(
+            "every Job to be deleted by its TTL",
+            Duration::from_secs(60),
+            |d| d.jobs().is_empty().then_some(()),
+        )
+        .await?;
+    // Every first attempt and every retry, and any copy the broker made itself (its
+    // delay queues dead-letter at least once).
+    let released = duplicator.release().await?;
+    assert!(released >= 2 * TASKS, "{released} copies");
+
+    // Every delivery is handled: each copy is skipped, or an attempt ran again.
+    gantry_tests::eventually(
+        "every copy to be skipped",
+        Duration::from_secs(60),
+        || async {
+            let twice = executions.run_twice()?;
+            anyhow::ensure!(twice.is_empty(), "attempts that ran twice: {twice:?}");
+            let skipped = dispatcher
+                .log_text()
+                .matches("skipping the delivery")
+                .count();
+            Ok((skipped + 2 * TASKS >= duplicator.seen() + released).then_some(()))
+        },
+    )
+    .await?;
+    let counts = executions.counts()?;
+    assert_eq!(counts.len(), TASKS, "each second attempt ran: {counts:?}");
+    assert!(
+        counts
+            .iter()
+            .all(|((_, attempt), n)| *attempt == 2 && *n == 1)
+    );
+    assert_eq!(
+        double.jobs_created(),
+        2 * TASKS as u64,
+        "one Job per attempt"
+    );
+    let log = dispatcher.log.clone();
+    let status = dispatcher.terminate(Duration::from_secs(30))?;
+    assert!(status.success());
+    let c = gantry_tests::counters_in(&std::fs::read_to_string(log)?).expect("counters");
+    let deliveries = (duplicator.seen() + released) as u64;
+    assert_eq!(c["deliveries"], deliveries, "{c:?}");
+    assert_eq!(c["dispatched"], 2 * TASKS as u64, "{c:?}");
+    assert_eq!(c["skipped"], deliveries - 2 * TASKS as u64, "{c:?}");
+    let sum: u64 = [
+        "dispatched",
+        "adopted",
+        "skipped",
+        "requeued",
+        "dead_lettered",
+        "failed",
+    ]
+    .iter()
+    .map(|k| c[*k])
+    .sum();
+    assert_eq!(sum, c["deliveries"]);
+    duplicator.close().await;
+    producer.close().await;
+    env.cleanup().await
+}
+
+/// A dispatcher killed between an attempt's two writes (the Job, then its Secret) leaves a
+/// Job that cannot start. The redelivered task finds its attempt claimed: it never creates
+/// the Job again, but it creates the missing Secret, and the task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_between_a_job_and_its_secret_leaves_it_completed_by_the_redelivery()
+-> anyhow::Result<()> {
+    let c = cluster("").await?;
+    // Every Secret create fails (the connection drops) until the dispatcher is killed.
+    c.double
+        .fail_next(1000, FaultSpec::drop_connection("POST", "/secrets"));
+    let (producer, id) = submit(&c.env, json!({"n": 1}), Duration::from_secs(300)).await?;
+    let job = format!("gantry-{}-a1", id.as_uuid().simple());
+    let (double, env) = kill_once_a_create_is_dropped(c, "/secrets").await?;
+    assert!(double.job(&job).is_some(), "the Job was made");
+    assert!(double.get_secret(&job).is_none(), "its Secret was not");
+    let restarted = restart_on_double(&env)?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        record.state,
+        "succeeded",
+        "{:?}\n{}",
+        record.error,
+        restarted.log_text()
+    );
+    assert_eq!(record.attempt, 1);
+    assert_eq!(double.jobs_created(), 1, "the Job was never created again");
+    producer.close().await;
+    env.cleanup().await
+}
+
+/// A dispatcher killed after it claimed an attempt and before its Job was created: the
+/// restarted dispatcher fails that attempt as lost and retries it as the next one; the
+/// redelivered message never creates the first attempt's Job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_claimed_by_a_killed_dispatcher_without_its_job_is_failed_as_lost_and_retried()
+-> anyhow::Result<()> {
+    let c = cluster("").await?;
+    c.double
+        .fail_next(1000, FaultSpec::drop_connection("POST", "/jobs"));
+    let (producer, id) = submit(&c.env, json!({"n": 1}), Duration::from_secs(300)).await?;
+    let (double, env) = kill_once_a_create_is_dropped(c, "/jobs").await?;
+    assert_eq!(double.jobs_created(), 0);
+    let restarted = restart_on_double(&env)?;
+    let record = producer.wait(id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        record.state,
+        "succeeded",
+        "{:?}\n{}",
+        record.error,
+        restarted.log_text()
+    );
+    assert_eq!(record.attempt, 2, "the claimed attempt was failed, not run");
+    let lost = producer
+        .events(id)
+        .await?
+        .into_iter()
+        .find(|e| e.attempt == 1 && e.event == "retrying")
+        .expect("the first attempt was retried");
+    let kind = lost.detail.unwrap_or_default()["error"]["kind"].clone();
+    assert_eq!(kind, json!("job_lost"));
+    assert_eq!(double.jobs_created(), 1, "only the second attempt's Job");
+    assert!(
+        double
+            .job(&format!("gantry-{}-a1", id.as_uuid().simple()))
+            .is_none()
+    );
+    producer.close().await;
+    env.cleanup().await
 }

@@ -112,6 +112,7 @@ impl Cluster {
             (Kind::Job, EventType::Added) => {
                 let uid = str_at(&e.object, "/metadata/uid").to_owned();
                 let script = script_of(&e.object)
+                    .or_else(|| self.inner.labelled_script(&e.object))
                     .or_else(|| self.inner.next_script())
                     .or_else(|| self.inner.options.script.clone());
                 if let Some(s) = script {

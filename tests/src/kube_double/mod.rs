@@ -301,6 +301,8 @@ pub(crate) struct Inner {
     faults: Mutex<Vec<(FaultSpec, u32)>>,
     requests: Mutex<Vec<RequestRecord>>,
     scripts: Mutex<VecDeque<Script>>,
+    /// Scripts of the Jobs that carry a label: `(key, value, script)`.
+    labelled_scripts: Mutex<Vec<(String, String, Script)>>,
     images: Mutex<HashMap<String, Vec<String>>>,
     pods: Mutex<HashMap<String, PodProcess>>,
     pub(crate) watch_ends: watch::Sender<u64>,
@@ -326,6 +328,15 @@ impl Inner {
 
     pub(crate) fn next_script(&self) -> Option<Script> {
         lock(&self.scripts).pop_front()
+    }
+
+    /// The script of the first rule whose label `job` carries.
+    pub(crate) fn labelled_script(&self, job: &Value) -> Option<Script> {
+        let labels = &job["metadata"]["labels"];
+        lock(&self.labelled_scripts)
+            .iter()
+            .find(|(k, v, _)| labels[k.as_str()].as_str() == Some(v.as_str()))
+            .map(|(_, _, script)| script.clone())
     }
 
     /// Takes one use of the first fault matching a request.
@@ -400,6 +411,7 @@ impl KubeDouble {
             faults: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
             scripts: Mutex::new(VecDeque::new()),
+            labelled_scripts: Mutex::new(Vec::new()),
             images: Mutex::new(HashMap::new()),
             pods: Mutex::new(HashMap::new()),
             watch_ends: watch::channel(0).0,
@@ -585,9 +597,20 @@ impl KubeDouble {
         lock(&self.inner.scripts).push_back(script);
     }
 
+    /// Every Job created from now on with the label `key=value` follows `script` (unless it
+    /// names its own); the first matching rule wins, before [`KubeDouble::script_next`].
+    pub fn script_jobs_labelled(&self, key: &str, value: &str, script: Script) {
+        lock(&self.inner.labelled_scripts).push((key.to_owned(), value.to_owned(), script));
+    }
+
     /// The next `n` requests matching `spec` get its fault.
     pub fn fail_next(&self, n: u32, spec: FaultSpec) {
         lock(&self.inner.faults).push((spec, n));
+    }
+
+    /// Forgets every fault not yet used.
+    pub fn clear_faults(&self) {
+        lock(&self.inner.faults).clear();
     }
 
     /// Every request so far, in order.
