@@ -10,6 +10,7 @@
 //! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
 //! - [`executions`]: a class whose work leaves a record of every execution.
 //! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
+//! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
 //! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
 //!   benchmarks share.
 
@@ -18,6 +19,7 @@ pub mod duplicate;
 pub mod executions;
 pub mod kube_double;
 pub mod placement;
+pub mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

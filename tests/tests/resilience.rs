@@ -2,13 +2,13 @@
 //! every other test uses, so they are `#[ignore]`d in the parallel suite and run on their
 //! own, one at a time (`scripts/test.sh` does so after the main suite).
 
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use gantry_producer::Producer;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
 use gantry_tests::TestEnv;
+use gantry_tests::services::{restart_postgres, restart_rabbitmq};
 use serde_json::json;
 
 async fn submit_batch(producer: &Producer, n: usize, sleep_ms: u64) -> Result<Vec<TaskId>> {
@@ -37,34 +37,6 @@ async fn all_succeed(producer: &Producer, ids: &[TaskId]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<()> {
-    let status = Command::new(cmd)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {cmd}"))?;
-    if !status.success() {
-        bail!("{cmd} {args:?} failed: {status}");
-    }
-    Ok(())
-}
-
-fn restart_rabbitmq() -> Result<()> {
-    run("rabbitmqctl", &["-q", "stop_app"])?;
-    run("rabbitmqctl", &["-q", "start_app"])?;
-    run("rabbitmqctl", &["-q", "await_startup"])
-}
-
-fn restart_postgres() -> Result<()> {
-    let version = std::fs::read_dir("/etc/postgresql")?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
-        .context("no PostgreSQL cluster under /etc/postgresql")?;
-    run(
-        "pg_ctlcluster",
-        &["--skip-systemctl-redirect", &version, "main", "restart"],
-    )
 }
 
 #[tokio::test]

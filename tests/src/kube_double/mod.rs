@@ -712,6 +712,35 @@ impl KubeDouble {
         pgids.into_iter().any(group_alive)
     }
 
+    /// The pods whose process still runs.
+    pub fn pods_running_a_process(&self) -> Vec<String> {
+        let ns = self.namespace().to_owned();
+        let pods = self.inner.lock_pods();
+        let mut names: Vec<String> = pods
+            .values()
+            .filter(|p| p.namespace == ns && p.running && p.pgid.is_some_and(group_alive))
+            .map(|p| p.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Kills the process group of the pod `name` with SIGKILL, as an out-of-memory killer
+    /// or a crash would end its container; the kubelet then reports how it ended.
+    pub fn kill_pod_process(&self, name: &str) {
+        let ns = self.namespace().to_owned();
+        for pgid in self
+            .inner
+            .lock_pods()
+            .values()
+            .filter(|p| p.namespace == ns && p.name == name)
+            .filter_map(|p| p.pgid)
+        {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+
     /// How many Jobs were ever created.
     pub fn jobs_created(&self) -> u64 {
         self.inner.store.read(|st| st.jobs_created)
