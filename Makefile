@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: setup test demo fmt lint deny bench bench-kube
+.PHONY: setup test demo fmt lint deny bench bench-kube faults
 
 setup:
 	bash scripts/setup.sh
@@ -32,3 +32,9 @@ bench-kube: setup
 	cargo build --release --locked --bins
 	target/release/gantry-bench-kube --tasks 5000 --active 10000 --rounds 3 \
 		--writes-per-second 10000 --max-waiting 64
+
+# The fault suite: every fault against a fresh world, one table; exits 1 on a lost task or an
+# attempt run twice. Restarts RabbitMQ and Postgres: run it alone.
+faults: setup
+	cargo build --locked --bins
+	target/debug/gantry-faults

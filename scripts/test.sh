@@ -86,4 +86,10 @@ fi
 step "resilience: server restarts under a running dispatcher"
 cargo test -p gantry-tests --test resilience --locked -- --ignored --test-threads=1
 
+# The fault suite: each fault (process kills, server restarts, API faults, pod failures,
+# duplicate deliveries) against a fresh world; it fails on a lost task or an attempt that
+# ran twice. It restarts RabbitMQ and Postgres too, so it also runs alone.
+step "fault suite: every task terminal, no attempt run twice"
+target/debug/gantry-faults --tasks 16
+
 printf '\ntest: all checks passed\n'
