@@ -680,6 +680,7 @@ pub(crate) async fn reconcile(
             evidence: runtime.evidence(&name),
         };
         ctx.publish_result(&synthesize(&end)).await?;
+        runtime.mark_handled(&name);
         inc(&ctx.metrics.synthesized);
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! the task queue through a delay queue, as attempt + 1, with exponential backoff and
 //! jitter; once `max_attempts` are spent the task is dead-lettered with reason
 //! `max_attempts`. Both publishes are confirmed before the result is acked, and both are
-//! safe to repeat: a repeated retry finds the attempt's deterministic job, a repeated dead
+//! safe to repeat: a repeated retry finds its attempt already claimed, a repeated dead
 //! letter has the same id.
 
 use std::time::Duration;

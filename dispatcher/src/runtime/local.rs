@@ -159,9 +159,12 @@ impl LocalRuntime {
         &self.instance
     }
 
-    /// Whether the job has a directory here (in any phase).
+    /// Whether the job exists here: its directory holds an executor that started (running,
+    /// ended or handled). A directory whose executor never started is an attempt that was
+    /// claimed and never ran (the dispatcher stopped in between): it does not count.
     pub(crate) fn knows(&self, name: &JobName) -> bool {
-        self.jobs_dir.join(name.as_str()).is_dir()
+        let dir = self.jobs_dir.join(name.as_str());
+        dir.is_dir() && !matches!(phase(&dir), Ok(Phase::NotStarted))
     }
 
     /// Starts the job of `task`, or finds it if it exists.
@@ -294,8 +297,8 @@ impl LocalRuntime {
     }
 
     /// Jobs found in the state directory that are not yet handled: running ones to adopt
-    /// and ended ones whose end must be dealt with. Jobs that never started are left to
-    /// their redelivered message.
+    /// and ended ones whose end must be dealt with. Jobs that never started are not jobs
+    /// (see [`LocalRuntime::knows`]): reconciliation fails their attempts as lost.
     pub(crate) fn scan(&self) -> Result<Vec<(LocalJob, bool)>> {
         let io_err = |source| Error::StateDir {
             path: self.jobs_dir.display().to_string(),

@@ -28,7 +28,7 @@ use tokio_postgres::NoTls;
 #[command(
     after_help = "Faults: none, dispatcher-kill, executor-kill, rabbitmq-restart, \
 postgres-restart, api-5xx, api-429, api-slow, watch-410, eviction, oom, image-pull, deadline, \
-duplicates.\n\nExample:\n  gantry-faults --tasks 20 --only eviction,duplicates"
+duplicates, mixed.\n\nExample:\n  gantry-faults --tasks 20 --only eviction,duplicates"
 )]
 struct Args {
     /// Tasks per fault.
@@ -65,9 +65,10 @@ enum Fault {
     ImagePull,
     Deadline,
     Duplicates,
+    Mixed,
 }
 
-const FAULTS: [Fault; 14] = [
+const FAULTS: [Fault; 15] = [
     Fault::None,
     Fault::DispatcherKill,
     Fault::ExecutorKill,
@@ -82,6 +83,7 @@ const FAULTS: [Fault; 14] = [
     Fault::ImagePull,
     Fault::Deadline,
     Fault::Duplicates,
+    Fault::Mixed,
 ];
 
 impl Fault {
@@ -101,6 +103,7 @@ impl Fault {
             Fault::ImagePull => "image-pull",
             Fault::Deadline => "deadline",
             Fault::Duplicates => "duplicates",
+            Fault::Mixed => "mixed",
         }
     }
 
@@ -121,6 +124,9 @@ impl Fault {
             Fault::ImagePull => "a quarter of the pods never pull their image",
             Fault::Deadline => "a quarter of the tasks outlive their deadline",
             Fault::Duplicates => "every task message delivered again after its Job is gone",
+            Fault::Mixed => {
+                "of every six first pods: one OOMKilled, one never pulls, one evicted; 3 s of work"
+            }
         }
     }
 
@@ -138,6 +144,8 @@ struct Row {
     states: BTreeMap<String, usize>,
     /// The last dispatcher's counters.
     counters: BTreeMap<String, u64>,
+    /// No Job, pod or task Secret left in the cluster at the end.
+    cleaned_up: bool,
     counters_add_up: bool,
     seconds: f64,
 }
@@ -179,26 +187,30 @@ async fn main() -> Result<()> {
     print_table(&rows);
     let bad = rows
         .iter()
-        .filter(|r| r.terminal < r.submitted || r.run_twice > 0 || !r.counters_add_up)
+        .filter(|r| {
+            r.terminal < r.submitted || r.run_twice > 0 || !r.counters_add_up || !r.cleaned_up
+        })
         .count();
     if bad > 0 {
-        bail!("{bad} fault(s) lost a task, ran an attempt twice, or miscounted deliveries");
+        bail!(
+            "{bad} fault(s) lost a task, ran an attempt twice, miscounted deliveries or left objects behind"
+        );
     }
     Ok(())
 }
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n| fault | what | submitted | terminal | lost | run twice | outcomes | deliveries: dispatched / skipped / other | add up |"
+        "\n| fault | what | submitted | terminal | lost | run twice | outcomes | deliveries: dispatched / skipped / other | add up | cleaned up |"
     );
-    println!("|---|---|---:|---:|---:|---:|---|---|---|");
+    println!("|---|---|---:|---:|---:|---:|---|---|---|---|");
     for r in rows {
         let outcomes: Vec<String> = r.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
         let get = |k: &str| r.counters.get(k).copied().unwrap_or(0);
         let deliveries = get("deliveries");
         let (dispatched, skipped) = (get("dispatched"), get("skipped"));
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {deliveries}: {dispatched} / {skipped} / {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {deliveries}: {dispatched} / {skipped} / {} | {} | {} |",
             r.fault.name(),
             r.fault.what(),
             r.submitted,
@@ -207,7 +219,8 @@ fn print_table(rows: &[Row]) {
             r.run_twice,
             outcomes.join(", "),
             deliveries.saturating_sub(dispatched + skipped),
-            if r.counters_add_up { "yes" } else { "NO" }
+            if r.counters_add_up { "yes" } else { "NO" },
+            if r.cleaned_up { "yes" } else { "NO" }
         );
     }
 }
@@ -290,7 +303,7 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
     let started = Instant::now();
     let quarter = (args.tasks / 4).max(1);
     let extra: &[(&str, &str)] = match fault {
-        Fault::ImagePull => &[("GANTRY_IMAGE_PULL_LIMIT", "2s")],
+        Fault::ImagePull | Fault::Mixed => &[("GANTRY_IMAGE_PULL_LIMIT", "2s")],
         _ => &[],
     };
     let world = World::new(extra).await?;
@@ -328,6 +341,27 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
                 double.script_next(script.clone());
             }
         }
+        Fault::Mixed => {
+            // First attempts take the scripts in turn; retries always run.
+            for attempt in 2..=3 {
+                double.script_jobs_labelled(
+                    "gantry.dev/attempt",
+                    &attempt.to_string(),
+                    Script::Run,
+                );
+            }
+            let turn = [
+                Script::Oom,
+                Script::ImagePull,
+                Script::Evict,
+                Script::Run,
+                Script::Run,
+                Script::Run,
+            ];
+            for i in 0..args.tasks {
+                double.script_next(turn[i % turn.len()].clone());
+            }
+        }
         _ => {}
     }
     // Sees (and copies) every task message routed to the class, retries and the broker's
@@ -340,6 +374,8 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
         let outlives = fault == Fault::Deadline && i < quarter;
         let (work, ttl) = if outlives {
             (Duration::from_secs(30), Duration::from_secs(4))
+        } else if fault == Fault::Mixed {
+            (Duration::from_secs(3), Duration::from_secs(600))
         } else {
             (args.work, Duration::from_secs(600))
         };
@@ -448,6 +484,9 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
         }
     }
     duplicator.close().await;
+    let cleaned_up = double.jobs().is_empty()
+        && double.pods().is_empty()
+        && double.secrets().iter().all(|s| s == "gantry-amqp");
 
     let run_twice = world.executions.run_twice()?.len();
     let log = dispatcher.log.clone();
@@ -482,6 +521,7 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
         run_twice,
         states: histogram,
         counters,
+        cleaned_up,
         counters_add_up,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -115,7 +115,7 @@ impl Cluster {
                     .or_else(|| self.inner.labelled_script(&e.object))
                     .or_else(|| self.inner.next_script())
                     .or_else(|| self.inner.options.script.clone());
-                if let Some(s) = script {
+                if let Some(s) = script.filter(|s| *s != Script::Run) {
                     self.job_scripts.insert(uid, s);
                 }
                 self.reconcile_job(&e.key);

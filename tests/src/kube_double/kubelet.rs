@@ -99,6 +99,7 @@ impl Cluster {
             .get(str_at(pod, "/metadata/uid"))
             .cloned()
             .or_else(|| script_of(pod))
+            .filter(|s| *s != Script::Run)
     }
 
     fn schedule(&mut self, pod: &Value) {
@@ -446,7 +447,7 @@ impl Cluster {
                     }
                 });
             }
-            (Script::PendingForever | Script::RunForever, _) => {}
+            (Script::PendingForever | Script::RunForever | Script::Run, _) => {}
         }
     }
 

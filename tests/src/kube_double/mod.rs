@@ -124,13 +124,16 @@ pub enum Script {
     /// Runs nothing and stays Running until the pod is deleted or its deadline passes (a
     /// long job, without a process per pod).
     RunForever,
+    /// No script: the pod runs its container (a place in [`KubeDouble::script_next`]'s
+    /// queue for a Job that runs normally).
+    Run,
 }
 
 impl std::str::FromStr for Script {
     type Err = String;
 
     /// `succeed`, `fail` (exit 1), `fail-3` or `fail(3)`, `oom`, `image-pull`,
-    /// `pending-forever`, `evict`, `node-lost`, `run-forever`.
+    /// `pending-forever`, `evict`, `node-lost`, `run-forever`, `run`.
     fn from_str(s: &str) -> Result<Script, String> {
         Ok(match s {
             "succeed" => Script::Succeed,
@@ -141,6 +144,7 @@ impl std::str::FromStr for Script {
             "evict" => Script::Evict,
             "node-lost" => Script::NodeLost,
             "run-forever" => Script::RunForever,
+            "run" => Script::Run,
             other => {
                 let code = other
                     .strip_prefix("fail-")
@@ -169,6 +173,7 @@ impl std::fmt::Display for Script {
             Script::Evict => f.write_str("evict"),
             Script::NodeLost => f.write_str("node-lost"),
             Script::RunForever => f.write_str("run-forever"),
+            Script::Run => f.write_str("run"),
         }
     }
 }
@@ -739,6 +744,14 @@ impl KubeDouble {
         {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
+    }
+
+    /// The names of the Secrets in the default namespace.
+    pub fn secrets(&self) -> Vec<String> {
+        self.typed::<Secret>(Kind::Secret, Some(self.namespace()))
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect()
     }
 
     /// How many Jobs were ever created.

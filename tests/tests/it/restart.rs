@@ -143,3 +143,78 @@ executors:
     producer.close().await;
     env.cleanup().await
 }
+
+/// A dispatcher that stopped after it claimed an attempt and made its job directory, but
+/// before the executor started, leaves a directory with no executor. At the next start the
+/// attempt is failed as lost and retried as the next one; the claimed attempt never runs.
+#[tokio::test]
+async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start()
+-> anyhow::Result<()> {
+    use gantry_shared::message::{Evidence, JobName, Limits, Task};
+    use gantry_shared::store::{Change, TaskState};
+
+    let env = TestEnv::new(None).await?;
+    // A first start makes the state directory and its instance id; then it is gone.
+    env.dispatcher()?.terminate(Duration::from_secs(30))?;
+    let state = env.dir.path().join("state");
+    let instance = std::fs::read_to_string(state.join("instance-id"))?;
+    let task = Task::new(
+        TaskSpec {
+            executor: ExecutorClass::parse("echo")?,
+            name: TaskName::parse("restart.claimed")?,
+            payload: json!({"claimed": true}),
+            ttl: Duration::from_secs(300),
+            reply_to: None,
+            idempotency_key: None,
+            priority: None,
+            resources: None,
+        },
+        &Limits::default(),
+    )?;
+    // What the stopped dispatcher left: the claim in Postgres, the directory on disk.
+    let store = env.store().await?;
+    store.record_received(&task).await?;
+    let name = JobName::for_task(task.id, 1);
+    let claim = Change {
+        evidence: Evidence {
+            dispatch_id: Some(format!("{}.lost", instance.trim())),
+            job_name: Some(name.to_string()),
+            ..Evidence::default()
+        },
+        ..Change::default()
+    };
+    store
+        .transition(task.id, 1, TaskState::Dispatched, &claim)
+        .await?;
+    let dir = state.join("jobs").join(name.as_str());
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("task.json"), serde_json::to_vec(&task.envelope())?)?;
+
+    let dispatcher = env.dispatcher()?;
+    let producer = env.producer().await?;
+    let record = producer.wait(task.id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        record.state,
+        "succeeded",
+        "{:?}\n{}",
+        record.error,
+        dispatcher.log_text()
+    );
+    assert_eq!(record.attempt, 2, "the claimed attempt was failed, not run");
+    let events = producer.events(task.id).await?;
+    let lost = events
+        .iter()
+        .find(|e| e.attempt == 1 && e.event == "retrying")
+        .expect("the first attempt was retried");
+    assert_eq!(
+        lost.detail.clone().unwrap_or_default()["error"]["kind"],
+        json!("job_lost")
+    );
+    assert!(
+        !dir.join("started").exists(),
+        "the first attempt's executor never ran"
+    );
+    assert!(dir.join("handled").exists(), "its directory is handled");
+    producer.close().await;
+    env.cleanup().await
+}
