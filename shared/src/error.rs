@@ -140,8 +140,26 @@ impl Error {
             | Error::ListenLost
             | Error::GroupWrite(_)
             | Error::PublishNacked { .. } => true,
-            Error::Postgres { source, .. } => crate::store::is_transient(source),
+            Error::Postgres { source, .. } => postgres_is_transient(source),
             _ => false,
         }
+    }
+}
+
+/// Whether a Postgres error may go away by trying again (a lost connection, a server
+/// restart, a serialization conflict), as opposed to a bug or bad data.
+fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => true,
+        Some(code) => [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ]
+        .contains(code),
     }
 }

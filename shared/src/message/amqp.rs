@@ -3,7 +3,7 @@
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Map, Value, json};
 
-use super::task::Rejection;
+use super::rejection::Rejection;
 
 /// Header names Gantry reads and writes.
 pub mod headers {

@@ -6,17 +6,14 @@
 
 mod amqp;
 mod names;
+mod rejection;
 mod result;
+mod schema;
 mod task;
 
 pub use amqp::{FieldTableExt, headers, value_to_json};
 pub use names::{ExecutorClass, InvalidName, JobName, TaskId, TaskName};
+pub use rejection::Rejection;
 pub use result::{Evidence, ResultStatus, TaskError, TaskResult, Usage};
-pub use task::{Limits, Rejection, Resources, Task, TaskEnvelope, TaskSpec, traceparent};
-
-/// The schema of a task message, carried in the `x-gantry-schema` header.
-pub const TASK_SCHEMA: &str = "gantry.task/v1";
-/// The schema of a result message, carried in the `x-gantry-schema` header.
-pub const RESULT_SCHEMA: &str = "gantry.result/v1";
-/// Every Gantry message body is JSON.
-pub const CONTENT_TYPE: &str = "application/json";
+pub use schema::{CONTENT_TYPE, RESULT_SCHEMA, TASK_SCHEMA};
+pub use task::{Limits, Resources, Task, TaskEnvelope, TaskSpec, traceparent};

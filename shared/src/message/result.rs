@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::amqp::{FieldTableExt, headers};
 use super::names::TaskId;
-use super::task::Rejection;
-use super::{CONTENT_TYPE, RESULT_SCHEMA};
+use super::rejection::Rejection;
+use super::schema::{CONTENT_TYPE, RESULT_SCHEMA};
 
 /// How a task attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -114,6 +114,34 @@ fn reported_by_executor() -> String {
 }
 
 impl TaskResult {
+    /// A result the dispatcher publishes on an executor's behalf, for an attempt that
+    /// ended without one (it never started, crashed, was lost or stopped): no output, the
+    /// error, the evidence so far with its `terminal_reason`, finished now.
+    pub fn on_behalf(
+        task_id: TaskId,
+        attempt: u32,
+        status: ResultStatus,
+        error: TaskError,
+        evidence: Evidence,
+        terminal_reason: &str,
+    ) -> TaskResult {
+        TaskResult {
+            task_id,
+            status,
+            output: None,
+            error: Some(error),
+            attempt,
+            evidence: Evidence {
+                terminal_reason: Some(terminal_reason.to_owned()),
+                ..evidence
+            },
+            started_at: None,
+            finished_at: Utc::now(),
+            usage: None,
+            reported_by: "dispatcher".into(),
+        }
+    }
+
     /// Body and properties for publishing to the results exchange.
     ///
     /// # Errors

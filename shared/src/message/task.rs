@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use super::amqp::{FieldTableExt, headers, short};
 use super::names::{ExecutorClass, TaskId, TaskName};
-use super::{CONTENT_TYPE, TASK_SCHEMA};
+use super::rejection::Rejection;
+use super::schema::{CONTENT_TYPE, TASK_SCHEMA};
 
 /// The body of a task message, exactly as it travels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,57 +69,6 @@ impl Limits {
     /// A body larger than this is refused before it is parsed.
     fn max_body_bytes(&self) -> usize {
         self.max_payload_bytes + 64 * 1024
-    }
-}
-
-/// Why a message is not a valid task. Its `Display` is the human-readable reason carried in
-/// the dead letter's `x-gantry-reason` header.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
-    #[error("invalid: body is not JSON ({0})")]
-    NotJson(String),
-    #[error("invalid: wrong schema ({0})")]
-    WrongSchema(String),
-    #[error(
-        "invalid: message has no correlation_id; publish with correlation_id = message_id = task_id"
-    )]
-    MissingCorrelationId,
-    #[error("invalid: correlation_id {correlation_id:?} differs from task_id {task_id}")]
-    IdMismatch {
-        correlation_id: String,
-        task_id: TaskId,
-    },
-    #[error("invalid: {field}: {detail}")]
-    BadField { field: &'static str, detail: String },
-    #[error("invalid: payload is {size} bytes, over the limit of {limit} bytes")]
-    PayloadTooLarge { size: usize, limit: usize },
-    #[error("invalid: unknown executor {0:?}")]
-    UnknownExecutor(String),
-    #[error("expired: deadline {0} passed before the task was dispatched")]
-    DeadlinePassed(DateTime<Utc>),
-}
-
-impl Rejection {
-    /// The reason kind: `invalid` or `expired` (the text before the colon).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Rejection::DeadlinePassed(_) => "expired",
-            _ => "invalid",
-        }
-    }
-
-    /// A label for counting rejections by cause.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Rejection::NotJson(_) => "not_json",
-            Rejection::WrongSchema(_) => "wrong_schema",
-            Rejection::MissingCorrelationId => "missing_correlation_id",
-            Rejection::IdMismatch { .. } => "id_mismatch",
-            Rejection::BadField { .. } => "bad_field",
-            Rejection::PayloadTooLarge { .. } => "payload_too_large",
-            Rejection::UnknownExecutor(_) => "unknown_executor",
-            Rejection::DeadlinePassed(_) => "deadline_passed",
-        }
     }
 }
 

@@ -101,24 +101,6 @@ pub async fn set_up_session(
         .await
 }
 
-/// Whether a Postgres error may go away by trying again (a lost connection, a server
-/// restart, a serialization conflict), as opposed to a bug or bad data.
-pub fn is_transient(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    match e.code() {
-        None => true,
-        Some(code) => [
-            SqlState::T_R_SERIALIZATION_FAILURE,
-            SqlState::T_R_DEADLOCK_DETECTED,
-            SqlState::ADMIN_SHUTDOWN,
-            SqlState::CRASH_SHUTDOWN,
-            SqlState::CANNOT_CONNECT_NOW,
-            SqlState::TOO_MANY_CONNECTIONS,
-        ]
-        .contains(code),
-    }
-}
-
 /// The same JSON without NUL characters, which Postgres refuses in `jsonb` (U+0000 becomes
 /// U+FFFD): one odd byte in an output must not make a whole batch unrecordable.
 pub(crate) fn scrub(v: &serde_json::Value) -> serde_json::Value {
