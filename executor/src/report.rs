@@ -71,10 +71,12 @@ fn shorten(mut text: String, max: usize) -> String {
 
 /// The termination log to write: the flag's path, else Kubernetes' default if it exists.
 pub(crate) fn termination_log_path(flag: Option<PathBuf>) -> Option<PathBuf> {
-    flag.or_else(|| {
-        let default = Path::new(KUBERNETES_TERMINATION_LOG);
-        default.exists().then(|| default.to_owned())
-    })
+    termination_log_or(flag, Path::new(KUBERNETES_TERMINATION_LOG))
+}
+
+/// The flag's path, else `default` if it exists (outside a pod it does not).
+fn termination_log_or(flag: Option<PathBuf>, default: &Path) -> Option<PathBuf> {
+    flag.or_else(|| default.exists().then(|| default.to_owned()))
 }
 
 /// Writes the report's one-line termination message to `path`.
@@ -114,6 +116,17 @@ mod tests {
     fn an_explicit_termination_log_wins() {
         let path = PathBuf::from("/tmp/x");
         assert_eq!(termination_log_path(Some(path.clone())), Some(path));
+    }
+
+    #[test]
+    fn without_a_flag_the_default_log_is_used_only_where_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("termination-log");
+        assert_eq!(termination_log_or(None, &default), None, "outside a pod");
+        std::fs::write(&default, b"").unwrap();
+        assert_eq!(termination_log_or(None, &default), Some(default.clone()));
+        let flag = dir.path().join("other");
+        assert_eq!(termination_log_or(Some(flag.clone()), &default), Some(flag));
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use tokio::process::{Child, Command};
 use tracing::{debug, info, instrument, warn};
 
 use super::capture::{Captured, read_capped, tail_and_forward};
-use super::{Finished, StopReason, permanent};
+use super::finished::{Finished, StopReason, permanent};
 
 /// Most stdout accepted from the program.
 const MAX_STDOUT: usize = 4 * 1024 * 1024;

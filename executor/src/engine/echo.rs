@@ -18,7 +18,7 @@ use gantry_shared::message::{TaskEnvelope, TaskError};
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
-use super::{Finished, StopReason, permanent};
+use super::finished::{Finished, StopReason, permanent};
 
 /// The knobs found in a payload.
 #[derive(Debug, Default, PartialEq)]

@@ -1,0 +1,35 @@
+//! How an engine run ends: the one answer every engine gives.
+
+use gantry_shared::message::TaskError;
+use serde_json::Value;
+
+/// Why the engine was asked to stop before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The task's deadline passed.
+    Deadline,
+    /// The executor received SIGTERM or SIGINT.
+    Signal,
+}
+
+/// How an engine run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Finished {
+    /// The work succeeded with this output.
+    Output(Value),
+    /// The work failed.
+    Failed(TaskError),
+    /// The engine was stopped; nothing it started is still running.
+    Stopped(StopReason),
+    /// The echo engine's `exit_code` knob: exit with this code without publishing.
+    Exit(u8),
+}
+
+/// A task error that another attempt would not fix.
+pub(super) fn permanent(kind: &str, message: impl Into<String>) -> TaskError {
+    TaskError {
+        kind: kind.to_owned(),
+        message: message.into(),
+        retryable: false,
+    }
+}
