@@ -21,9 +21,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{debug, error, info, warn};
 
+use crate::context::Ctx;
 use crate::images::ImagePolicy;
 use crate::metrics::inc;
-use crate::service::Ctx;
 use crate::settings::{RuntimeKind, Settings, configmap_ref};
 use crate::{Error, Result};
 

@@ -3,33 +3,44 @@
 //!
 //! # Layout
 //!
-//! - [`settings`]: the dispatcher's configuration (runtime, roles, state directory, …).
-//! - `service`: [`run`], which starts the roles and drains them on shutdown.
-//! - `catalog`: the executor catalog in force, from a file or a watched ConfigMap.
-//! - `classes`: one consumer per class, kept in step with the catalog's reloads.
-//! - `dispatch`: the per-executor-class consumers: validate → image → job → `dispatched` →
-//!   ack.
+//! Data flows one way: `service` wires things up and starts the roles; the roles use the
+//! runtime, the context and `shared`; no module imports the module that started it.
+//!
+//! - `service`: [`run`], which opens everything, starts the roles and drains them on
+//!   shutdown.
+//! - `context`: what every role shares (settings, topology, store, publisher, counters,
+//!   catalog in force, shutdown) and its two common acts: write through an outage,
+//!   publish a result.
+//! - `dispatch/`: the dispatch role: a consumer per class → hand-off → disposition of the
+//!   delivery → following the job; reconciliation at start; cancellations.
+//! - `recorder/`: the record role: results and dead letters into Postgres, then retries,
+//!   dead letters and forwards to `reply_to`.
+//! - [`runtime`]: where jobs run: the `Runtime` contract, `local` (child processes) and
+//!   [`runtime::kubernetes`] (Jobs).
 //! - [`images`]: which image a task's Job runs (registry service, catalog, nodes), checked.
-//! - `dead_letter`: publishing a rejected message to the dead-letter exchange with a reason.
-//! - `runtime`: where jobs run; `local` runs the executor as a child process.
-//! - `recorder`: results and dead letters into Postgres, then forwarding to `reply_to`.
-//! - `consume`: the reconnecting consumer loop every role shares.
+//! - `catalog`: the executor catalog in force, from a file or a watched ConfigMap.
+//! - `queues`: the task queues of the classes in service, in step with the catalog.
+//! - `session`: the reconnecting consumer session every role's consumers use.
+//! - `lifecycle`: the dispatch role's Postgres writes, committed in groups.
+//! - `dead_letter`: publishing a refused message to the dead-letter exchange with a reason.
 //! - `metrics`: counters, logged periodically and at shutdown.
 //! - `render`: [`render_job`], the Job and Secret a task would get, as YAML.
+//! - [`settings`]: the dispatcher's configuration (runtime, roles, state directory, …).
 
 mod catalog;
-mod classes;
-mod consume;
+mod context;
 mod dead_letter;
 mod dispatch;
 mod error;
 pub mod images;
 mod lifecycle;
 mod metrics;
+mod queues;
 mod recorder;
 mod render;
 pub mod runtime;
 mod service;
+mod session;
 pub mod settings;
 
 pub use error::{Error, Result};

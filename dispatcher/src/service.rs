@@ -1,123 +1,28 @@
-//! The service: [`run`] reads the catalog, connects, declares the topology, reconciles,
-//! starts the roles and the catalog's watch, and drains them when `shutdown` resolves.
+//! The service: [`run`] reads the catalog, connects, declares the topology, opens the
+//! runtime, starts the roles (record, dispatch) and what serves them all (the catalog's
+//! watch, the task queues in step with it, the counters), and drains them when `shutdown`
+//! resolves. It wires things up and starts them; nothing it starts imports it.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use gantry_shared::amqp::{self, Publisher, confirm_channel};
-use gantry_shared::catalog::Catalog;
-use gantry_shared::message::{JobName, TaskResult};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
-use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
 use secrecy::ExposeSecret;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::lifecycle::Lifecycle;
+use crate::context::Ctx;
 use crate::metrics::Metrics;
-use crate::runtime::Runtime;
 use crate::runtime::kubernetes::runtime::KubeRuntime;
 use crate::runtime::local::{LocalOptions, LocalRuntime};
 use crate::settings::{Role, RuntimeKind, Settings};
-use crate::{Error, Result, catalog, classes, dispatch, recorder};
-
-/// What every part of the running dispatcher shares.
-pub(crate) struct Ctx {
-    pub(crate) settings: Settings,
-    pub(crate) topology: Topology,
-    pub(crate) store: Store,
-    /// The dispatch loop's writes, committed in groups.
-    pub(crate) lifecycle: Lifecycle,
-    pub(crate) publisher: Publisher,
-    pub(crate) runtime: Option<Runtime>,
-    pub(crate) metrics: Metrics,
-    pub(crate) shutdown: CancellationToken,
-    /// The executor catalog in force; replaced whole on reload (see [`crate::catalog`]).
-    pub(crate) catalog: watch::Sender<Arc<Catalog>>,
-    following: Mutex<HashSet<JobName>>,
-}
-
-/// Removes a job from the followed set when its follower ends.
-pub(crate) struct FollowGuard<'a> {
-    ctx: &'a Ctx,
-    name: JobName,
-}
-
-impl Drop for FollowGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.ctx.following.lock() {
-            set.remove(&self.name);
-        }
-    }
-}
-
-impl Ctx {
-    /// The executor catalog in force.
-    pub(crate) fn catalog(&self) -> Arc<Catalog> {
-        self.catalog.borrow().clone()
-    }
-
-    /// Whether a job is followed by this dispatcher.
-    pub(crate) fn is_following(&self, name: &JobName) -> bool {
-        self.following
-            .lock()
-            .map(|set| set.contains(name))
-            .unwrap_or(false)
-    }
-
-    /// Claims the following of a job; `None` if something already follows it.
-    pub(crate) fn follow_guard(&self, name: &JobName) -> Option<FollowGuard<'_>> {
-        let mut set = self.following.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(name.clone()).then(|| FollowGuard {
-            ctx: self,
-            name: name.clone(),
-        })
-    }
-
-    /// Runs a store operation, retrying transient failures (Postgres restarting) with
-    /// backoff until it succeeds or shutdown is asked for.
-    pub(crate) async fn persist<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = gantry_shared::Result<T>>,
-    {
-        let mut delays = retry::forever().build();
-        loop {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_transient() => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    warn!(what, error = %chain(&e), ?delay, "Postgres write failed; retrying");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Publishes a result to the results exchange, confirmed, retrying until shutdown.
-    pub(crate) async fn publish_result(&self, result: &TaskResult) -> Result<()> {
-        let (body, props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
-        let exchange = self.topology.results_exchange();
-        let publishing =
-            self.publisher
-                .publish(&exchange, "result", &body, props, true, retry::forever());
-        tokio::select! {
-            r = publishing => Ok(r?),
-            _ = self.shutdown.cancelled() => Err(Error::ShuttingDown),
-        }
-    }
-}
+use crate::{Error, Result, catalog, dispatch, queues, recorder};
 
 /// Runs the dispatcher until `shutdown` resolves, then stops consuming, lets in-flight
 /// hand-offs and record batches finish, and returns. Running jobs keep running; the next
@@ -172,22 +77,14 @@ pub async fn run(
         common.broker_timeout,
     )
     .await?;
-    let runtime = if settings.has_role(Role::Dispatch) {
-        Some(open_runtime(&settings, client.clone(), token.clone()).await?)
-    } else {
-        None
-    };
-    let metrics = Metrics::default();
     let ctx = Arc::new(Ctx {
         topology,
-        lifecycle: Lifecycle::start(store.clone(), metrics.lifecycle.clone()),
         store,
         publisher,
-        runtime,
-        metrics,
+        metrics: Metrics::default(),
         shutdown: token.clone(),
+        in_service: watch::Sender::new(initial.classes()),
         catalog: watch::Sender::new(Arc::new(initial)),
-        following: Mutex::new(HashSet::new()),
         settings,
     });
 
@@ -196,23 +93,25 @@ pub async fn run(
         roles.spawn(recorder::run(ctx.clone(), recorder::Stream::Results));
         roles.spawn(recorder::run(ctx.clone(), recorder::Stream::DeadLetters));
     }
-    let dispatching = ctx.settings.has_role(Role::Dispatch);
-    let mut capacity = HashMap::new();
-    if dispatching {
-        capacity = ctx
-            .catalog()
-            .iter()
-            .map(|(class, spec)| {
-                (
-                    class.clone(),
-                    Arc::new(Semaphore::new(spec.max_active_jobs as usize)),
-                )
-            })
-            .collect();
-        dispatch::reconcile(&ctx, &capacity).await?;
-        roles.spawn(dispatch::watch_cancellations(ctx.clone()));
+    if ctx.settings.has_role(Role::Dispatch) {
+        match ctx.settings.dispatcher.runtime {
+            RuntimeKind::Local => {
+                dispatch::start(ctx.clone(), open_local(&ctx.settings)?, &mut roles).await?;
+            }
+            RuntimeKind::Kubernetes => {
+                let client = match client.clone() {
+                    Some(c) => c,
+                    None => kube_client().await?,
+                };
+                let kube = &ctx.settings.dispatcher.kubernetes;
+                let runtime =
+                    KubeRuntime::open(client, kube, &ctx.settings.common.prefix, token.clone())
+                        .await?;
+                dispatch::start(ctx.clone(), runtime, &mut roles).await?;
+            }
+        }
     }
-    roles.spawn(classes::supervise(ctx.clone(), capacity, dispatching));
+    roles.spawn(queues::keep_in_step(ctx.clone()));
     roles.spawn(catalog::watch(ctx.clone(), source, client));
     let housekeeping = ctx.clone();
     roles.spawn(async move {
@@ -221,10 +120,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = housekeeping.shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    housekeeping.metrics.log("periodic");
-                    if let Some(rt) = housekeeping.runtime.as_ref() { rt.sweep(); }
-                }
+                _ = tick.tick() => housekeeping.metrics.log("periodic"),
             }
         }
     });
@@ -238,26 +134,6 @@ pub async fn run(
     ctx.metrics.log("shutdown");
     info!("dispatcher stopped");
     Ok(())
-}
-
-async fn open_runtime(
-    settings: &Settings,
-    client: Option<kube::Client>,
-    shutdown: CancellationToken,
-) -> Result<Runtime> {
-    match settings.dispatcher.runtime {
-        RuntimeKind::Local => Ok(Runtime::Local(open_local(settings)?)),
-        RuntimeKind::Kubernetes => {
-            let client = match client {
-                Some(c) => c,
-                None => kube_client().await?,
-            };
-            let kube = &settings.dispatcher.kubernetes;
-            let runtime =
-                KubeRuntime::open(client, kube, &settings.common.prefix, shutdown).await?;
-            Ok(Runtime::Kubernetes(Box::new(runtime)))
-        }
-    }
 }
 
 /// A Kubernetes client: the in-cluster configuration in a pod, else the kubeconfig.

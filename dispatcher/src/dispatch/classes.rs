@@ -1,12 +1,11 @@
-//! The executor classes in service: one consumer per class of the catalog in force, kept in
-//! step with its reloads.
+//! The consumers of the classes in service: one per class whose task queue is declared
+//! (see `crate::queues`), kept in step with the catalog's reloads.
 //!
-//! - A class added by a reload gets its topology declared (its task queue, bound to the
-//!   tasks exchange) and, under the dispatch role, a consumer.
-//! - A class removed by a reload stops being dispatched: its consumer is cancelled, the
+//! - A class that enters service gets a consumer.
+//! - A class that leaves service stops being dispatched: its consumer is cancelled, the
 //!   deliveries it held go back to the queue, and its tasks wait there until the class
-//!   comes back or their TTL dead-letters them (`expired`). Its running jobs are followed to
-//!   their end. The queue is kept: deleting it would lose tasks.
+//!   comes back or their TTL dead-letters them (`expired`). Its running jobs are followed
+//!   to their end.
 //! - A changed `max_active_jobs` resizes the class's capacity: more at once, less as
 //!   running jobs end.
 //!
@@ -15,21 +14,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use backon::BackoffBuilder;
-use gantry_shared::amqp::{self, confirm_channel};
 use gantry_shared::catalog::Catalog;
 use gantry_shared::message::ExecutorClass;
-use gantry_shared::retry;
-use gantry_shared::telemetry::chain;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::info;
 
-use crate::service::Ctx;
-use crate::{Result, dispatch};
+use super::consume::run_class;
+use super::role::Role;
+use crate::runtime::Runtime;
 
 /// Capacity of one class: its semaphore and the size it was given.
 struct Capacity {
@@ -39,17 +34,29 @@ struct Capacity {
 
 /// The consumers running, and the capacity of every class ever in service (kept when a
 /// class leaves: its running jobs still hold permits of it).
-#[derive(Default)]
-struct Consumers {
+struct Consumers<R: Runtime> {
+    role: Arc<Role<R>>,
     capacity: HashMap<ExecutorClass, Capacity>,
     stops: HashMap<ExecutorClass, CancellationToken>,
     running: JoinSet<()>,
 }
 
-impl Consumers {
-    /// Starts the consumer of each of `classes` that has none, and resizes the others.
-    fn sync(&mut self, ctx: &Arc<Ctx>, catalog: &Catalog, classes: &[ExecutorClass]) {
-        for class in classes {
+impl<R: Runtime> Consumers<R> {
+    /// Runs a consumer for each class in service, none for the others, and sizes the
+    /// capacity of each as the catalog says.
+    fn sync(&mut self, catalog: &Catalog, in_service: &[ExecutorClass]) {
+        let leaving: Vec<ExecutorClass> = self
+            .stops
+            .keys()
+            .filter(|c| !in_service.contains(c))
+            .cloned()
+            .collect();
+        for class in leaving {
+            if let Some(stop) = self.stops.remove(&class) {
+                stop.cancel();
+            }
+        }
+        for class in in_service {
             let Some(spec) = catalog.get(class) else {
                 continue;
             };
@@ -67,22 +74,12 @@ impl Consumers {
             let Some(semaphore) = self.capacity.get(class).map(|c| c.semaphore.clone()) else {
                 continue;
             };
-            let stop = ctx.shutdown.child_token();
+            let stop = self.role.ctx.shutdown.child_token();
             self.stops.insert(class.clone(), stop.clone());
-            self.running.spawn(dispatch::run_class(
-                ctx.clone(),
-                class.clone(),
-                semaphore,
-                stop,
-            ));
+            self.running
+                .spawn(run_class(self.role.clone(), class.clone(), semaphore, stop));
         }
         while self.running.try_join_next().is_some() {}
-    }
-
-    fn stop(&mut self, class: &ExecutorClass) {
-        if let Some(stop) = self.stops.remove(class) {
-            stop.cancel();
-        }
     }
 
     /// Gives `class` the capacity `size`: permits are added at once, or taken away as
@@ -109,17 +106,18 @@ impl Consumers {
     }
 }
 
-/// Runs the consumers of the catalog's classes (with `dispatch`) and follows the catalog's
-/// reloads until shutdown, then waits for the consumers to drain. `semaphores` is the
-/// capacity reconciliation at start already took permits of.
-pub(crate) async fn supervise(
-    ctx: Arc<Ctx>,
+/// Runs the consumers of the classes in service and follows changes until shutdown, then
+/// waits for the consumers to drain. `semaphores` is the capacity reconciliation at start
+/// already took permits of.
+pub(crate) async fn supervise<R: Runtime>(
+    role: Arc<Role<R>>,
     semaphores: HashMap<ExecutorClass, Arc<Semaphore>>,
-    dispatch: bool,
 ) {
-    let mut reloads = ctx.catalog.subscribe();
-    let catalog = reloads.borrow_and_update().clone();
+    let ctx = role.ctx.clone();
+    let mut in_service = ctx.in_service.subscribe();
+    let catalog = ctx.catalog();
     let mut consumers = Consumers {
+        role,
         capacity: semaphores
             .into_iter()
             .filter_map(|(class, semaphore)| {
@@ -127,80 +125,16 @@ pub(crate) async fn supervise(
                 Some((class, Capacity { semaphore, size }))
             })
             .collect(),
-        ..Consumers::default()
+        stops: HashMap::new(),
+        running: JoinSet::new(),
     };
-    let mut in_service: Vec<ExecutorClass> = catalog.classes();
-    if dispatch {
-        consumers.sync(&ctx, &catalog, &in_service);
-    }
     loop {
+        let classes = in_service.borrow_and_update().clone();
+        consumers.sync(&ctx.catalog(), &classes);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            changed = reloads.changed() => if changed.is_err() { break },
-        }
-        let catalog = reloads.borrow_and_update().clone();
-        let added: Vec<ExecutorClass> = catalog
-            .classes()
-            .into_iter()
-            .filter(|c| !in_service.contains(c))
-            .collect();
-        let mut undeclared = Vec::new();
-        if !added.is_empty() {
-            match declare(&ctx, &added).await {
-                Ok(()) => {
-                    info!(classes = ?added, "task queues of the new executor classes declared")
-                }
-                Err(e) => {
-                    // Left out of service: the next reload tries again.
-                    error!(classes = ?added, error = %chain(&e), "cannot declare the task queues of the new executor classes; they are not dispatched");
-                    undeclared = added;
-                }
-            }
-        }
-        for class in in_service.iter().filter(|c| catalog.get(c).is_none()) {
-            consumers.stop(class);
-            warn!(executor = %class, "executor class left the catalog: its tasks are no longer dispatched and wait in their queue until it comes back or they expire; its running jobs are followed to their end");
-        }
-        in_service = catalog
-            .classes()
-            .into_iter()
-            .filter(|c| !undeclared.contains(c))
-            .collect();
-        if dispatch {
-            consumers.sync(&ctx, &catalog, &in_service);
+            changed = in_service.changed() => if changed.is_err() { break },
         }
     }
     while consumers.running.join_next().await.is_some() {}
-}
-
-/// Declares the topology of `classes`, retrying transient broker failures until shutdown.
-async fn declare(ctx: &Ctx, classes: &[ExecutorClass]) -> Result<()> {
-    let common = &ctx.settings.common;
-    let mut delays = retry::forever().build();
-    loop {
-        let attempt = async {
-            let conn = amqp::connect(
-                &common.amqp_url,
-                "gantry-dispatcher/topology",
-                common.broker_timeout,
-            )
-            .await?;
-            let channel = confirm_channel(&conn, common.broker_timeout).await?;
-            let applied = ctx.topology.apply(&channel, classes, &common.queues).await;
-            let _ = conn.close(200, "topology applied".into()).await;
-            applied
-        };
-        match attempt.await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %chain(&e), ?delay, "cannot declare the new task queues yet; retrying");
-                tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return Err(crate::Error::ShuttingDown),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }

@@ -6,8 +6,8 @@ use lapin::message::Delivery;
 use tracing::info;
 
 use crate::Result;
+use crate::context::Ctx;
 use crate::metrics::inc;
-use crate::service::Ctx;
 
 /// Records one batch of dead letters in one transaction.
 pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {

@@ -18,8 +18,8 @@ use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::consume::{SessionEnd, Source, open_until_shutdown};
-use crate::service::Ctx;
+use crate::context::Ctx;
+use crate::session::{SessionEnd, Source, open_until_shutdown};
 
 /// The two queues the recorder consumes.
 #[derive(Debug, Clone, Copy)]

@@ -7,8 +7,8 @@ use lapin::message::Delivery;
 use tracing::{debug, error, info, warn};
 
 use super::retry::{self, Plan};
+use crate::context::Ctx;
 use crate::metrics::inc;
-use crate::service::Ctx;
 use crate::{Error, Result, dead_letter};
 
 /// Records one batch of results, then publishes what follows from them.
@@ -23,16 +23,8 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             }
             Err(rejection) => {
                 let reason = format!("{rejection} (result message)");
-                ctx.metrics.rejected("bad_result");
                 warn!(%reason, "rejected result message; dead-lettering it");
-                dead_letter::publish(
-                    &ctx.publisher,
-                    &ctx.topology.dlx(),
-                    &ctx.topology.results_queue(),
-                    delivery,
-                    &reason,
-                )
-                .await?;
+                dead_letter_result(ctx, delivery, &reason, "bad_result").await?;
             }
         }
     }
@@ -152,16 +144,8 @@ async fn one_by_one(
             Err(e) => {
                 let why = chain(&e);
                 error!(task_id = %write.result.task_id, error = %why, "result cannot be recorded; dead-lettering it");
-                ctx.metrics.rejected("unrecordable_result");
                 let reason = format!("invalid: result cannot be recorded ({why})");
-                dead_letter::publish(
-                    &ctx.publisher,
-                    &ctx.topology.dlx(),
-                    &ctx.topology.results_queue(),
-                    delivery,
-                    &reason,
-                )
-                .await?;
+                dead_letter_result(ctx, delivery, &reason, "unrecordable_result").await?;
                 let substitute = TaskResult {
                     status: ResultStatus::Failed,
                     output: None,
@@ -182,6 +166,20 @@ async fn one_by_one(
         }
     }
     Ok(outcomes)
+}
+
+/// Dead-letters a result message with `reason` (kept for operators in `<prefix>.dead`),
+/// counted under `label`.
+async fn dead_letter_result(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    reason: &str,
+    label: &'static str,
+) -> Result<()> {
+    ctx.metrics.rejected(label);
+    let (dlx, queue) = (ctx.topology.dlx(), ctx.topology.results_queue());
+    dead_letter::publish(&ctx.publisher, &dlx, &queue, delivery, reason).await?;
+    Ok(())
 }
 
 /// Publishes what the plan asks for beyond the record: the next attempt or the dead letter.

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::service::Ctx;
+use crate::context::Ctx;
 use crate::{Error, Result};
 
 /// What to do with one result.

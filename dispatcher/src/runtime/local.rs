@@ -34,7 +34,7 @@ use serde::Deserialize;
 use tokio::process::Child;
 use tracing::{debug, info, instrument, warn};
 
-use super::{End, JobEnd};
+use super::contract::{End, Job, JobEnd, Runtime};
 use crate::{Error, Result};
 
 /// The local runtime, owning one state directory.
@@ -155,29 +155,12 @@ impl LocalRuntime {
         })
     }
 
-    pub(crate) fn instance(&self) -> &str {
-        &self.instance
-    }
-
-    /// Whether the job exists here: its directory holds an executor that started (running,
-    /// ended or handled). A directory whose executor never started is an attempt that was
-    /// claimed and never ran (the dispatcher stopped in between): it does not count.
-    pub(crate) fn knows(&self, name: &JobName) -> bool {
-        let dir = self.jobs_dir.join(name.as_str());
-        dir.is_dir() && !matches!(phase(&dir), Ok(Phase::NotStarted))
-    }
-
     /// Starts the job of `task`, or finds it if it exists.
     ///
     /// # Errors
     /// The job directory cannot be written or the executor cannot be started.
     #[instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
-    pub(crate) fn start(
-        &self,
-        task: &Task,
-        spec: &ExecutorSpec,
-        dispatch_id: &str,
-    ) -> Result<Started> {
+    fn start_job(&self, task: &Task, spec: &ExecutorSpec, dispatch_id: &str) -> Result<Started> {
         let name = JobName::for_task(task.id, task.attempt);
         let dir = self.jobs_dir.join(name.as_str());
         let job = LocalJob {
@@ -296,53 +279,71 @@ impl LocalRuntime {
         Ok(child)
     }
 
-    /// Jobs found in the state directory that are not yet handled: running ones to adopt
-    /// and ended ones whose end must be dealt with. Jobs that never started are not jobs
-    /// (see [`LocalRuntime::knows`]): reconciliation fails their attempts as lost.
-    pub(crate) fn scan(&self) -> Result<Vec<(LocalJob, bool)>> {
-        let io_err = |source| Error::StateDir {
-            path: self.jobs_dir.display().to_string(),
-            source,
+    /// SIGTERM to the job's process group, SIGKILL after the grace period if it holds on.
+    async fn stop(&self, dir: &Path, pid: Option<u32>) {
+        let Some(pid) = pid.or_else(|| read_pid(dir)) else {
+            return;
         };
-        let mut found = Vec::new();
-        for entry in fs::read_dir(&self.jobs_dir).map_err(io_err)? {
-            let dir = entry.map_err(io_err)?.path();
-            let running = match phase(&dir) {
-                Ok(Phase::Running) => true,
-                Ok(Phase::Ended) => false,
-                Ok(Phase::NotStarted | Phase::Handled) => continue,
-                Err(e) => {
-                    warn!(dir = %dir.display(), error = %e, "unreadable job directory; skipped");
-                    continue;
-                }
-            };
-            let envelope: TaskEnvelope = match fs::read(dir.join("task.json"))
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
-                Ok(env) => env,
-                Err(e) => {
-                    warn!(dir = %dir.display(), error = %e, "job directory without a readable task; skipped");
-                    continue;
-                }
-            };
-            let job = LocalJob {
-                name: JobName::for_task(envelope.task_id, envelope.attempt),
-                task_id: envelope.task_id,
-                attempt: envelope.attempt,
-                executor: envelope.executor,
-                deadline: envelope.deadline,
-                started_at: read_started_at(&dir),
-                dir,
-                child: None,
-            };
-            found.push((job, running));
+        warn!(pid, dir = %dir.display(), "stopping the job");
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + self.kill_grace;
+        while lock_held(dir) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(found)
+        if lock_held(dir) {
+            self.kill(dir, Some(pid));
+        }
+    }
+
+    fn kill(&self, dir: &Path, pid: Option<u32>) {
+        if let Some(pid) = pid.or_else(|| read_pid(dir)) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        kill_engine_group(dir);
+    }
+}
+
+/// The state directory's own id, made once and kept in `instance-id`.
+impl Runtime for LocalRuntime {
+    type Job = LocalJob;
+
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// A local job runs no image.
+    async fn resolve_image(&self, _task: &Task, spec: &ExecutorSpec) -> Result<ExecutorSpec> {
+        Ok(spec.clone())
+    }
+
+    async fn start(
+        &self,
+        task: &Task,
+        spec: &ExecutorSpec,
+        dispatch_id: &str,
+    ) -> Result<(LocalJob, bool)> {
+        Ok(match self.start_job(task, spec, dispatch_id)? {
+            Started::Created(job) => (job, false),
+            Started::Running(job) | Started::Ended(job) => (job, true),
+        })
+    }
+
+    /// The runtime evidence of a job.
+    fn evidence(&self, name: &JobName) -> Evidence {
+        Evidence {
+            job_name: Some(name.to_string()),
+            pod_name: Some(name.to_string()),
+            node: Some(self.node.clone()),
+            ..Evidence::default()
+        }
+    }
+
+    fn runs_at_start(&self) -> bool {
+        true
     }
 
     /// Waits for the job to end, stopping it if it outlives its deadline (plus grace).
-    pub(crate) async fn wait(&self, mut job: LocalJob) -> JobEnd {
+    async fn wait(&self, mut job: LocalJob) -> JobEnd {
         let kill_at = instant_at(job.deadline) + self.deadline_grace;
         let mut stopped_at_deadline = false;
         let exit = match job.child.take() {
@@ -408,18 +409,17 @@ impl LocalRuntime {
         }
     }
 
-    /// The runtime evidence of a job.
-    pub(crate) fn evidence(&self, name: &JobName) -> Evidence {
-        Evidence {
-            job_name: Some(name.to_string()),
-            pod_name: Some(name.to_string()),
-            node: Some(self.node.clone()),
-            ..Evidence::default()
+    /// Stops a job that was cancelled.
+    async fn cancel(&self, name: &JobName) -> Result<()> {
+        let dir = self.jobs_dir.join(name.as_str());
+        if lock_held(&dir) {
+            self.stop(&dir, None).await;
         }
+        Ok(())
     }
 
     /// Marks a job's end as dealt with; its directory is removed after the retention time.
-    pub(crate) fn mark_handled(&self, name: &JobName) {
+    fn mark_handled(&self, name: &JobName) {
         let dir = self.jobs_dir.join(name.as_str());
         if !dir.is_dir() {
             return;
@@ -431,7 +431,7 @@ impl LocalRuntime {
     }
 
     /// Removes handled job directories older than the retention time.
-    pub(crate) fn sweep(&self) {
+    fn sweep(&self) {
         let Ok(entries) = fs::read_dir(&self.jobs_dir) else {
             return;
         };
@@ -447,39 +447,82 @@ impl LocalRuntime {
         }
     }
 
-    /// Stops a job that was cancelled.
-    pub(crate) async fn cancel(&self, name: &JobName) {
-        let dir = self.jobs_dir.join(name.as_str());
-        if lock_held(&dir) {
-            self.stop(&dir, None).await;
-        }
-    }
-
-    /// SIGTERM to the job's process group, SIGKILL after the grace period if it holds on.
-    async fn stop(&self, dir: &Path, pid: Option<u32>) {
-        let Some(pid) = pid.or_else(|| read_pid(dir)) else {
-            return;
+    /// Jobs found in the state directory that are not yet handled: running ones to adopt
+    /// and ended ones whose end must be dealt with. Jobs that never started are not jobs
+    /// (see [`LocalRuntime::knows`]): reconciliation fails their attempts as lost.
+    fn scan(&self) -> Result<Vec<(LocalJob, bool)>> {
+        let io_err = |source| Error::StateDir {
+            path: self.jobs_dir.display().to_string(),
+            source,
         };
-        warn!(pid, dir = %dir.display(), "stopping the job");
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + self.kill_grace;
-        while lock_held(dir) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.jobs_dir).map_err(io_err)? {
+            let dir = entry.map_err(io_err)?.path();
+            let running = match phase(&dir) {
+                Ok(Phase::Running) => true,
+                Ok(Phase::Ended) => false,
+                Ok(Phase::NotStarted | Phase::Handled) => continue,
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "unreadable job directory; skipped");
+                    continue;
+                }
+            };
+            let envelope: TaskEnvelope = match fs::read(dir.join("task.json"))
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(env) => env,
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "job directory without a readable task; skipped");
+                    continue;
+                }
+            };
+            let job = LocalJob {
+                name: JobName::for_task(envelope.task_id, envelope.attempt),
+                task_id: envelope.task_id,
+                attempt: envelope.attempt,
+                executor: envelope.executor,
+                deadline: envelope.deadline,
+                started_at: read_started_at(&dir),
+                dir,
+                child: None,
+            };
+            found.push((job, running));
         }
-        if lock_held(dir) {
-            self.kill(dir, Some(pid));
-        }
+        Ok(found)
     }
 
-    fn kill(&self, dir: &Path, pid: Option<u32>) {
-        if let Some(pid) = pid.or_else(|| read_pid(dir)) {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
-        kill_engine_group(dir);
+    /// Whether the job exists here: its directory holds an executor that started (running,
+    /// ended or handled). A directory whose executor never started is an attempt that was
+    /// claimed and never ran (the dispatcher stopped in between): it does not count.
+    fn knows(&self, name: &JobName) -> bool {
+        let dir = self.jobs_dir.join(name.as_str());
+        dir.is_dir() && !matches!(phase(&dir), Ok(Phase::NotStarted))
     }
 }
 
-/// The state directory's own id, made once and kept in `instance-id`.
+impl Job for LocalJob {
+    fn name(&self) -> &JobName {
+        &self.name
+    }
+
+    fn task_id(&self) -> TaskId {
+        self.task_id
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    fn executor(&self) -> &str {
+        &self.executor
+    }
+
+    fn started_at(&self) -> Option<DateTime<Utc>> {
+        self.started_at
+    }
+}
+
 fn instance_id(state_dir: &Path) -> io::Result<String> {
     let path = state_dir.join("instance-id");
     match fs::read_to_string(&path) {

@@ -443,6 +443,37 @@ mod tests {
     }
 
     #[test]
+    fn a_job_carries_its_correlation_id_dispatch_id_and_time_to_live() {
+        let mut task = task(None);
+        task.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let catalog = catalog();
+        let settings = KubernetesSection {
+            ttl_after_finished: Duration::from_secs(15),
+            ..KubernetesSection::default()
+        };
+        let target = Target {
+            namespace: "ml",
+            prefix: "gantry",
+        };
+        let spec = catalog.get(&task.executor).unwrap();
+        let (job, secret) =
+            build(&task, spec, &settings, &target, "k8s-ml.d1", Utc::now()).unwrap();
+        let annotations = job.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations[keys::CORRELATION_ID], task.id.to_string());
+        assert_eq!(annotations[keys::DISPATCH_ID], "k8s-ml.d1");
+        assert_eq!(annotations[keys::TASK_NAME], "llm.chat");
+        assert_eq!(
+            annotations[keys::TRACEPARENT],
+            task.traceparent.clone().unwrap()
+        );
+        assert_eq!(job.spec.unwrap().ttl_seconds_after_finished, Some(15));
+        assert_eq!(
+            secret.metadata.annotations, None,
+            "the Secret carries no annotations"
+        );
+    }
+
+    #[test]
     fn a_job_is_named_labelled_and_bounded_by_its_task() {
         let task = task(None);
         let (job, secret) = build_for(&task).unwrap();

@@ -30,7 +30,7 @@ use super::cache::{JobCache, PodView, to_chrono};
 use super::client::{Created, JobClient};
 use super::job::{self, keys};
 use crate::images::Resolver;
-use crate::runtime::{End, JobEnd};
+use crate::runtime::{End, Job, JobEnd, Runtime};
 use crate::settings::KubernetesSection;
 use crate::{Error, Result};
 
@@ -60,6 +60,8 @@ pub(crate) struct KubeRuntime {
     settings: KubernetesSection,
     cache: Arc<JobCache>,
     images: Resolver,
+    /// `k8s-<namespace>`: the prefix of this runtime's dispatch ids.
+    instance: String,
 }
 
 impl KubeRuntime {
@@ -100,110 +102,13 @@ impl KubeRuntime {
                 settings.writes_per_second,
                 settings.write_burst,
             ),
+            instance: format!("k8s-{namespace}"),
             namespace,
             prefix: prefix.to_owned(),
             settings: settings.clone(),
             cache,
             images,
         })
-    }
-
-    /// The spec of the task's class with its resolved, checked image.
-    pub(crate) async fn resolve_image(
-        &self,
-        task: &Task,
-        spec: &ExecutorSpec,
-    ) -> Result<ExecutorSpec> {
-        self.images.resolve(task, spec).await
-    }
-
-    pub(crate) fn instance(&self) -> String {
-        format!("k8s-{}", self.namespace)
-    }
-
-    /// Creates the attempt's Job (or finds it).
-    pub(crate) async fn start(
-        &self,
-        task: &Task,
-        spec: &ExecutorSpec,
-        dispatch_id: &str,
-    ) -> Result<(KubeJob, bool)> {
-        let target = job::Target {
-            namespace: &self.namespace,
-            prefix: &self.prefix,
-        };
-        let (job, secret) =
-            job::build(task, spec, &self.settings, &target, dispatch_id, Utc::now()).map_err(
-                |e| match e {
-                    job::BuildError::TooManyGpus { .. } => Error::Unrunnable {
-                        task: task.id.to_string(),
-                        reason: e.to_string(),
-                    },
-                    e => Error::Job {
-                        job: task.id.to_string(),
-                        message: e.to_string(),
-                    },
-                },
-            )?;
-        let created = self
-            .client
-            .create(&job, secret)
-            .await
-            .map_err(|e| Error::Job {
-                job: task.id.to_string(),
-                message: gantry_shared::telemetry::chain(&e),
-            })?;
-        let is_new = matches!(created, Created::New(_));
-        let created_at = created
-            .metadata()
-            .creation_timestamp
-            .as_ref()
-            .map_or_else(Utc::now, to_chrono);
-        Ok((
-            KubeJob {
-                name: JobName::for_task(task.id, task.attempt),
-                task_id: task.id,
-                attempt: task.attempt,
-                executor: task.executor.to_string(),
-                created_at,
-            },
-            is_new,
-        ))
-    }
-
-    /// Completes the creation of the attempt's Job when it exists but may lack its Secret
-    /// (a dispatcher stopped between the two writes): while the Job has not finished and
-    /// its pod has not started, the Secret is created unless it exists. The Job itself is
-    /// never created here.
-    pub(crate) async fn complete(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
-        let name = JobName::for_task(task.id, task.attempt);
-        let Some(existing) = self.cache.job(name.as_str()) else {
-            return Ok(());
-        };
-        let started = self
-            .pod_of(&name)
-            .is_some_and(|p| p.phase.as_deref() != Some("Pending"));
-        if existing.finished.is_some() || started {
-            return Ok(());
-        }
-        let target = job::Target {
-            namespace: &self.namespace,
-            prefix: &self.prefix,
-        };
-        let (_, secret) =
-            job::build(task, spec, &self.settings, &target, "", Utc::now()).map_err(|e| {
-                Error::Job {
-                    job: name.to_string(),
-                    message: e.to_string(),
-                }
-            })?;
-        self.client
-            .complete(name.as_str(), secret)
-            .await
-            .map_err(|e| Error::Job {
-                job: name.to_string(),
-                message: gantry_shared::telemetry::chain(&e),
-            })
     }
 
     /// Deletes a Job (and with it its pod and Secret).
@@ -215,130 +120,6 @@ impl KubeRuntime {
                 job: name.to_string(),
                 message: gantry_shared::telemetry::chain(&e),
             })
-    }
-
-    /// The evidence of a job so far: its pod and node once scheduled.
-    pub(crate) fn evidence(&self, name: &JobName) -> Evidence {
-        let pod = self.pod_of(name);
-        Evidence {
-            job_name: Some(name.to_string()),
-            pod_name: pod.as_ref().map(|p| p.name.clone()),
-            node: pod.as_ref().and_then(|p| p.node.clone()),
-            ..Evidence::default()
-        }
-    }
-
-    /// Whether the cache knows the Job.
-    pub(crate) fn knows(&self, name: &JobName) -> bool {
-        self.cache.job(name.as_str()).is_some()
-    }
-
-    /// Jobs in the cache, with whether they still run: for adoption at start.
-    pub(crate) fn scan(&self) -> Vec<(KubeJob, bool)> {
-        self.cache
-            .jobs()
-            .iter()
-            .filter_map(|job| {
-                let (task_id, attempt) = (job.task_id?, job.attempt?);
-                Some((
-                    KubeJob {
-                        name: JobName::for_task(task_id, attempt),
-                        task_id,
-                        attempt,
-                        executor: job.executor.clone(),
-                        created_at: job.created.unwrap_or_else(Utc::now),
-                    },
-                    job.finished.is_none(),
-                ))
-            })
-            .collect()
-    }
-
-    /// Waits until the job's pod runs; its evidence and start time. `None` if the job ended
-    /// (or vanished) first.
-    pub(crate) async fn running(&self, job: &KubeJob) -> Option<(Evidence, Option<DateTime<Utc>>)> {
-        let mut changed = self.cache.subscribe(job.name.as_str());
-        loop {
-            if let Some(pod) = self.pod_of(&job.name) {
-                if matches!(
-                    pod.phase.as_deref(),
-                    Some("Running" | "Succeeded" | "Failed")
-                ) {
-                    return Some((self.evidence(&job.name), pod.started));
-                }
-                // A pod stuck pending never runs: `wait` ends it.
-                if self.stuck(job, Some(&pod)).is_some() {
-                    return None;
-                }
-            }
-            match self.cache.job(job.name.as_str()) {
-                Some(j) if j.finished.is_some() => return None,
-                None if Utc::now() - job.created_at > VANISHED => return None,
-                _ => {}
-            }
-            self.until_change_or_limit(job, &mut changed).await;
-        }
-    }
-
-    /// Waits for the job to end and says how. Jobs stuck pulling their image or waiting for
-    /// a node past their limits are deleted and end as failures.
-    pub(crate) async fn wait(&self, job: &KubeJob) -> JobEnd {
-        let mut changed = self.cache.subscribe(job.name.as_str());
-        // When the Job was first seen failed while its pod had not yet said how it ended.
-        let mut failed_seen: Option<std::time::Instant> = None;
-        loop {
-            let evidence = self.evidence(&job.name);
-            let end = |end: End, exit: String| JobEnd {
-                task_id: job.task_id,
-                attempt: job.attempt,
-                job_name: job.name.clone(),
-                end,
-                exit,
-                log_tail: String::new(),
-                evidence: evidence.clone(),
-            };
-            let pod = self.pod_of(&job.name);
-            match self.cache.job(job.name.as_str()) {
-                Some(k8s_job) => {
-                    if let Some(reason) = k8s_job.finished.as_deref() {
-                        // Jobs and Pods come through separate watches, so a Job can be seen
-                        // failed before its pod's last status (OOMKilled, evicted) arrives:
-                        // give the pod a moment to say how it ended.
-                        let pod_told = pod.as_deref().is_none_or(PodView::ended);
-                        let since = *failed_seen.get_or_insert_with(std::time::Instant::now);
-                        if pod_told
-                            || matches!(reason, "Complete" | "DeadlineExceeded")
-                            || since.elapsed() >= POD_SETTLE
-                        {
-                            let (end_kind, exit) = classify(reason, pod.as_deref());
-                            return end(end_kind, exit);
-                        }
-                        let _ = tokio::time::timeout(
-                            POD_SETTLE.saturating_sub(since.elapsed()),
-                            changed.changed(),
-                        )
-                        .await;
-                        continue;
-                    }
-                    if let Some((end_kind, exit)) = self.stuck(job, pod.as_deref()) {
-                        warn!(job = %job.name, %exit, "job is stuck; deleting it");
-                        // Boxed: a wait lives as long as its Job, a delete is rare.
-                        if let Err(e) = Box::pin(self.delete(&job.name)).await {
-                            warn!(job = %job.name, error = %e, "cannot delete the stuck job");
-                        }
-                        return end(end_kind, exit);
-                    }
-                }
-                None if Utc::now() - job.created_at > VANISHED => {
-                    return end(
-                        End::Crashed,
-                        "the Job disappeared before it finished (deleted from outside?)".into(),
-                    );
-                }
-                None => {}
-            }
-            self.until_change_or_limit(job, &mut changed).await;
-        }
     }
 
     /// Sleeps until the Job or its pod changes, or until the next limit that can pass
@@ -407,6 +188,265 @@ impl KubeRuntime {
             ));
         }
         None
+    }
+}
+
+impl Runtime for KubeRuntime {
+    type Job = KubeJob;
+
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The spec of the task's class with its resolved, checked image.
+    async fn resolve_image(&self, task: &Task, spec: &ExecutorSpec) -> Result<ExecutorSpec> {
+        self.images.resolve(task, spec).await
+    }
+
+    fn admit(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
+        job::admit(task, spec).map_err(|e| Error::Unrunnable {
+            task: task.id.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Creates the attempt's Job (or finds it); whether it existed.
+    async fn start(
+        &self,
+        task: &Task,
+        spec: &ExecutorSpec,
+        dispatch_id: &str,
+    ) -> Result<(KubeJob, bool)> {
+        let target = job::Target {
+            namespace: &self.namespace,
+            prefix: &self.prefix,
+        };
+        let (job, secret) =
+            job::build(task, spec, &self.settings, &target, dispatch_id, Utc::now()).map_err(
+                |e| match e {
+                    job::BuildError::TooManyGpus { .. } => Error::Unrunnable {
+                        task: task.id.to_string(),
+                        reason: e.to_string(),
+                    },
+                    e => Error::Job {
+                        job: task.id.to_string(),
+                        message: e.to_string(),
+                    },
+                },
+            )?;
+        let created = self
+            .client
+            .create(&job, secret)
+            .await
+            .map_err(|e| Error::Job {
+                job: task.id.to_string(),
+                message: gantry_shared::telemetry::chain(&e),
+            })?;
+        let existed = matches!(created, Created::Existing(_));
+        let created_at = created
+            .metadata()
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(Utc::now, to_chrono);
+        Ok((
+            KubeJob {
+                name: JobName::for_task(task.id, task.attempt),
+                task_id: task.id,
+                attempt: task.attempt,
+                executor: task.executor.to_string(),
+                created_at,
+            },
+            existed,
+        ))
+    }
+
+    /// Completes the creation of the attempt's Job when it exists but may lack its Secret
+    /// (a dispatcher stopped between the two writes): while the Job has not finished and
+    /// its pod has not started, the Secret is created unless it exists. The Job itself is
+    /// never created here.
+    async fn complete(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
+        let name = JobName::for_task(task.id, task.attempt);
+        let Some(existing) = self.cache.job(name.as_str()) else {
+            return Ok(());
+        };
+        let started = self
+            .pod_of(&name)
+            .is_some_and(|p| p.phase.as_deref() != Some("Pending"));
+        if existing.finished.is_some() || started {
+            return Ok(());
+        }
+        let target = job::Target {
+            namespace: &self.namespace,
+            prefix: &self.prefix,
+        };
+        let (_, secret) =
+            job::build(task, spec, &self.settings, &target, "", Utc::now()).map_err(|e| {
+                Error::Job {
+                    job: name.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        self.client
+            .complete(name.as_str(), secret)
+            .await
+            .map_err(|e| Error::Job {
+                job: name.to_string(),
+                message: gantry_shared::telemetry::chain(&e),
+            })
+    }
+
+    /// The evidence of a job so far: its pod and node once scheduled.
+    fn evidence(&self, name: &JobName) -> Evidence {
+        let pod = self.pod_of(name);
+        Evidence {
+            job_name: Some(name.to_string()),
+            pod_name: pod.as_ref().map(|p| p.name.clone()),
+            node: pod.as_ref().and_then(|p| p.node.clone()),
+            ..Evidence::default()
+        }
+    }
+
+    /// A pod runs when the cluster says so: see [`Runtime::running`].
+    fn runs_at_start(&self) -> bool {
+        false
+    }
+
+    /// Waits until the job's pod runs; its evidence and start time. `None` if the job ended
+    /// (or vanished) first.
+    async fn running(&self, job: &KubeJob) -> Option<(Evidence, Option<DateTime<Utc>>)> {
+        let mut changed = self.cache.subscribe(job.name.as_str());
+        loop {
+            if let Some(pod) = self.pod_of(&job.name) {
+                if matches!(
+                    pod.phase.as_deref(),
+                    Some("Running" | "Succeeded" | "Failed")
+                ) {
+                    return Some((self.evidence(&job.name), pod.started));
+                }
+                // A pod stuck pending never runs: `wait` ends it.
+                if self.stuck(job, Some(&pod)).is_some() {
+                    return None;
+                }
+            }
+            match self.cache.job(job.name.as_str()) {
+                Some(j) if j.finished.is_some() => return None,
+                None if Utc::now() - job.created_at > VANISHED => return None,
+                _ => {}
+            }
+            self.until_change_or_limit(job, &mut changed).await;
+        }
+    }
+
+    /// Waits for the job to end and says how. Jobs stuck pulling their image or waiting for
+    /// a node past their limits are deleted and end as failures.
+    async fn wait(&self, job: KubeJob) -> JobEnd {
+        let job = &job;
+        let mut changed = self.cache.subscribe(job.name.as_str());
+        // When the Job was first seen failed while its pod had not yet said how it ended.
+        let mut failed_seen: Option<std::time::Instant> = None;
+        loop {
+            let evidence = self.evidence(&job.name);
+            let end = |end: End, exit: String| JobEnd {
+                task_id: job.task_id,
+                attempt: job.attempt,
+                job_name: job.name.clone(),
+                end,
+                exit,
+                log_tail: String::new(),
+                evidence: evidence.clone(),
+            };
+            let pod = self.pod_of(&job.name);
+            match self.cache.job(job.name.as_str()) {
+                Some(k8s_job) => {
+                    if let Some(reason) = k8s_job.finished.as_deref() {
+                        // Jobs and Pods come through separate watches, so a Job can be seen
+                        // failed before its pod's last status (OOMKilled, evicted) arrives:
+                        // give the pod a moment to say how it ended.
+                        let pod_told = pod.as_deref().is_none_or(PodView::ended);
+                        let since = *failed_seen.get_or_insert_with(std::time::Instant::now);
+                        if pod_told
+                            || matches!(reason, "Complete" | "DeadlineExceeded")
+                            || since.elapsed() >= POD_SETTLE
+                        {
+                            let (end_kind, exit) = classify(reason, pod.as_deref());
+                            return end(end_kind, exit);
+                        }
+                        let _ = tokio::time::timeout(
+                            POD_SETTLE.saturating_sub(since.elapsed()),
+                            changed.changed(),
+                        )
+                        .await;
+                        continue;
+                    }
+                    if let Some((end_kind, exit)) = self.stuck(job, pod.as_deref()) {
+                        warn!(job = %job.name, %exit, "job is stuck; deleting it");
+                        // Boxed: a wait lives as long as its Job, a delete is rare.
+                        if let Err(e) = Box::pin(self.delete(&job.name)).await {
+                            warn!(job = %job.name, error = %e, "cannot delete the stuck job");
+                        }
+                        return end(end_kind, exit);
+                    }
+                }
+                None if Utc::now() - job.created_at > VANISHED => {
+                    return end(
+                        End::Crashed,
+                        "the Job disappeared before it finished (deleted from outside?)".into(),
+                    );
+                }
+                None => {}
+            }
+            self.until_change_or_limit(job, &mut changed).await;
+        }
+    }
+
+    /// Deletes the Job of a cancelled task (and with it its pod and Secret).
+    async fn cancel(&self, name: &JobName) -> Result<()> {
+        self.delete(name).await
+    }
+
+    /// Jobs in the cache, with whether they still run: for adoption at start.
+    fn scan(&self) -> Result<Vec<(KubeJob, bool)>> {
+        Ok(self
+            .cache
+            .jobs()
+            .iter()
+            .filter_map(|job| {
+                let (task_id, attempt) = (job.task_id?, job.attempt?);
+                Some((
+                    KubeJob {
+                        name: JobName::for_task(task_id, attempt),
+                        task_id,
+                        attempt,
+                        executor: job.executor.clone(),
+                        created_at: job.created.unwrap_or_else(Utc::now),
+                    },
+                    job.finished.is_none(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Whether the cache knows the Job.
+    fn knows(&self, name: &JobName) -> bool {
+        self.cache.job(name.as_str()).is_some()
+    }
+}
+
+impl Job for KubeJob {
+    fn name(&self) -> &JobName {
+        &self.name
+    }
+
+    fn task_id(&self) -> TaskId {
+        self.task_id
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    fn executor(&self) -> &str {
+        &self.executor
     }
 }
 

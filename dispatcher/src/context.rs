@@ -1,0 +1,89 @@
+//! What every role of a running dispatcher shares ([`Ctx`]): settings, topology, the
+//! store, the publisher, the counters, the catalog in force and the shutdown signal; and the
+//! two things every role does with them: write to Postgres through an outage, and publish a
+//! result.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use gantry_shared::amqp::Publisher;
+use gantry_shared::catalog::Catalog;
+use gantry_shared::message::{ExecutorClass, TaskResult};
+use gantry_shared::retry;
+use gantry_shared::store::Store;
+use gantry_shared::telemetry::chain;
+use gantry_shared::topology::Topology;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::{Error, Result};
+
+/// What every part of the running dispatcher shares.
+pub(crate) struct Ctx {
+    pub(crate) settings: Settings,
+    pub(crate) topology: Topology,
+    pub(crate) store: Store,
+    pub(crate) publisher: Publisher,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: CancellationToken,
+    /// The executor catalog in force; replaced whole on reload (see `crate::catalog`).
+    pub(crate) catalog: watch::Sender<Arc<Catalog>>,
+    /// The classes whose task queues are declared, in step with the catalog (see
+    /// `crate::queues`).
+    pub(crate) in_service: watch::Sender<Vec<ExecutorClass>>,
+}
+
+impl Ctx {
+    /// The executor catalog in force.
+    pub(crate) fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
+    }
+
+    /// Runs a store operation, retrying transient failures (Postgres restarting) with
+    /// backoff until it succeeds or shutdown is asked for.
+    ///
+    /// # Errors
+    /// A failure that is not transient, or [`Error::ShuttingDown`].
+    pub(crate) async fn persist<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = gantry_shared::Result<T>>,
+    {
+        let mut delays = retry::forever().build();
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    warn!(what, error = %chain(&e), ?delay, "Postgres write failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Publishes a result to the results exchange, confirmed, retrying until shutdown.
+    ///
+    /// # Errors
+    /// The result cannot be encoded, the broker refuses it, or [`Error::ShuttingDown`].
+    pub(crate) async fn publish_result(&self, result: &TaskResult) -> Result<()> {
+        let (body, props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
+        let exchange = self.topology.results_exchange();
+        let publishing =
+            self.publisher
+                .publish(&exchange, "result", &body, props, true, retry::forever());
+        tokio::select! {
+            r = publishing => Ok(r?),
+            _ = self.shutdown.cancelled() => Err(Error::ShuttingDown),
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Cancellation: stops the jobs of tasks cancelled while this dispatcher follows them
+//! (`gantry cancel` records `cancelled`; the store announces it on its `LISTEN` channel).
+//! A cancelled task still in its queue is skipped when it arrives (its attempt is over).
+
+use std::sync::Arc;
+
+use gantry_shared::message::JobName;
+use gantry_shared::store::TaskState;
+use gantry_shared::telemetry::chain;
+use tracing::{info, warn};
+
+use super::role::Role;
+use crate::runtime::Runtime;
+
+/// Listens for cancellations until shutdown, listening again after a lost connection.
+pub(crate) async fn watch_cancellations<R: Runtime>(role: Arc<Role<R>>) {
+    let ctx = &role.ctx;
+    let mut delays = backon::BackoffBuilder::build(gantry_shared::retry::forever());
+    loop {
+        let listening = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            l = ctx.store.terminal_notifications() => l,
+        };
+        let mut ids = match listening {
+            Ok(rx) => rx,
+            Err(e) => {
+                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                warn!(error = %chain(&e), ?delay, "cannot listen for cancellations; retrying");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        loop {
+            let id = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                id = ids.recv() => match id {
+                    Some(id) => id,
+                    None => break,
+                },
+            };
+            let Ok(Some(record)) = ctx.store.task(id).await else {
+                continue;
+            };
+            let name = JobName::for_task(id, u32::try_from(record.attempt).unwrap_or(1));
+            if record.state() != TaskState::Cancelled || !role.is_following(&name) {
+                continue;
+            }
+            info!(task_id = %id, job = %name, "task cancelled; stopping its job");
+            if let Err(e) = role.runtime.cancel(&name).await {
+                warn!(task_id = %id, error = %chain(&e), "cannot stop the cancelled task's job");
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The dispatch role: turns each task delivered on a class's queue into a job on the
+//! runtime, follows every job to its end, and stops the jobs of cancelled tasks.
+//!
+//! A delivery flows one way through these files: `classes` runs a consumer per class in
+//! service → `consume` takes a delivery and waits for capacity → `handoff` decides what
+//! becomes of it (a [`Disposition`](disposition::Disposition)) and starts the job →
+//! `disposition` carries that out (ack, return, requeue, dead-letter, fail the attempt) →
+//! `follow` follows the job to its end. `reconcile` runs once at start, before any
+//! delivery; `cancel` listens for cancellations; `role` holds what they share.
+
+mod cancel;
+mod classes;
+mod consume;
+mod disposition;
+mod follow;
+mod handoff;
+mod reconcile;
+mod role;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_shared::message::ExecutorClass;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::Result;
+use crate::context::Ctx;
+use crate::runtime::Runtime;
+
+/// Starts the dispatch role on `runtime`: reconciles first (so a restart loses and
+/// duplicates nothing), then spawns into `roles` the class consumers, the cancellation
+/// listener and the runtime's housekeeping, all of which stop at shutdown.
+///
+/// # Errors
+/// Reconciliation fails (the runtime's state or Postgres cannot be read).
+pub(crate) async fn start<R: Runtime>(
+    ctx: Arc<Ctx>,
+    runtime: R,
+    roles: &mut JoinSet<()>,
+) -> Result<()> {
+    let role = Arc::new(role::Role::new(ctx.clone(), runtime));
+    let capacity: HashMap<ExecutorClass, Arc<Semaphore>> = ctx
+        .catalog()
+        .iter()
+        .map(|(class, spec)| {
+            (
+                class.clone(),
+                Arc::new(Semaphore::new(spec.max_active_jobs as usize)),
+            )
+        })
+        .collect();
+    reconcile::reconcile(&role, &capacity).await?;
+    roles.spawn(cancel::watch_cancellations(role.clone()));
+    roles.spawn(classes::supervise(role.clone(), capacity));
+    roles.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = role.ctx.shutdown.cancelled() => return,
+                _ = tick.tick() => role.runtime.sweep(),
+            }
+        }
+    });
+    Ok(())
+}
