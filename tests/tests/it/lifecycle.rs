@@ -325,3 +325,41 @@ async fn a_task_held_too_long_for_capacity_goes_back_to_the_queue_instead_of_tim
     producer.close().await;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn a_job_that_cannot_be_started_fails_its_attempt_as_dispatch_failed() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let catalog = "executors:\n  echo:\n    engine: { kind: echo }\n    max_active_jobs: 2\n    retry: { max_attempts: 2, min_delay: 1s, max_delay: 1s }\n";
+    let env = TestEnv::new(Some(catalog)).await?;
+    // An executor program that exists but cannot be run.
+    let bin = env.dir.path().join("gantry-executor");
+    std::fs::write(&bin, "#!/bin/sh\nexit 0\n")?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644))?;
+    let bin = bin.display().to_string();
+    let dispatcher = gantry_tests::Dispatcher::start(&env, &[("GANTRY_EXECUTOR_BIN", &bin)])?;
+    let producer = env.producer().await?;
+    let id = submit(&producer, "echo", json!({}), Duration::from_secs(60)).await?;
+    let record = producer.wait(id, WAIT).await?;
+    assert_eq!(record.state, "dead_lettered", "{:?}", record.error);
+    assert_eq!(record.attempt, 2, "dispatch_failed is retried");
+    let error = record.error.clone().unwrap_or_default();
+    assert_eq!(error["kind"], json!("dispatch_failed"));
+    let result: TaskResult = serde_json::from_value(record.result.clone().expect("result"))?;
+    assert_eq!(result.reported_by, "dispatcher");
+    assert!(
+        result
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("Permission denied")),
+        "{:?}",
+        result.error
+    );
+    let log = dispatcher.log.clone();
+    dispatcher.terminate(Duration::from_secs(30))?;
+    let counters = gantry_tests::counters_in(&std::fs::read_to_string(log)?).expect("counters");
+    assert_eq!(counters["failed"], 2, "{counters:?}");
+    assert_eq!(counters["dispatched"], 0, "{counters:?}");
+    producer.close().await;
+    env.cleanup().await
+}

@@ -4,9 +4,11 @@
 
 mod bad_input;
 mod cancel;
+mod configuration;
 mod contract;
 mod deploy;
 mod dlq;
+mod forward;
 mod lifecycle;
 mod manifests;
 mod restart;
