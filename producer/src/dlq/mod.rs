@@ -68,7 +68,7 @@ mod writes;
 use std::fmt;
 use std::time::Duration;
 
-use gantry_shared::amqp::{self, timed};
+use gantry_shared::amqp::{self, is_not_found, timed};
 use gantry_shared::config::Config;
 use gantry_shared::store::{DeadLetterFilter, DeadLetterRecord};
 use gantry_shared::topology::Topology;
@@ -81,7 +81,6 @@ pub use gantry_shared::dead_letter::{DeadLetter, Label};
 pub use pass::{Action, DEFAULT_IN_FLIGHT, Entry, Failure, PurgeOptions, ReplayOptions, Summary};
 pub use selection::{Selection, parse_age, parse_time};
 
-use crate::producer::is_not_found;
 use crate::{Error, Result, Tracker};
 
 /// The name the connections of `gantry dlq` show in RabbitMQ's management UI.
