@@ -5,22 +5,18 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::{FutureExt, StreamExt};
-use gantry_producer::topology::Declared;
+use futures_util::FutureExt;
 use gantry_shared::amqp;
 use gantry_shared::config::{self, Config};
 use gantry_shared::message::{
-    Evidence, ExecutorClass, Limits, ResultStatus, Task, TaskError, TaskName, TaskResult, TaskSpec,
+    Evidence, ExecutorClass, ResultStatus, Task, TaskError, TaskName, TaskResult, TaskSpec,
 };
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -129,20 +125,30 @@ impl Env {
 
     /// Deletes every queue and exchange the prefix may have, and drops the database.
     async fn stop(self) {
-        let declared = Declared::new(
-            &self.topology,
-            &parse_classes(&["echo"]),
-            &QueueSettings::default(),
+        let t = &self.topology;
+        let mut queues = vec![self.task_queue("echo")];
+        queues.extend(
+            QueueSettings::default()
+                .retry_delays
+                .iter()
+                .map(|d| t.retry_queue(*d)),
         );
+        queues.extend([t.results_queue(), t.dead_queue(), t.dead_audit_queue()]);
+        let exchanges = [
+            t.tasks_exchange(),
+            t.retry_exchange(),
+            t.results_exchange(),
+            t.dlx(),
+        ];
         // A test may have closed the channel (a conflict does); use a new one.
         let channel = self.connection.create_channel().await.unwrap();
-        for queue in declared.queues() {
+        for queue in queues {
             channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .unwrap();
         }
-        for (exchange, _) in &declared.exchanges {
+        for exchange in exchanges {
             channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await
@@ -216,50 +222,6 @@ pub(crate) fn result(task: &Task, status: ResultStatus) -> TaskResult {
         usage: None,
         reported_by: "executor".into(),
     }
-}
-
-/// Does what the dispatcher and recorder would with the next task of `class`: takes it
-/// from its queue, records it received and then finished with `status`, and acks it.
-pub(crate) async fn dispatch_one(env: &Env, class: &str, status: ResultStatus) -> Task {
-    let store = env.store().await;
-    let mut consumer = env
-        .channel
-        .basic_consume(
-            env.task_queue(class).into(),
-            "gantry-producer-test".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(PATIENCE, consumer.next())
-        .await
-        .expect("a task is published")
-        .expect("the consumer is open")
-        .unwrap();
-    let task = Task::from_amqp(
-        &delivery.properties,
-        &delivery.data,
-        &Limits::default(),
-        Utc::now(),
-    )
-    .unwrap();
-    store.record_received(&task).await.unwrap();
-    store
-        .record_results(&[result(&task, status)])
-        .await
-        .unwrap();
-    delivery
-        .acker
-        .ack(BasicAckOptions::default())
-        .await
-        .unwrap();
-    task
-}
-
-/// The payload the CLI tests submit.
-pub(crate) fn hello() -> Value {
-    json!({"hello": "world"})
 }
 
 #[test]

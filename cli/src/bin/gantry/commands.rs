@@ -4,19 +4,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use gantry_producer::{Producer, Tracker, human_duration, topology};
+use gantry_cli::topology;
+use gantry_producer::{Producer, Tracker, human_duration};
 use gantry_shared::catalog::Catalog;
 use gantry_shared::config::Config;
 use gantry_shared::message::{Task, TaskId, TaskSpec};
 use gantry_shared::store::TaskRecord;
 use serde::Serialize;
 
-use super::args::{
+use crate::args::{
     ApplyArgs, CancelArgs, Command, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs,
 };
-use super::exit::Exit;
-use super::payload;
-use super::view::TaskView;
+use crate::exit::Exit;
+use crate::payload;
+use crate::view::TaskView;
 
 /// How much longer than the task's deadline `submit --wait` waits by default: the time the
 /// dispatcher needs to notice the deadline and record the task as expired.
@@ -30,7 +31,7 @@ pub(crate) async fn run(command: Command, config: &Config) -> Result<Exit> {
         Command::Wait(args) => wait(config, args).await,
         Command::Cancel(args) => cancel(config, args).await,
         Command::Topology(TopologyCommand::Apply(args)) => apply(config, args).await,
-        Command::Dlq(command) => super::dlq::run(command, config).await,
+        Command::Dlq(command) => crate::dlq::run(command, config).await,
     }
 }
 

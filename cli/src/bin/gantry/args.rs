@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use gantry_shared::config::Config;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName};
 
-pub(crate) use super::dlq::DlqCommand;
+pub(crate) use crate::dlq::DlqCommand;
 
 const ABOUT: &str = "Submit GPU tasks to Gantry and follow them to their end";
 
@@ -119,7 +119,7 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Topology(TopologyCommand),
     /// Inspect, replay and purge dead letters (tasks that could not run)
-    #[command(subcommand, after_help = super::dlq::DLQ_AFTER_HELP)]
+    #[command(subcommand, after_help = crate::dlq::DLQ_AFTER_HELP)]
     Dlq(DlqCommand),
 }
 
