@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use gantry_shared::config::Config;
+use gantry_shared::cli::GlobalArgs;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName};
 
 pub(crate) use crate::dlq::DlqCommand;
@@ -45,7 +45,8 @@ Logs go to stderr; RUST_LOG sets their level (e.g. RUST_LOG=debug).";
 /// The help heading of the options every subcommand takes.
 const GLOBAL: &str = "Global options";
 
-/// `gantry`: the command line.
+/// `gantry`: the command line. The global options are the ones every Gantry binary takes
+/// ([`GlobalArgs`]), accepted here before or after the subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "gantry",
@@ -54,55 +55,18 @@ const GLOBAL: &str = "Global options";
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    mut_arg("config", |a| a.global(true)),
+    mut_arg("amqp_url", |a| a.global(true)),
+    mut_arg("database_url", |a| a.global(true)),
+    mut_arg("prefix", |a| a.global(true))
 )]
 pub(crate) struct Cli {
-    /// YAML configuration file (keys: amqp_url, database_url, prefix, broker_timeout, …)
-    #[arg(long, global = true, env = "GANTRY_CONFIG", hide_env_values = true, value_name = "FILE", help_heading = GLOBAL)]
-    pub(crate) config: Option<PathBuf>,
-
-    #[arg(
-        long,
-        global = true,
-        value_name = "URL",
-        help_heading = GLOBAL,
-        help = "RabbitMQ URL; overrides GANTRY_AMQP_URL [default: amqp://guest:guest@127.0.0.1:5672/%2f]"
-    )]
-    pub(crate) amqp_url: Option<String>,
-
-    #[arg(
-        long,
-        global = true,
-        value_name = "URL",
-        help_heading = GLOBAL,
-        help = "Postgres URL; overrides GANTRY_DATABASE_URL [default: postgres://gantry:gantry@127.0.0.1:5432/gantry]"
-    )]
-    pub(crate) database_url: Option<String>,
-
-    /// Prefix of every exchange and queue name; overrides GANTRY_PREFIX [default: gantry]
-    #[arg(long, global = true, value_name = "PREFIX", help_heading = GLOBAL)]
-    pub(crate) prefix: Option<String>,
+    #[command(flatten, next_help_heading = GLOBAL)]
+    pub(crate) global: GlobalArgs,
 
     #[command(subcommand)]
     pub(crate) command: Command,
-}
-
-impl Cli {
-    /// The configuration: defaults, then the file, then `GANTRY_*` (that is
-    /// [`Config::load`]), then the flags given here.
-    pub(crate) fn load_config(&self) -> gantry_shared::Result<Config> {
-        let mut config = Config::load(self.config.as_deref())?;
-        if let Some(url) = &self.amqp_url {
-            config.amqp_url = url.as_str().into();
-        }
-        if let Some(url) = &self.database_url {
-            config.database_url = url.as_str().into();
-        }
-        if let Some(prefix) = &self.prefix {
-            config.prefix.clone_from(prefix);
-        }
-        Ok(config)
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,7 +305,23 @@ mod tests {
             "5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90",
         ])
         .unwrap();
-        let config = cli.load_config().unwrap();
+        let config = cli.global.load().unwrap();
         assert_eq!(config.prefix, "flagged");
+    }
+
+    #[test]
+    fn global_options_may_follow_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "gantry",
+            "status",
+            "5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90",
+            "--prefix",
+            "after",
+            "--database-url",
+            "postgres://u:p@db/x",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.prefix.as_deref(), Some("after"));
+        assert!(cli.global.database_url.is_some());
     }
 }

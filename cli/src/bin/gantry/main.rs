@@ -36,7 +36,7 @@ use crate::exit::Exit;
 async fn main() -> ExitCode {
     // Clap prints usage errors itself and exits 2.
     let cli = Cli::parse();
-    let config = match cli.load_config() {
+    let config = match cli.global.load() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {}", telemetry::chain(&e));
