@@ -39,7 +39,8 @@ pub enum Error {
     #[error(transparent)]
     Broker(Box<gantry_shared::Error>),
 
-    /// Postgres could not be reached or a query failed.
+    /// Postgres could not be reached, a query failed, or the database has no Gantry schema
+    /// (or one of another version).
     #[error("Postgres at {url}: {source}")]
     Database {
         /// The database URL with its password hidden.

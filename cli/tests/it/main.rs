@@ -9,4 +9,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod db;
 mod helpers;

@@ -16,6 +16,7 @@ use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -52,13 +53,23 @@ pub(crate) struct Env {
     /// A channel of the test's own (no confirms), for declaring, inspecting and deleting.
     pub(crate) channel: Channel,
     connection: Connection,
-    database: String,
+    /// The name of this test's database.
+    pub(crate) database: String,
 }
 
-/// Runs `test` in a fresh environment and removes the environment afterwards, even when
-/// the test panics.
+/// Runs `test` in a fresh environment, its database with Gantry's schema as a dispatcher
+/// creates it, and removes the environment afterwards, even when the test panics.
 pub(crate) async fn scenario(test: impl AsyncFnOnce(&Env)) {
-    let env = Env::start().await;
+    run(true, test).await;
+}
+
+/// [`scenario`] with an empty database: no Gantry schema.
+pub(crate) async fn scenario_without_schema(test: impl AsyncFnOnce(&Env)) {
+    run(false, test).await;
+}
+
+async fn run(with_schema: bool, test: impl AsyncFnOnce(&Env)) {
+    let env = Env::start(with_schema).await;
     let outcome = AssertUnwindSafe(test(&env)).catch_unwind().await;
     env.stop().await;
     if let Err(panic) = outcome {
@@ -67,7 +78,7 @@ pub(crate) async fn scenario(test: impl AsyncFnOnce(&Env)) {
 }
 
 impl Env {
-    async fn start() -> Env {
+    async fn start(with_schema: bool) -> Env {
         let id = Uuid::new_v4().simple().to_string();
         let database = format!("gantry_test_{id}");
         admin()
@@ -75,10 +86,16 @@ impl Env {
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .await
             .expect("the test role may create databases");
+        let url = with_database(&database_url(), &database).into();
+        if with_schema {
+            Store::connect(&url, 1, retry::for_at_most(PATIENCE))
+                .await
+                .expect("the schema is created");
+        }
         let prefix = format!("gantry-test-{}", &id[..12]);
         let config = Config {
             amqp_url: amqp_url().into(),
-            database_url: with_database(&database_url(), &database).into(),
+            database_url: url,
             prefix: prefix.clone(),
             broker_timeout: Duration::from_secs(5),
             db_pool_size: 2,
@@ -112,15 +129,43 @@ impl Env {
             .task_queue(&ExecutorClass::parse(class).unwrap())
     }
 
-    /// A second connection to this test's database, as the dispatcher holds.
+    /// A second connection to this test's database, as the dispatcher holds (the schema is
+    /// there already: this changes nothing).
     pub(crate) async fn store(&self) -> Store {
-        Store::connect(
+        Store::connect_existing(
             &self.config.database_url,
             2,
             retry::for_at_most(Duration::from_secs(10)),
         )
         .await
         .unwrap()
+    }
+
+    /// A plain connection to this test's database, for looking at it directly.
+    pub(crate) async fn sql(&self) -> tokio_postgres::Client {
+        let url = self.config.database_url.expose_secret();
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .expect("Postgres runs");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// The tables of this test's database, by name.
+    pub(crate) async fn tables(&self) -> Vec<String> {
+        self.sql()
+            .await
+            .query(
+                "SELECT table_name::text FROM information_schema.tables
+                  WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+                  ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
     }
 
     /// Deletes every queue and exchange the prefix may have, and drops the database.

@@ -17,7 +17,10 @@ Submit GPU tasks to Gantry and follow them to their end.
 A task is published to RabbitMQ (exchange <prefix>.tasks, routing key = executor class); a
 dispatcher runs it as a job and records every state in Postgres. `submit` needs RabbitMQ;
 `status` and `wait` need only Postgres; `topology apply` needs only RabbitMQ. Tasks that
-could not run end in <prefix>.dead: `dlq` lists, shows, replays and purges them.";
+could not run end in <prefix>.dead: `dlq` lists, shows, replays and purges them.
+
+No command but `db migrate` changes Postgres's schema: the others need the tables a
+dispatcher (or `gantry db migrate`) created, and refuse a database without them.";
 
 const AFTER_HELP: &str = "\
 Configuration, later wins: built-in defaults, the --config file, GANTRY_* environment
@@ -32,6 +35,7 @@ Exit codes:
   3  timed out waiting: the task is still queued or running
 
 Examples:
+  gantry db migrate
   gantry topology apply
   gantry submit --executor echo --task demo.echo --payload '{\"hello\":\"world\"}'
   gantry submit --executor echo --task demo.echo --payload @request.json --wait --json
@@ -82,6 +86,9 @@ pub(crate) enum Command {
     /// Manage the RabbitMQ exchanges and queues
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// Manage the Postgres schema
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Inspect, replay and purge dead letters (tasks that could not run)
     #[command(subcommand, after_help = crate::dlq::DLQ_AFTER_HELP)]
     Dlq(DlqCommand),
@@ -245,6 +252,31 @@ pub(crate) struct ApplyArgs {
     )]
     pub(crate) catalog: Option<PathBuf>,
 }
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DbCommand {
+    /// Create Gantry's tables in the database, or bring them up to date
+    #[command(after_help = MIGRATE_AFTER_HELP)]
+    Migrate,
+}
+
+const MIGRATE_AFTER_HELP: &str = "\
+Creates Gantry's schema (the tables tasks, task_events, dead_letters and gantry_migrations)
+in the database --database-url or GANTRY_DATABASE_URL names, or applies the migrations it
+lacks, in one transaction under an advisory lock: a dispatcher starting at the same moment
+waits for it. Running it again changes nothing.
+
+A dispatcher does the same at every start. The other commands never change the schema: they
+refuse a database without it (or with an older one) and say so. Run this to prepare a
+database before any dispatcher runs, or when a command asks for it. The database role needs
+the right to create tables.
+
+Exits 0 when the schema is current; 2 when Postgres cannot be reached, a migration fails, or
+the database's schema is newer than this binary.
+
+Examples:
+  gantry db migrate
+  GANTRY_DATABASE_URL=postgres://gantry@db.internal:5432/gantry gantry db migrate";
 
 #[cfg(test)]
 mod tests {
