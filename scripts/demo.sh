@@ -77,6 +77,10 @@ trap 'exit 143' TERM
 say "applying topology (prefix $GANTRY_PREFIX)"
 "$GANTRY" topology apply
 
+# The dispatcher would create the schema at start too; `gantry wait` below only reads it.
+say "creating the Postgres schema (if missing)"
+"$GANTRY" db migrate
+
 say "starting dispatcher (runtime local, log $tmp/dispatcher.log)"
 "$DISPATCHER" --runtime local --state-dir "$tmp/state" >"$tmp/dispatcher.log" 2>&1 &
 dispatcher_pid=$!

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use gantry_dispatcher::Role;
 use gantry_dispatcher::settings::{RuntimeKind, Settings};
+use gantry_shared::cli::GlobalArgs;
 use gantry_shared::config::Config;
 use gantry_shared::telemetry;
 
@@ -14,15 +15,16 @@ use gantry_shared::telemetry;
 /// dead letter in Postgres.
 ///
 /// Configuration comes from defaults, then the YAML file given by --config (or
-/// GANTRY_CONFIG), then GANTRY_* environment variables, then these flags.
+/// GANTRY_CONFIG; shared settings and a `dispatcher:` section), then GANTRY_* environment
+/// variables, then these flags.
 #[derive(Debug, Parser)]
 #[command(name = "gantry-dispatcher", version, after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// YAML configuration file (shared settings and a `dispatcher:` section).
-    #[arg(long, env = "GANTRY_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// `--config`, `--amqp-url`, `--database-url`, `--prefix`: as every Gantry binary.
+    #[command(flatten)]
+    global: GlobalArgs,
     /// Where jobs run: `local` runs each as a child process on this machine.
     #[arg(long, value_name = "RUNTIME")]
     runtime: Option<RuntimeKind>,
@@ -39,15 +41,6 @@ struct Args {
     /// The gantry-executor program (default: beside this program, else on PATH).
     #[arg(long, value_name = "FILE")]
     executor_bin: Option<PathBuf>,
-    /// RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/%2f; env GANTRY_AMQP_URL).
-    #[arg(long, value_name = "URL")]
-    amqp_url: Option<String>,
-    /// Postgres URL (default postgres://gantry:gantry@127.0.0.1:5432/gantry; env GANTRY_DATABASE_URL).
-    #[arg(long, value_name = "URL")]
-    database_url: Option<String>,
-    /// Prefix of every exchange and queue (default gantry; env GANTRY_PREFIX).
-    #[arg(long, value_name = "PREFIX")]
-    prefix: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -157,18 +150,10 @@ fn render(
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let mut common = Config::load(args.config.as_deref()).context("loading configuration")?;
+    let config_file = args.global.config_file().map(PathBuf::from);
+    let common = args.global.load().context("loading configuration")?;
     telemetry::init(common.log_format);
-    let mut dispatcher = Settings::load(args.config.as_deref()).context("loading configuration")?;
-    if let Some(v) = args.amqp_url {
-        common.amqp_url = v.into();
-    }
-    if let Some(v) = args.database_url {
-        common.database_url = v.into();
-    }
-    if let Some(v) = args.prefix {
-        common.prefix = v;
-    }
+    let mut dispatcher = Settings::load(config_file.as_deref()).context("loading configuration")?;
     if let Some(v) = args.runtime {
         dispatcher.runtime = v;
     }
@@ -184,7 +169,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(v) = args.executor_bin {
         dispatcher.executor_bin = Some(v);
     }
-    let settings = Settings::resolve(common, dispatcher, args.config)
+    let settings = Settings::resolve(common, dispatcher, config_file)
         .context("loading the executor catalog")?;
     gantry_dispatcher::run(settings, shutdown_signal()).await?;
     Ok(())

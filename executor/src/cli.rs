@@ -2,10 +2,11 @@
 //! conversion into [`Settings`]. The runtime sets the environment variables; the flags exist
 //! for running the executor by hand.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Parser, ValueEnum};
+use gantry_shared::cli::GlobalArgs;
 use gantry_shared::message::Evidence;
 
 use crate::engine::Engine;
@@ -23,7 +24,7 @@ engine and publishes `cancelled` (or `expired` once the deadline has passed).
 
 The broker URL, the name prefix and the broker timeout come from the shared configuration:
 --config / GANTRY_CONFIG, then GANTRY_AMQP_URL, GANTRY_PREFIX, GANTRY_BROKER_TIMEOUT,
-GANTRY_LOG_FORMAT.";
+GANTRY_LOG_FORMAT, then --amqp-url and --prefix.";
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -39,12 +40,16 @@ Exit codes:
     version,
     about = "Runs one Gantry task inside its job and publishes its result.",
     long_about = ABOUT,
-    after_help = EXIT_CODES
+    after_help = EXIT_CODES,
+    // Accepted like every Gantry binary's, so one set of global flags fits them all, but not
+    // shown: the executor never opens Postgres.
+    mut_arg("database_url", |a| a.hide(true))
 )]
 pub(crate) struct Args {
-    /// Gantry configuration file (YAML). GANTRY_* environment variables override it.
-    #[arg(long, env = "GANTRY_CONFIG", value_name = "PATH", value_parser = any_path())]
-    config: Option<PathBuf>,
+    /// `--config`, `--amqp-url`, `--prefix` (and a hidden `--database-url`), as every Gantry
+    /// binary takes them.
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
 
     /// The task to run: a JSON task message body (gantry.task/v1), e.g. the file the
     /// dispatcher mounts from the job's Secret.
@@ -139,11 +144,6 @@ fn parse_command(s: &str) -> Result<Argv, String> {
 }
 
 impl Args {
-    /// The configuration file, if one is named.
-    pub(crate) fn config_file(&self) -> Option<&Path> {
-        self.config.as_deref().filter(|p| !p.as_os_str().is_empty())
-    }
-
     /// The settings of one run. Empty values count as unset, as in the shared
     /// configuration.
     pub(crate) fn into_settings(self) -> Settings {
@@ -208,6 +208,24 @@ mod tests {
         assert_eq!(settings.engine, Engine::Echo);
         assert_eq!(settings.job_dir, None);
         assert_eq!(settings.evidence.job_name, None);
+    }
+
+    #[test]
+    fn the_shared_flags_override_the_configuration() {
+        let args = Args::try_parse_from([
+            "gantry-executor",
+            "--task-file=t.json",
+            "--config=",
+            "--prefix=by-flag",
+        ])
+        .unwrap();
+        assert_eq!(args.global.config_file(), None);
+        let mut config = gantry_shared::config::Config::default();
+        args.global.apply_to(&mut config);
+        assert_eq!(config.prefix, "by-flag");
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--amqp-url"), "{help}");
+        assert!(!help.contains("--database-url"), "{help}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod broker_tests;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gantry_shared::config::{Config, LogFormat};
+use gantry_shared::config::LogFormat;
 use gantry_shared::telemetry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -37,7 +37,7 @@ use crate::run::Outcome;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = cli::Args::parse();
-    let config = Config::load(args.config_file());
+    let config = args.global.load();
     telemetry::init(config.as_ref().map_or(LogFormat::Text, |c| c.log_format));
     let settings = args.into_settings();
 

@@ -8,8 +8,8 @@ use gantry_shared::store::TaskState;
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong when submitting or following a task, or handling dead
-/// letters. Each variant says what to do about it.
+/// Everything that can go wrong when submitting a task or following it. Each variant says
+/// what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration cannot be used (for example a prefix with spaces).
@@ -39,11 +39,8 @@ pub enum Error {
     #[error(transparent)]
     Broker(Box<gantry_shared::Error>),
 
-    /// An exchange or queue already exists with other arguments than Gantry declares.
-    #[error(transparent)]
-    TopologyConflict(Box<gantry_shared::Error>),
-
-    /// Postgres could not be reached or a query failed.
+    /// Postgres could not be reached, a query failed, or the database has no Gantry schema
+    /// (or one of another version).
     #[error("Postgres at {url}: {source}")]
     Database {
         /// The database URL with its password hidden.
@@ -64,33 +61,6 @@ pub enum Error {
         /// The state at the end of the wait; `None` if no dispatcher has recorded the task.
         state: Option<TaskState>,
     },
-
-    /// A time on the command line that is neither RFC 3339 nor a duration.
-    #[error(
-        "{input:?} is neither an RFC 3339 time (2026-11-23T10:00:00Z) nor a duration back from now (90s, 2h, 7d): {reason}"
-    )]
-    InvalidTime { input: String, reason: String },
-
-    /// A replay or purge was asked for without saying which dead letters.
-    #[error(
-        "say which dead letters to {action}: --id ID, --all, or a filter (--reason, --executor, --task, --task-id, --since, --until); `gantry dlq list` shows what is there"
-    )]
-    NothingSelected {
-        /// `replay` or `purge`.
-        action: &'static str,
-    },
-
-    /// `<prefix>.dead` does not exist on the broker.
-    #[error(
-        "queue {queue} does not exist: check the prefix ({prefix}), or declare the topology with `gantry topology apply`"
-    )]
-    NoDeadQueue { queue: String, prefix: String },
-
-    /// Another `gantry dlq replay` or `purge` is reading the dead-letter queue.
-    #[error(
-        "another consumer holds {queue} exclusively (another `gantry dlq replay` or `purge` is running?); wait for it to finish and run this again"
-    )]
-    DeadQueueBusy { queue: String },
 }
 
 impl Error {
@@ -101,11 +71,8 @@ impl Error {
             Error::Rejected(_) => "rejected",
             Error::Unroutable { .. } | Error::NoExchange { .. } => "unroutable",
             Error::Broker(_) => "amqp",
-            Error::TopologyConflict(_) => "topology",
             Error::Database { .. } => "postgres",
             Error::WaitTimeout { .. } => "timeout",
-            Error::InvalidTime { .. } | Error::NothingSelected { .. } => "usage",
-            Error::NoDeadQueue { .. } | Error::DeadQueueBusy { .. } => "amqp",
         }
     }
 
@@ -118,12 +85,8 @@ impl Error {
         Error::Config(Box::new(e))
     }
 
-    /// A broker error; a topology conflict keeps its own variant.
     pub(crate) fn broker(e: gantry_shared::Error) -> Self {
-        match e {
-            gantry_shared::Error::TopologyConflict { .. } => Error::TopologyConflict(Box::new(e)),
-            other => Error::Broker(Box::new(other)),
-        }
+        Error::Broker(Box::new(e))
     }
 
     pub(crate) fn wait_timeout(

@@ -1,5 +1,5 @@
 //! The client side of Gantry: what a backend links to submit GPU tasks and learn how they
-//! ended, and the library behind the `gantry` CLI.
+//! ended. The operator's `gantry` command line is built on it, in `gantry-cli`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,14 +31,10 @@
 //!
 //! - [`Producer`]: publishes tasks with confirms; follows them through its tracker.
 //! - [`Tracker`]: reads a task's state and history from Postgres and waits for its end.
-//! - [`topology`]: declares the exchanges and queues for a catalog (`gantry topology apply`).
-//! - [`dlq`]: lists, shows, replays and purges dead letters (`gantry dlq …`).
 //! - [`Error`]: everything that can go wrong here, each variant saying what to do.
 
-pub mod dlq;
 mod error;
 mod producer;
-pub mod topology;
 mod tracker;
 
 pub use error::{Error, Result, human_duration};

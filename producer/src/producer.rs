@@ -8,13 +8,12 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::Utc;
-use gantry_shared::amqp::Publisher;
+use gantry_shared::amqp::{Publisher, is_not_found};
 use gantry_shared::config::Config;
 use gantry_shared::message::{Task, TaskId, TaskSpec};
 use gantry_shared::retry;
 use gantry_shared::store::TaskRecord;
 use gantry_shared::topology::Topology;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use tracing::{debug, instrument};
 
 use crate::tracker::{TaskEvent, Tracker};
@@ -173,14 +172,4 @@ impl Producer {
     pub async fn close(&self) {
         self.publisher.close().await;
     }
-}
-
-/// Whether the broker closed the channel with 404 NOT_FOUND (publishing to an exchange that
-/// does not exist).
-pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-    )
 }

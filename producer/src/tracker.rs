@@ -1,7 +1,8 @@
 //! [`Tracker`]: reads a task's state and history from Postgres and waits for it to end.
 //!
 //! Needs only the database: `gantry status` and `gantry wait` work while RabbitMQ is down.
-//! The store is connected (and its migrations applied) on first use.
+//! The store is connected on first use, and never changed: a database without Gantry's
+//! schema is refused, not given one (the dispatcher and `gantry db migrate` create it).
 
 use std::fmt;
 use std::sync::Arc;
@@ -69,17 +70,19 @@ impl Tracker {
         redact_url(self.config.database_url.expose_secret())
     }
 
-    /// The Postgres store, connected (and migrated) on first use, retrying for up to 10
-    /// seconds. Call it before submitting a task you mean to wait for, so a wrong database
-    /// URL fails before the task goes out.
+    /// The Postgres store, connected on first use, retrying for up to 10 seconds. It
+    /// changes nothing in the database: the schema must be there already, at the version
+    /// this library knows. Call it before submitting a task you mean to wait for, so a
+    /// wrong database URL fails before the task goes out.
     ///
     /// # Errors
-    /// [`Error::Database`] when Postgres cannot be reached or the schema cannot be applied.
+    /// [`Error::Database`] when Postgres cannot be reached, or the database has no Gantry
+    /// schema, or one of another version (the message says how to create or update it).
     #[instrument(skip_all, fields(database_url = %self.database_url_redacted()))]
     pub async fn store(&self) -> Result<&Store> {
         self.store
             .get_or_try_init(|| async {
-                Store::connect(
+                Store::connect_existing(
                     &self.config.database_url,
                     self.config.db_pool_size,
                     retry::for_at_most(STORE_RETRY_FOR),

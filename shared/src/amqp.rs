@@ -185,6 +185,17 @@ pub fn is_refusal(e: &Error) -> bool {
     )
 }
 
+/// Whether the broker closed the channel with 404 NOT_FOUND: a publish to an exchange, or a
+/// passive declare of a queue, that does not exist.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
 /// A publisher with confirms that reconnects when its connection breaks.
 ///
 /// Concurrent publishes share one channel, each awaiting its own confirm. A publish that

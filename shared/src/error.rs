@@ -72,6 +72,18 @@ pub enum Error {
         "the database has migration {found}, newer than this binary knows ({known}); upgrade the binary"
     )]
     SchemaTooNew { found: i32, known: i32 },
+    #[error(
+        "database {database} has no Gantry schema: create it with `gantry db migrate` against this database, or by starting a dispatcher on it; or, if the dispatcher uses another database, fix the URL"
+    )]
+    SchemaMissing { database: String },
+    #[error(
+        "database {database} has Gantry schema version {found}, older than this binary's ({known}): bring it up to date with `gantry db migrate`, or by starting a dispatcher of this version"
+    )]
+    SchemaBehind {
+        database: String,
+        found: i32,
+        known: i32,
+    },
     #[error("cannot read configuration file {path}: {source}")]
     ConfigRead {
         path: String,
@@ -118,7 +130,10 @@ impl Error {
             Error::PublishNacked { .. } => "nacked",
             Error::TopologyConflict { .. } => "topology",
             Error::PostgresPool(_) | Error::Postgres { .. } | Error::DatabaseUrl(_) => "postgres",
-            Error::Migration { .. } | Error::SchemaTooNew { .. } => "migration",
+            Error::Migration { .. }
+            | Error::SchemaTooNew { .. }
+            | Error::SchemaMissing { .. }
+            | Error::SchemaBehind { .. } => "migration",
             Error::ConfigRead { .. }
             | Error::Config { .. }
             | Error::Catalog { .. }

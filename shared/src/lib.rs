@@ -8,6 +8,8 @@
 //! - [`topology`]: exchange and queue names under a prefix, and `apply` that declares them.
 //! - [`catalog`]: the executor catalog (executor class → engine, capacity, image, resources).
 //! - [`config`]: layered configuration (defaults → file → `GANTRY_*` environment).
+//! - `cli` (feature `cli`): the flags every binary shares (`--config`, `--amqp-url`,
+//!   `--database-url`, `--prefix`), the configuration's last layer.
 //! - [`dead_letter`]: reading a dead letter out of its message, for the recorder and the CLI.
 //! - [`store`]: the Postgres schema, its embedded migrations and the task state machine.
 //! - [`amqp`]: connections with backoff, a publisher with confirms that survives reconnects.
@@ -16,6 +18,8 @@
 
 pub mod amqp;
 pub mod catalog;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod dead_letter;
 mod error;

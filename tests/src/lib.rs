@@ -115,6 +115,9 @@ impl TestEnv {
             catalog,
         };
         env.apply_topology().await?;
+        // The schema, as a dispatcher creates it at start: `gantry` and the client library
+        // only read it, and a test may use them before any dispatcher runs.
+        env.store().await?;
         Ok(env)
     }
 

@@ -5,22 +5,19 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::{FutureExt, StreamExt};
-use gantry_producer::topology::Declared;
+use futures_util::FutureExt;
 use gantry_shared::amqp;
 use gantry_shared::config::{self, Config};
 use gantry_shared::message::{
-    Evidence, ExecutorClass, Limits, ResultStatus, Task, TaskError, TaskName, TaskResult, TaskSpec,
+    Evidence, ExecutorClass, ResultStatus, Task, TaskError, TaskName, TaskResult, TaskSpec,
 };
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
-use serde_json::{Value, json};
+use secrecy::ExposeSecret;
+use serde_json::Value;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -56,13 +53,23 @@ pub(crate) struct Env {
     /// A channel of the test's own (no confirms), for declaring, inspecting and deleting.
     pub(crate) channel: Channel,
     connection: Connection,
-    database: String,
+    /// The name of this test's database.
+    pub(crate) database: String,
 }
 
-/// Runs `test` in a fresh environment and removes the environment afterwards, even when
-/// the test panics.
+/// Runs `test` in a fresh environment, its database with Gantry's schema as a dispatcher
+/// creates it, and removes the environment afterwards, even when the test panics.
 pub(crate) async fn scenario(test: impl AsyncFnOnce(&Env)) {
-    let env = Env::start().await;
+    run(true, test).await;
+}
+
+/// [`scenario`] with an empty database: no Gantry schema.
+pub(crate) async fn scenario_without_schema(test: impl AsyncFnOnce(&Env)) {
+    run(false, test).await;
+}
+
+async fn run(with_schema: bool, test: impl AsyncFnOnce(&Env)) {
+    let env = Env::start(with_schema).await;
     let outcome = AssertUnwindSafe(test(&env)).catch_unwind().await;
     env.stop().await;
     if let Err(panic) = outcome {
@@ -71,7 +78,7 @@ pub(crate) async fn scenario(test: impl AsyncFnOnce(&Env)) {
 }
 
 impl Env {
-    async fn start() -> Env {
+    async fn start(with_schema: bool) -> Env {
         let id = Uuid::new_v4().simple().to_string();
         let database = format!("gantry_test_{id}");
         admin()
@@ -79,10 +86,16 @@ impl Env {
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .await
             .expect("the test role may create databases");
+        let url = with_database(&database_url(), &database).into();
+        if with_schema {
+            Store::connect(&url, 1, retry::for_at_most(PATIENCE))
+                .await
+                .expect("the schema is created");
+        }
         let prefix = format!("gantry-test-{}", &id[..12]);
         let config = Config {
             amqp_url: amqp_url().into(),
-            database_url: with_database(&database_url(), &database).into(),
+            database_url: url,
             prefix: prefix.clone(),
             broker_timeout: Duration::from_secs(5),
             db_pool_size: 2,
@@ -116,9 +129,10 @@ impl Env {
             .task_queue(&ExecutorClass::parse(class).unwrap())
     }
 
-    /// A second connection to this test's database, as the dispatcher holds.
+    /// A second connection to this test's database, as the dispatcher holds (the schema is
+    /// there already: this changes nothing).
     pub(crate) async fn store(&self) -> Store {
-        Store::connect(
+        Store::connect_existing(
             &self.config.database_url,
             2,
             retry::for_at_most(Duration::from_secs(10)),
@@ -127,22 +141,59 @@ impl Env {
         .unwrap()
     }
 
+    /// A plain connection to this test's database, for looking at it directly.
+    pub(crate) async fn sql(&self) -> tokio_postgres::Client {
+        let url = self.config.database_url.expose_secret();
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .expect("Postgres runs");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// The tables of this test's database, by name.
+    pub(crate) async fn tables(&self) -> Vec<String> {
+        self.sql()
+            .await
+            .query(
+                "SELECT table_name::text FROM information_schema.tables
+                  WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+                  ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
     /// Deletes every queue and exchange the prefix may have, and drops the database.
     async fn stop(self) {
-        let declared = Declared::new(
-            &self.topology,
-            &parse_classes(&["echo"]),
-            &QueueSettings::default(),
+        let t = &self.topology;
+        let mut queues = vec![self.task_queue("echo")];
+        queues.extend(
+            QueueSettings::default()
+                .retry_delays
+                .iter()
+                .map(|d| t.retry_queue(*d)),
         );
+        queues.extend([t.results_queue(), t.dead_queue(), t.dead_audit_queue()]);
+        let exchanges = [
+            t.tasks_exchange(),
+            t.retry_exchange(),
+            t.results_exchange(),
+            t.dlx(),
+        ];
         // A test may have closed the channel (a conflict does); use a new one.
         let channel = self.connection.create_channel().await.unwrap();
-        for queue in declared.queues() {
+        for queue in queues {
             channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .unwrap();
         }
-        for (exchange, _) in &declared.exchanges {
+        for exchange in exchanges {
             channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await
@@ -216,50 +267,6 @@ pub(crate) fn result(task: &Task, status: ResultStatus) -> TaskResult {
         usage: None,
         reported_by: "executor".into(),
     }
-}
-
-/// Does what the dispatcher and recorder would with the next task of `class`: takes it
-/// from its queue, records it received and then finished with `status`, and acks it.
-pub(crate) async fn dispatch_one(env: &Env, class: &str, status: ResultStatus) -> Task {
-    let store = env.store().await;
-    let mut consumer = env
-        .channel
-        .basic_consume(
-            env.task_queue(class).into(),
-            "gantry-producer-test".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(PATIENCE, consumer.next())
-        .await
-        .expect("a task is published")
-        .expect("the consumer is open")
-        .unwrap();
-    let task = Task::from_amqp(
-        &delivery.properties,
-        &delivery.data,
-        &Limits::default(),
-        Utc::now(),
-    )
-    .unwrap();
-    store.record_received(&task).await.unwrap();
-    store
-        .record_results(&[result(&task, status)])
-        .await
-        .unwrap();
-    delivery
-        .acker
-        .ack(BasicAckOptions::default())
-        .await
-        .unwrap();
-    task
-}
-
-/// The payload the CLI tests submit.
-pub(crate) fn hello() -> Value {
-    json!({"hello": "world"})
 }
 
 #[test]

@@ -8,7 +8,6 @@
 // A test that cannot go on should stop there, loudly.
 #![allow(clippy::unwrap_used)]
 
-mod cli;
 mod helpers;
 mod submit;
 mod wait;

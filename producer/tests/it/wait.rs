@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use gantry_producer::{Error, Producer, Tracker};
-use gantry_shared::message::{ResultStatus, Task};
+use gantry_shared::message::{ResultStatus, Task, TaskId};
 use gantry_shared::store::TaskState;
 use serde_json::json;
 
-use crate::helpers::{PATIENCE, result, scenario, spec};
+use crate::helpers::{PATIENCE, result, scenario, scenario_without_schema, spec};
 
 #[tokio::test]
 async fn wait_returns_the_task_once_the_recorder_commits_its_result() {
@@ -114,6 +114,27 @@ async fn status_and_events_follow_what_the_dispatcher_recorded() {
             events,
             [(1, "received".to_owned()), (1, "succeeded".to_owned())]
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_database_without_the_schema_is_refused_and_left_as_it_was() {
+    scenario_without_schema(async |env| {
+        let tracker = Tracker::new(&env.config);
+
+        let e = tracker.status(TaskId::new()).await.unwrap_err();
+
+        let Error::Database { url, source } = &e else {
+            panic!("not a database error: {e:?}");
+        };
+        assert!(url.contains(":***@"), "{url}");
+        assert!(
+            matches!(**source, gantry_shared::Error::SchemaMissing { ref database } if *database == env.database),
+            "{source:?}"
+        );
+        assert!(e.to_string().contains("gantry db migrate"), "{e}");
+        assert_eq!(env.tables().await, Vec::<String>::new());
     })
     .await;
 }

@@ -1,4 +1,5 @@
-//! Embedded migrations, applied in one transaction under an advisory lock.
+//! Embedded migrations, applied in one transaction under an advisory lock; and the check
+//! of a schema that must already be in place, which changes nothing.
 
 use tracing::info;
 
@@ -29,11 +30,26 @@ const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The schema version this binary knows: its newest migration.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
 /// Arbitrary constant naming Gantry's migration lock.
 const LOCK_KEY: i64 = 0x6761_6e74_7279;
 
+/// What [`Store::connect_and_migrate`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// The database's name.
+    pub database: String,
+    /// The schema version found: 0 for a database without Gantry's schema.
+    pub found: i32,
+    /// The migrations applied, oldest first, as `(version, name)`; none when the schema was
+    /// current. The schema is at [`SCHEMA_VERSION`] now.
+    pub applied: Vec<(i32, &'static str)>,
+}
+
 impl Store {
-    pub(super) async fn migrate(&self) -> Result<()> {
+    pub(super) async fn migrate(&self) -> Result<Migrated> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
@@ -55,13 +71,13 @@ impl Store {
             .await
             .map_err(pg("read schema version"))?;
         let current: i32 = row.get(0);
-        let known = MIGRATIONS.last().map_or(0, |m| m.version);
-        if current > known {
+        if current > SCHEMA_VERSION {
             return Err(Error::SchemaTooNew {
                 found: current,
-                known,
+                known: SCHEMA_VERSION,
             });
         }
+        let mut applied = Vec::new();
         for m in MIGRATIONS.iter().filter(|m| m.version > current) {
             let fail = |source| Error::Migration {
                 version: m.version,
@@ -76,8 +92,51 @@ impl Store {
             .await
             .map_err(fail)?;
             info!(version = m.version, name = m.name, "applied migration");
+            applied.push((m.version, m.name));
         }
         tx.commit().await.map_err(pg("commit migrations"))?;
-        Ok(())
+        Ok(Migrated {
+            database: self.database(),
+            found: current,
+            applied,
+        })
+    }
+
+    /// Checks, reading only, that the database has Gantry's schema at [`SCHEMA_VERSION`].
+    pub(super) async fn check_schema(&self) -> Result<()> {
+        let client = self.client().await?;
+        // `to_regclass` finds the table the way the migrations created it (through the
+        // search path), and answers NULL instead of failing when there is none.
+        let row = client
+            .query_one("SELECT to_regclass('gantry_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(pg("look for gantry_migrations"))?;
+        let found: i32 = if row.get(0) {
+            client
+                .query_one(
+                    "SELECT coalesce(max(version), 0) FROM gantry_migrations",
+                    &[],
+                )
+                .await
+                .map_err(pg("read schema version"))?
+                .get(0)
+        } else {
+            0
+        };
+        match found {
+            0 => Err(Error::SchemaMissing {
+                database: self.database(),
+            }),
+            found if found < SCHEMA_VERSION => Err(Error::SchemaBehind {
+                database: self.database(),
+                found,
+                known: SCHEMA_VERSION,
+            }),
+            found if found > SCHEMA_VERSION => Err(Error::SchemaTooNew {
+                found,
+                known: SCHEMA_VERSION,
+            }),
+            _ => Ok(()),
+        }
     }
 }

@@ -2,8 +2,13 @@
 //!
 //! Writes are idempotent on `(task_id, attempt, event)` and follow
 //! [`TaskState::can_become`]: a late or duplicate message never changes a terminal state.
-//! Migrations run by themselves on first connect, under an advisory lock, so replicas that
-//! start together apply each migration once.
+//!
+//! Two ways in. [`Store::connect`] applies the migrations the database lacks, under an
+//! advisory lock, so replicas that start together apply each migration once: that is what
+//! the dispatcher and `gantry db migrate` do. [`Store::connect_existing`] changes nothing:
+//! it checks that the schema is there and is the one this binary knows, and refuses the
+//! database otherwise, so a command pointed at the wrong database cannot create Gantry's
+//! tables in it.
 
 mod batch;
 mod dead_letters;
@@ -22,6 +27,7 @@ use tracing::warn;
 
 pub use batch::Transition;
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterRecord};
+pub use migrate::{Migrated, SCHEMA_VERSION};
 pub use state::TaskState;
 pub use tasks::{Applied, Cancel, Change, ResultWrite, TaskRecord};
 
@@ -38,16 +44,62 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects, retrying with backoff for as long as `policy` allows, and applies
-    /// migrations.
+    /// Connects, retrying with backoff for as long as `policy` allows, and applies the
+    /// migrations the database lacks (creating the schema in a database without it).
     ///
     /// # Errors
-    /// A bad URL, a server that stays unreachable, or a failed migration.
+    /// A bad URL, a server that stays unreachable, a failed migration, or a schema newer
+    /// than this binary ([`Error::SchemaTooNew`]).
     pub async fn connect(
         url: &SecretString,
         pool_size: usize,
         policy: backon::ExponentialBuilder,
     ) -> Result<Store> {
+        Ok(Store::connect_and_migrate(url, pool_size, policy).await?.0)
+    }
+
+    /// [`Store::connect`], also saying what the migrations found and did.
+    ///
+    /// # Errors
+    /// As [`Store::connect`].
+    pub async fn connect_and_migrate(
+        url: &SecretString,
+        pool_size: usize,
+        policy: backon::ExponentialBuilder,
+    ) -> Result<(Store, Migrated)> {
+        let store = Store::pool(url, pool_size)?;
+        let migrated = (|| store.migrate())
+            .retry(policy)
+            .when(Error::is_transient)
+            .notify(|e, delay| warn!(error = %e, ?delay, "Postgres unavailable; retrying"))
+            .await?;
+        Ok((store, migrated))
+    }
+
+    /// Connects, retrying with backoff for as long as `policy` allows, to a database whose
+    /// schema is already in place, and changes nothing in it: for whatever only reads (or
+    /// writes rows into tables that must already exist).
+    ///
+    /// # Errors
+    /// A bad URL or a server that stays unreachable; [`Error::SchemaMissing`] when the
+    /// database has no Gantry schema, [`Error::SchemaBehind`] when it lacks migrations this
+    /// binary knows, [`Error::SchemaTooNew`] when it has migrations this binary does not.
+    pub async fn connect_existing(
+        url: &SecretString,
+        pool_size: usize,
+        policy: backon::ExponentialBuilder,
+    ) -> Result<Store> {
+        let store = Store::pool(url, pool_size)?;
+        (|| store.check_schema())
+            .retry(policy)
+            .when(Error::is_transient)
+            .notify(|e, delay| warn!(error = %e, ?delay, "Postgres unavailable; retrying"))
+            .await?;
+        Ok(store)
+    }
+
+    /// The pool, not connected yet.
+    fn pool(url: &SecretString, pool_size: usize) -> Result<Store> {
         let config = tokio_postgres::Config::from_str(url.expose_secret())
             .map_err(|e| Error::DatabaseUrl(e.to_string()))?;
         let manager = Manager::from_config(
@@ -67,13 +119,17 @@ impl Store {
             .wait_timeout(Some(Duration::from_secs(30)))
             .build()
             .map_err(|e| Error::DatabaseUrl(e.to_string()))?;
-        let store = Store { pool, config };
-        (|| store.migrate())
-            .retry(policy)
-            .when(Error::is_transient)
-            .notify(|e, delay| warn!(error = %e, ?delay, "Postgres unavailable; retrying"))
-            .await?;
-        Ok(store)
+        Ok(Store { pool, config })
+    }
+
+    /// The database's name, for messages (its URL may carry a password; the name does
+    /// not). Without one in the URL, Postgres takes the user's name.
+    fn database(&self) -> String {
+        self.config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or_default()
+            .to_owned()
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, ensure};
 use chrono::Utc;
 use clap::Parser;
 use futures_util::StreamExt;
-use gantry_producer::dlq::{DEFAULT_IN_FLIGHT, DeadLetters, ReplayOptions, Selection};
+use gantry_cli::dlq::{DEFAULT_IN_FLIGHT, DeadLetters, ReplayOptions, Selection};
 use gantry_shared::amqp::{self, confirm_channel, publish_confirmed};
 use gantry_shared::dead_letter::DeadLetter;
 use gantry_shared::message::{Limits, Task, headers};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
-use gantry_producer::dlq::{DeadLetters, ReplayOptions, Selection};
+use gantry_cli::dlq::{DeadLetters, ReplayOptions, Selection};
 use gantry_shared::amqp::Publisher;
 use gantry_shared::message::{ExecutorClass, Limits, Task, TaskId, TaskName, TaskSpec, headers};
 use gantry_shared::retry;

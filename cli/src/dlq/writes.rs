@@ -87,7 +87,7 @@ fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> gantry_s
 }
 
 impl Writes {
-    /// Connects to the configured database (whose schema the store has applied).
+    /// Connects to the configured database (whose schema the pass's store found in place).
     ///
     /// # Errors
     /// A bad URL or an unreachable server.

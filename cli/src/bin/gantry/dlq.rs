@@ -1,6 +1,6 @@
 //! `gantry dlq list | show | replay | purge`: the command line of dead letters, and what
-//! each subcommand does. The library side is `gantry_producer::dlq`; how results are printed
-//! is in [`super::dlq_view`].
+//! each subcommand does. The library side is `gantry_cli::dlq`; how results are printed
+//! is in [`crate::dlq_view`].
 
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
-use gantry_producer::dlq::{
+use gantry_cli::dlq::{
     Action, DEFAULT_IN_FLIGHT, DeadLetters, PurgeOptions, ReplayOptions, Selection, Summary,
     parse_age, parse_time,
 };
@@ -18,8 +18,8 @@ use gantry_shared::message::TaskId;
 use gantry_shared::store::DeadLetterFilter;
 use uuid::Uuid;
 
-use super::dlq_view;
-use super::exit::Exit;
+use crate::dlq_view;
+use crate::exit::Exit;
 
 /// The reason kinds a dead letter can have (the text before the colon of its reason).
 const REASON_KINDS: [&str; 8] = [
@@ -128,7 +128,7 @@ impl FilterArgs {
     }
 }
 
-fn time_arg(s: &str) -> Result<DateTime<Utc>, gantry_producer::Error> {
+fn time_arg(s: &str) -> Result<DateTime<Utc>, gantry_cli::Error> {
     parse_time(s, Utc::now())
 }
 
@@ -402,7 +402,7 @@ async fn pass(
 ) -> Result<Exit> {
     let verb = action.verb();
     if !selection.is_chosen() {
-        return Err(gantry_producer::Error::NothingSelected { action: verb }.into());
+        return Err(gantry_cli::Error::NothingSelected { action: verb }.into());
     }
     if action.dry_run() {
         let summary = dl.run(&selection, action, interrupted()).await?;
@@ -531,7 +531,7 @@ async fn interrupted() {
 
 #[cfg(test)]
 mod tests {
-    use crate::cli::args::{Cli, Command};
+    use crate::args::{Cli, Command};
     use clap::Parser;
 
     use super::*;

@@ -4,12 +4,12 @@
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use gantry_producer::dlq::{Entry, Listing, Summary};
+use gantry_cli::dlq::{Entry, Listing, Summary};
 use gantry_producer::human_duration;
 use gantry_shared::store::DeadLetterRecord;
 use serde_json::Value;
 
-use super::view::{Block, pretty, timestamp};
+use crate::view::{Block, pretty, timestamp};
 
 /// Longest reason shown in a table cell; `gantry dlq show` prints it whole.
 const REASON_WIDTH: usize = 72;

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use gantry_shared::config::Config;
+use gantry_shared::cli::GlobalArgs;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName};
 
-pub(crate) use super::dlq::DlqCommand;
+pub(crate) use crate::dlq::DlqCommand;
 
 const ABOUT: &str = "Submit GPU tasks to Gantry and follow them to their end";
 
@@ -17,7 +17,10 @@ Submit GPU tasks to Gantry and follow them to their end.
 A task is published to RabbitMQ (exchange <prefix>.tasks, routing key = executor class); a
 dispatcher runs it as a job and records every state in Postgres. `submit` needs RabbitMQ;
 `status` and `wait` need only Postgres; `topology apply` needs only RabbitMQ. Tasks that
-could not run end in <prefix>.dead: `dlq` lists, shows, replays and purges them.";
+could not run end in <prefix>.dead: `dlq` lists, shows, replays and purges them.
+
+No command but `db migrate` changes Postgres's schema: the others need the tables a
+dispatcher (or `gantry db migrate`) created, and refuse a database without them.";
 
 const AFTER_HELP: &str = "\
 Configuration, later wins: built-in defaults, the --config file, GANTRY_* environment
@@ -32,6 +35,7 @@ Exit codes:
   3  timed out waiting: the task is still queued or running
 
 Examples:
+  gantry db migrate
   gantry topology apply
   gantry submit --executor echo --task demo.echo --payload '{\"hello\":\"world\"}'
   gantry submit --executor echo --task demo.echo --payload @request.json --wait --json
@@ -45,7 +49,8 @@ Logs go to stderr; RUST_LOG sets their level (e.g. RUST_LOG=debug).";
 /// The help heading of the options every subcommand takes.
 const GLOBAL: &str = "Global options";
 
-/// `gantry`: the command line.
+/// `gantry`: the command line. The global options are the ones every Gantry binary takes
+/// ([`GlobalArgs`]), accepted here before or after the subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "gantry",
@@ -54,55 +59,18 @@ const GLOBAL: &str = "Global options";
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    mut_arg("config", |a| a.global(true)),
+    mut_arg("amqp_url", |a| a.global(true)),
+    mut_arg("database_url", |a| a.global(true)),
+    mut_arg("prefix", |a| a.global(true))
 )]
 pub(crate) struct Cli {
-    /// YAML configuration file (keys: amqp_url, database_url, prefix, broker_timeout, …)
-    #[arg(long, global = true, env = "GANTRY_CONFIG", hide_env_values = true, value_name = "FILE", help_heading = GLOBAL)]
-    pub(crate) config: Option<PathBuf>,
-
-    #[arg(
-        long,
-        global = true,
-        value_name = "URL",
-        help_heading = GLOBAL,
-        help = "RabbitMQ URL; overrides GANTRY_AMQP_URL [default: amqp://guest:guest@127.0.0.1:5672/%2f]"
-    )]
-    pub(crate) amqp_url: Option<String>,
-
-    #[arg(
-        long,
-        global = true,
-        value_name = "URL",
-        help_heading = GLOBAL,
-        help = "Postgres URL; overrides GANTRY_DATABASE_URL [default: postgres://gantry:gantry@127.0.0.1:5432/gantry]"
-    )]
-    pub(crate) database_url: Option<String>,
-
-    /// Prefix of every exchange and queue name; overrides GANTRY_PREFIX [default: gantry]
-    #[arg(long, global = true, value_name = "PREFIX", help_heading = GLOBAL)]
-    pub(crate) prefix: Option<String>,
+    #[command(flatten, next_help_heading = GLOBAL)]
+    pub(crate) global: GlobalArgs,
 
     #[command(subcommand)]
     pub(crate) command: Command,
-}
-
-impl Cli {
-    /// The configuration: defaults, then the file, then `GANTRY_*` (that is
-    /// [`Config::load`]), then the flags given here.
-    pub(crate) fn load_config(&self) -> gantry_shared::Result<Config> {
-        let mut config = Config::load(self.config.as_deref())?;
-        if let Some(url) = &self.amqp_url {
-            config.amqp_url = url.as_str().into();
-        }
-        if let Some(url) = &self.database_url {
-            config.database_url = url.as_str().into();
-        }
-        if let Some(prefix) = &self.prefix {
-            config.prefix.clone_from(prefix);
-        }
-        Ok(config)
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,8 +86,11 @@ pub(crate) enum Command {
     /// Manage the RabbitMQ exchanges and queues
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// Manage the Postgres schema
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Inspect, replay and purge dead letters (tasks that could not run)
-    #[command(subcommand, after_help = super::dlq::DLQ_AFTER_HELP)]
+    #[command(subcommand, after_help = crate::dlq::DLQ_AFTER_HELP)]
     Dlq(DlqCommand),
 }
 
@@ -282,6 +253,31 @@ pub(crate) struct ApplyArgs {
     pub(crate) catalog: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum DbCommand {
+    /// Create Gantry's tables in the database, or bring them up to date
+    #[command(after_help = MIGRATE_AFTER_HELP)]
+    Migrate,
+}
+
+const MIGRATE_AFTER_HELP: &str = "\
+Creates Gantry's schema (the tables tasks, task_events, dead_letters and gantry_migrations)
+in the database --database-url or GANTRY_DATABASE_URL names, or applies the migrations it
+lacks, in one transaction under an advisory lock: a dispatcher starting at the same moment
+waits for it. Running it again changes nothing.
+
+A dispatcher does the same at every start. The other commands never change the schema: they
+refuse a database without it (or with an older one) and say so. Run this to prepare a
+database before any dispatcher runs, or when a command asks for it. The database role needs
+the right to create tables.
+
+Exits 0 when the schema is current; 2 when Postgres cannot be reached, a migration fails, or
+the database's schema is newer than this binary.
+
+Examples:
+  gantry db migrate
+  GANTRY_DATABASE_URL=postgres://gantry@db.internal:5432/gantry gantry db migrate";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,7 +337,23 @@ mod tests {
             "5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90",
         ])
         .unwrap();
-        let config = cli.load_config().unwrap();
+        let config = cli.global.load().unwrap();
         assert_eq!(config.prefix, "flagged");
+    }
+
+    #[test]
+    fn global_options_may_follow_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "gantry",
+            "status",
+            "5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90",
+            "--prefix",
+            "after",
+            "--database-url",
+            "postgres://u:p@db/x",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.prefix.as_deref(), Some("after"));
+        assert!(cli.global.database_url.is_some());
     }
 }

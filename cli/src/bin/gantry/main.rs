@@ -1,11 +1,27 @@
-//! `gantry`: submit GPU tasks, follow them, and set up the broker, from a shell.
+//! `gantry`: submit GPU tasks, follow them, set up the broker and handle dead letters, from
+//! a shell.
 //!
 //! Results go to stdout (text, or one JSON object with `--json`); errors and logs go to
-//! stderr; the exit code says how the task ended (see `gantry --help`). The command line
-//! itself lives in `src/cli/`.
+//! stderr; the exit code says how the task ended (see `gantry --help`). Tasks are submitted
+//! and followed with `gantry-producer`, the library backends link; the topology and dead
+//! letters are handled by this crate's library, `gantry_cli`.
+//!
+//! # Layout
+//!
+//! - [`args`]: the command line and its help.
+//! - [`commands`]: what each subcommand does.
+//! - [`dlq`]: `gantry dlq …`, its arguments and what it does; [`dlq_view`] prints it.
+//! - [`payload`]: reading `--payload` (inline JSON, `@FILE`, `@-`).
+//! - [`view`]: how a task is printed.
+//! - [`exit`]: exit codes.
 
-#[path = "../cli/mod.rs"]
-mod cli;
+mod args;
+mod commands;
+mod dlq;
+mod dlq_view;
+mod exit;
+mod payload;
+mod view;
 
 use std::process::ExitCode;
 
@@ -13,15 +29,14 @@ use clap::Parser;
 use gantry_shared::config::LogFormat;
 use gantry_shared::telemetry;
 
-use crate::cli::args::Cli;
-use crate::cli::commands;
-use crate::cli::exit::Exit;
+use crate::args::Cli;
+use crate::exit::Exit;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // Clap prints usage errors itself and exits 2.
     let cli = Cli::parse();
-    let config = match cli.load_config() {
+    let config = match cli.global.load() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {}", telemetry::chain(&e));

@@ -4,19 +4,22 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use gantry_producer::{Producer, Tracker, human_duration, topology};
+use gantry_cli::topology;
+use gantry_producer::{Producer, Tracker, human_duration};
 use gantry_shared::catalog::Catalog;
-use gantry_shared::config::Config;
+use gantry_shared::config::{Config, redact_url};
 use gantry_shared::message::{Task, TaskId, TaskSpec};
-use gantry_shared::store::TaskRecord;
+use gantry_shared::retry;
+use gantry_shared::store::{Migrated, SCHEMA_VERSION, Store, TaskRecord};
+use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use super::args::{
-    ApplyArgs, CancelArgs, Command, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs,
+use crate::args::{
+    ApplyArgs, CancelArgs, Command, DbCommand, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs,
 };
-use super::exit::Exit;
-use super::payload;
-use super::view::TaskView;
+use crate::exit::Exit;
+use crate::payload;
+use crate::view::TaskView;
 
 /// How much longer than the task's deadline `submit --wait` waits by default: the time the
 /// dispatcher needs to notice the deadline and record the task as expired.
@@ -30,7 +33,8 @@ pub(crate) async fn run(command: Command, config: &Config) -> Result<Exit> {
         Command::Wait(args) => wait(config, args).await,
         Command::Cancel(args) => cancel(config, args).await,
         Command::Topology(TopologyCommand::Apply(args)) => apply(config, args).await,
-        Command::Dlq(command) => super::dlq::run(command, config).await,
+        Command::Db(DbCommand::Migrate) => migrate(config).await,
+        Command::Dlq(command) => crate::dlq::run(command, config).await,
     }
 }
 
@@ -205,6 +209,39 @@ async fn apply(config: &Config, args: ApplyArgs) -> Result<Exit> {
     println!("topology declared");
     for (key, value) in rows {
         println!("  {key:14}{value}");
+    }
+    Ok(Exit::Done)
+}
+
+/// How long `db migrate` keeps trying to reach Postgres, as the tracker does.
+const MIGRATE_RETRY_FOR: Duration = Duration::from_secs(10);
+
+async fn migrate(config: &Config) -> Result<Exit> {
+    let url = redact_url(config.database_url.expose_secret());
+    let policy = retry::for_at_most(MIGRATE_RETRY_FOR);
+    let (_store, migrated) = Store::connect_and_migrate(&config.database_url, 1, policy)
+        .await
+        .with_context(|| format!("migrating the schema of Postgres at {url}"))?;
+    let Migrated {
+        database,
+        found,
+        applied,
+    } = migrated;
+    if applied.is_empty() {
+        println!(
+            "the Gantry schema of database {database} is current (version {SCHEMA_VERSION}); nothing to do"
+        );
+        return Ok(Exit::Done);
+    }
+    if found == 0 {
+        println!("created the Gantry schema (version {SCHEMA_VERSION}) in database {database}");
+    } else {
+        println!(
+            "migrated the Gantry schema of database {database} from version {found} to {SCHEMA_VERSION}"
+        );
+    }
+    for (version, name) in applied {
+        println!("  applied migration {version} ({name})");
     }
     Ok(Exit::Done)
 }

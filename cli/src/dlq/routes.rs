@@ -12,13 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_shared::amqp::{self, timed};
+use gantry_shared::amqp::{self, is_not_found, timed};
 use gantry_shared::message::ExecutorClass;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
 use lapin::{Channel, Connection};
-
-use crate::producer::is_not_found;
 
 /// The answers for one pass, on the publishing connection.
 pub(super) struct Routes {

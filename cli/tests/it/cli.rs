@@ -1,42 +1,11 @@
 //! The `gantry` binary, run as a user would, with the test standing in for the dispatcher.
 
-use std::process::Output;
-
 use gantry_shared::message::ResultStatus;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use crate::helpers::{Env, PATIENCE, dispatch_one, hello, scenario};
-
-/// Runs `gantry` against this test's broker prefix and database.
-async fn gantry(env: &Env, args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
-        .arg("--amqp-url")
-        .arg(env.config.amqp_url.expose_secret())
-        .arg("--database-url")
-        .arg(env.config.database_url.expose_secret())
-        .arg("--prefix")
-        .arg(env.topology.prefix())
-        .args(args)
-        .env_remove("GANTRY_CONFIG")
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(PATIENCE, run)
-        .await
-        .expect("gantry finishes")
-        .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+use crate::helpers::{dispatch_one, gantry, hello, scenario, stderr, stdout};
 
 #[tokio::test]
 async fn submit_wait_json_prints_the_succeeded_result_and_exits_zero() {

@@ -68,7 +68,7 @@ mod writes;
 use std::fmt;
 use std::time::Duration;
 
-use gantry_shared::amqp::{self, timed};
+use gantry_shared::amqp::{self, is_not_found, timed};
 use gantry_shared::config::Config;
 use gantry_shared::store::{DeadLetterFilter, DeadLetterRecord};
 use gantry_shared::topology::Topology;
@@ -81,8 +81,9 @@ pub use gantry_shared::dead_letter::{DeadLetter, Label};
 pub use pass::{Action, DEFAULT_IN_FLIGHT, Entry, Failure, PurgeOptions, ReplayOptions, Summary};
 pub use selection::{Selection, parse_age, parse_time};
 
-use crate::producer::is_not_found;
-use crate::{Error, Result, Tracker};
+use gantry_producer::Tracker;
+
+use crate::{Error, Result};
 
 /// The name the connections of `gantry dlq` show in RabbitMQ's management UI.
 const CONNECTION_NAME: &str = "gantry-dlq";
@@ -153,6 +154,14 @@ impl DeadLetters {
         self.tracker.config()
     }
 
+    /// A failed query of this handle's database, naming the database (not its password).
+    fn database_error(&self, source: gantry_shared::Error) -> Error {
+        Error::Database {
+            url: self.tracker.database_url_redacted(),
+            source: Box::new(source),
+        }
+    }
+
     /// Recorded dead letters matching `filter`, newest first, page `page` (from 1) of
     /// `limit` each.
     ///
@@ -167,7 +176,7 @@ impl DeadLetters {
         let (dead_letters, total) = store
             .find_dead_letters(filter, i64::from(limit), offset)
             .await
-            .map_err(|e| self.tracker.database_error(e))?;
+            .map_err(|e| self.database_error(e))?;
         Ok(Listing {
             total,
             page,
@@ -195,7 +204,7 @@ impl DeadLetters {
         store
             .dead_letter(id)
             .await
-            .map_err(|e| self.tracker.database_error(e))
+            .map_err(|e| self.database_error(e))
     }
 
     /// Messages ready in `<prefix>.dead` right now (a passive declare: nothing is taken,

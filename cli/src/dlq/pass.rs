@@ -361,7 +361,7 @@ async fn read(
                     "read {} of the {depth} messages {} held at the start; no more came within {}",
                     summary.read,
                     summary.queue,
-                    crate::human_duration(IDLE)
+                    gantry_producer::human_duration(IDLE)
                 ));
                 return;
             }

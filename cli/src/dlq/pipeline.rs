@@ -107,10 +107,10 @@ impl Pipeline {
         let connect_writes = async {
             Writes::connect(config)
                 .await
-                .map_err(|e| dl.tracker.database_error(e))
+                .map_err(|e| dl.database_error(e))
         };
-        let (store, writes, publisher) =
-            tokio::join!(dl.tracker.store(), connect_writes, publisher);
+        let store = async { dl.tracker.store().await.map_err(Error::from) };
+        let (store, writes, publisher) = tokio::join!(store, connect_writes, publisher);
         let (store, writes) = match (store, writes) {
             (Ok(store), Ok(writes)) => (store.clone(), writes),
             (Err(e), _) | (_, Err(e)) => {
