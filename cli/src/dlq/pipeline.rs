@@ -32,10 +32,11 @@ use tokio::task::{JoinError, JoinSet};
 use tracing::info;
 use uuid::Uuid;
 
-use super::pass::{Action, Entry, Outcome, Summary, collect};
+use super::handle::{DeadLetters, close};
+use super::record;
 use super::routes::Routes;
+use super::summary::{Action, Entry, Outcome, Summary, collect};
 use super::writes::{Mark, Writes};
-use super::{DeadLetters, record};
 use crate::{Error, Result};
 
 /// Most deliveries recorded in one transaction, or marked in one statement. Each statement
@@ -115,7 +116,7 @@ impl Pipeline {
             (Ok(store), Ok(writes)) => (store.clone(), writes),
             (Err(e), _) | (_, Err(e)) => {
                 if let Ok(Some((channel, connection))) = &publisher {
-                    super::close(Some(channel), connection).await;
+                    close(Some(channel), connection).await;
                 }
                 return Err(e);
             }
@@ -222,7 +223,7 @@ async fn open_publisher(dl: &DeadLetters, timeout: Duration) -> Result<(Channel,
     match amqp::confirm_channel(&connection, timeout).await {
         Ok(channel) => Ok((channel, connection)),
         Err(e) => {
-            super::close(None, &connection).await;
+            close(None, &connection).await;
             Err(Error::broker(e))
         }
     }
@@ -566,7 +567,7 @@ impl Send {
             ..
         } = sender.as_ref()
         {
-            super::close(Some(channel), connection).await;
+            close(Some(channel), connection).await;
         }
     }
 

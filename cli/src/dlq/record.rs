@@ -17,7 +17,7 @@ use lapin::BasicProperties;
 use serde_json::json;
 use tracing::{debug, instrument};
 
-use super::pass::Entry;
+use super::summary::Entry;
 
 /// Records the replay of the dead letter `letter` as attempt `attempt` of `task_id`
 /// (`Store::record_replay`), recording the task first if Postgres does not know it yet.

@@ -1,7 +1,7 @@
 //! The task lifecycle's writes for many tasks at once: a set of `received` records, or of
 //! transitions, in one transaction of a few statements, whatever the number of tasks.
 //!
-//! Each applies exactly the rules of its one-task form ([`Store::record_received`],
+//! Each applies exactly the rules of its one-task form ([`Store::record_received`](super::Store::record_received),
 //! [`transition_in`]): the common case (a new task; a task moving forward within its
 //! attempt) is written set-wise, with arrays bound to `unnest`; the rare ones (a
 //! redelivery, a new attempt, a late or duplicate event) go through the one-task code in
@@ -19,8 +19,9 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::tasks::{Applied, Change, attempt_i32, cached, lock_all, transition_in};
-use super::{DONE_CHANNEL, TaskState, clean, pg, scrub};
+use super::rules::{Applied, Change, lock_all, received_again, transition_in};
+use super::sql::{DONE_CHANNEL, attempt_i32, cached, clean, pg, scrub};
+use super::state::TaskState;
 use crate::Result;
 use crate::message::{Task, TaskId};
 
@@ -253,7 +254,7 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
     Ok(())
 }
 
-/// [`Store::record_received`](super::Store::record_received) for many, in `tx`; for each
+/// [`Store::record_received`](super::Store::record_received)(super::Store::record_received) for many, in `tx`; for each
 /// task, its state and attempt afterwards, in the order of `tasks`.
 pub(super) async fn received_in(
     tx: &Transaction<'_>,
@@ -354,7 +355,7 @@ async fn received_round(
             // Cancelled before any dispatcher received it.
             Some(false) => Some((TaskState::Cancelled, attempt)),
             // Known already: a redelivery, or a new attempt.
-            None => Some(super::tasks::received_again(tx, t).await?),
+            None => Some(received_again(tx, t).await?),
         };
     }
     if !fresh.is_empty() {

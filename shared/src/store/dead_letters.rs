@@ -5,8 +5,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::tasks::{Applied, Change};
-use super::{Store, TaskState, clean, pg, scrub};
+use super::pool::Store;
+use super::rules::{Applied, Change, transition_in};
+use super::sql::{DONE_CHANNEL, clean, pg, scrub};
+use super::state::TaskState;
 use crate::Result;
 pub use crate::dead_letter::DeadLetter;
 use crate::message::TaskId;
@@ -67,8 +69,7 @@ impl Store {
                         ..Change::default()
                     };
                     let attempt = d.attempt.unwrap_or(1);
-                    match super::tasks::transition_in(&tx, task_id, attempt, state, &change).await?
-                    {
+                    match transition_in(&tx, task_id, attempt, state, &change).await? {
                         Applied::Unknown => never_received(&tx, letter, task_id, state).await?,
                         other => other,
                     }
@@ -253,7 +254,7 @@ async fn never_received(
     .map_err(pg("insert task event"))?;
     tx.execute(
         "SELECT pg_notify($1, $2)",
-        &[&super::DONE_CHANNEL, &task_id.to_string()],
+        &[&DONE_CHANNEL, &task_id.to_string()],
     )
     .await
     .map_err(pg("notify"))?;

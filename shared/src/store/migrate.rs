@@ -3,7 +3,9 @@
 
 use tracing::info;
 
-use super::{Store, pg};
+use deadpool_postgres::Object;
+
+use super::sql::pg;
 use crate::{Error, Result};
 
 struct Migration {
@@ -36,7 +38,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 /// Arbitrary constant naming Gantry's migration lock.
 const LOCK_KEY: i64 = 0x6761_6e74_7279;
 
-/// What [`Store::connect_and_migrate`] found and did.
+/// What [`Store::connect_and_migrate`](super::Store::connect_and_migrate) found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migrated {
     /// The database's name.
@@ -48,95 +50,91 @@ pub struct Migrated {
     pub applied: Vec<(i32, &'static str)>,
 }
 
-impl Store {
-    pub(super) async fn migrate(&self) -> Result<Migrated> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg("begin"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
-            .await
-            .map_err(pg("migration lock"))?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS gantry_migrations (
+/// Applies, under the migration lock, the migrations the database `database` lacks.
+pub(super) async fn apply(client: &mut Object, database: String) -> Result<Migrated> {
+    let tx = client.transaction().await.map_err(pg("begin"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await
+        .map_err(pg("migration lock"))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS gantry_migrations (
                  version integer PRIMARY KEY,
                  name text NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(pg("create gantry_migrations"))?;
+    let row = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM gantry_migrations",
+            &[],
         )
         .await
-        .map_err(pg("create gantry_migrations"))?;
-        let row = tx
+        .map_err(pg("read schema version"))?;
+    let current: i32 = row.get(0);
+    if current > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            found: current,
+            known: SCHEMA_VERSION,
+        });
+    }
+    let mut applied = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let fail = |source| Error::Migration {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        tx.batch_execute(m.sql).await.map_err(fail)?;
+        tx.execute(
+            "INSERT INTO gantry_migrations (version, name) VALUES ($1, $2)",
+            &[&m.version, &m.name],
+        )
+        .await
+        .map_err(fail)?;
+        info!(version = m.version, name = m.name, "applied migration");
+        applied.push((m.version, m.name));
+    }
+    tx.commit().await.map_err(pg("commit migrations"))?;
+    Ok(Migrated {
+        database,
+        found: current,
+        applied,
+    })
+}
+
+/// Checks, reading only, that the database `database` has Gantry's schema at
+/// [`SCHEMA_VERSION`].
+pub(super) async fn check(client: &Object, database: String) -> Result<()> {
+    // `to_regclass` finds the table the way the migrations created it (through the
+    // search path), and answers NULL instead of failing when there is none.
+    let row = client
+        .query_one("SELECT to_regclass('gantry_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(pg("look for gantry_migrations"))?;
+    let found: i32 = if row.get(0) {
+        client
             .query_one(
                 "SELECT coalesce(max(version), 0) FROM gantry_migrations",
                 &[],
             )
             .await
-            .map_err(pg("read schema version"))?;
-        let current: i32 = row.get(0);
-        if current > SCHEMA_VERSION {
-            return Err(Error::SchemaTooNew {
-                found: current,
-                known: SCHEMA_VERSION,
-            });
-        }
-        let mut applied = Vec::new();
-        for m in MIGRATIONS.iter().filter(|m| m.version > current) {
-            let fail = |source| Error::Migration {
-                version: m.version,
-                name: m.name,
-                source,
-            };
-            tx.batch_execute(m.sql).await.map_err(fail)?;
-            tx.execute(
-                "INSERT INTO gantry_migrations (version, name) VALUES ($1, $2)",
-                &[&m.version, &m.name],
-            )
-            .await
-            .map_err(fail)?;
-            info!(version = m.version, name = m.name, "applied migration");
-            applied.push((m.version, m.name));
-        }
-        tx.commit().await.map_err(pg("commit migrations"))?;
-        Ok(Migrated {
-            database: self.database(),
-            found: current,
-            applied,
-        })
-    }
-
-    /// Checks, reading only, that the database has Gantry's schema at [`SCHEMA_VERSION`].
-    pub(super) async fn check_schema(&self) -> Result<()> {
-        let client = self.client().await?;
-        // `to_regclass` finds the table the way the migrations created it (through the
-        // search path), and answers NULL instead of failing when there is none.
-        let row = client
-            .query_one("SELECT to_regclass('gantry_migrations') IS NOT NULL", &[])
-            .await
-            .map_err(pg("look for gantry_migrations"))?;
-        let found: i32 = if row.get(0) {
-            client
-                .query_one(
-                    "SELECT coalesce(max(version), 0) FROM gantry_migrations",
-                    &[],
-                )
-                .await
-                .map_err(pg("read schema version"))?
-                .get(0)
-        } else {
-            0
-        };
-        match found {
-            0 => Err(Error::SchemaMissing {
-                database: self.database(),
-            }),
-            found if found < SCHEMA_VERSION => Err(Error::SchemaBehind {
-                database: self.database(),
-                found,
-                known: SCHEMA_VERSION,
-            }),
-            found if found > SCHEMA_VERSION => Err(Error::SchemaTooNew {
-                found,
-                known: SCHEMA_VERSION,
-            }),
-            _ => Ok(()),
-        }
+            .map_err(pg("read schema version"))?
+            .get(0)
+    } else {
+        0
+    };
+    match found {
+        0 => Err(Error::SchemaMissing { database }),
+        found if found < SCHEMA_VERSION => Err(Error::SchemaBehind {
+            database,
+            found,
+            known: SCHEMA_VERSION,
+        }),
+        found if found > SCHEMA_VERSION => Err(Error::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        }),
+        _ => Ok(()),
     }
 }

@@ -9,6 +9,7 @@ mod contract;
 mod deploy;
 mod dlq;
 mod forward;
+mod layout;
 mod lifecycle;
 mod manifests;
 mod restart;
