@@ -49,6 +49,12 @@ pub enum Error {
         source: Box<gantry_shared::Error>,
     },
 
+    /// The connection that listens for finished tasks was lost while waiting.
+    #[error(
+        "lost the Postgres connection while waiting for task {task_id}; wait again with `gantry wait {task_id}`"
+    )]
+    ListenLost { task_id: TaskId },
+
     /// The task did not reach a terminal state in time; it may still finish later.
     #[error(
         "task {task_id} did not finish within {waited}: {}; wait longer with `gantry wait {task_id} --timeout …` or look at `gantry status {task_id}`",
@@ -71,7 +77,7 @@ impl Error {
             Error::Rejected(_) => "rejected",
             Error::Unroutable { .. } | Error::NoExchange { .. } => "unroutable",
             Error::Broker(_) => "amqp",
-            Error::Database { .. } => "postgres",
+            Error::Database { .. } | Error::ListenLost { .. } => "postgres",
             Error::WaitTimeout { .. } => "timeout",
         }
     }

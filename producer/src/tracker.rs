@@ -17,7 +17,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::OnceCell;
-use tracing::instrument;
+use tracing::{debug, instrument};
 
 use crate::{Error, Result};
 
@@ -133,16 +133,35 @@ impl Tracker {
     #[instrument(skip(self))]
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
         let store = self.store().await?;
-        match store.wait_terminal(id, timeout).await {
-            Ok(record) => Ok(record),
-            Err(gantry_shared::Error::WaitTimeout(_) | gantry_shared::Error::UnknownTask(_)) => {
-                // One last look: the task may have finished as the time ran out.
-                match self.status(id).await? {
-                    Some(record) if record.state().is_terminal() => Ok(record),
-                    current => Err(Error::wait_timeout(id, timeout, current.map(|r| r.state()))),
+        let waiting = async {
+            // Listen first, then look: a task that ends between the two is not missed.
+            let mut done = store
+                .terminal_notifications()
+                .await
+                .map_err(|e| self.database_error(e))?;
+            loop {
+                if let Some(record) = self.status(id).await?
+                    && record.state().is_terminal()
+                {
+                    return Ok(record);
                 }
+                loop {
+                    match done.recv().await {
+                        Some(finished) if finished == id => break,
+                        Some(_) => continue,
+                        None => return Err(Error::ListenLost { task_id: id }),
+                    }
+                }
+                debug!(task_id = %id, "task finished");
             }
-            Err(e) => Err(self.database_error(e)),
+        };
+        match tokio::time::timeout(timeout, waiting).await {
+            Ok(outcome) => outcome,
+            // One last look: the task may have finished as the time ran out.
+            Err(_) => match self.status(id).await? {
+                Some(record) if record.state().is_terminal() => Ok(record),
+                current => Err(Error::wait_timeout(id, timeout, current.map(|r| r.state()))),
+            },
         }
     }
 

@@ -104,14 +104,6 @@ pub enum Error {
     Invalid(#[from] crate::message::Rejection),
     #[error("cannot encode message: {0}")]
     Encode(#[from] serde_json::Error),
-    #[error("waited {0:?} for the task to finish; it is still running (see `gantry status`)")]
-    WaitTimeout(std::time::Duration),
-    #[error("lost the Postgres connection while waiting for the task; wait again (`gantry wait`)")]
-    ListenLost,
-    #[error(
-        "task {0} is not known to Gantry (it was never received, or the database is another one)"
-    )]
-    UnknownTask(crate::message::TaskId),
     /// A write committed in a group with others failed with the group, for a reason that
     /// may pass (Postgres restarting, a lost connection); the write is to be tried again.
     #[error("Postgres failed a group of writes this one was in ({0}); try again")]
@@ -139,9 +131,7 @@ impl Error {
             | Error::Catalog { .. }
             | Error::CatalogRead { .. } => "config",
             Error::Invalid(_) | Error::Encode(_) => "invalid",
-            Error::WaitTimeout(_) => "timeout",
-            Error::ListenLost | Error::GroupWrite(_) => "postgres",
-            Error::UnknownTask(_) => "unknown_task",
+            Error::GroupWrite(_) => "postgres",
         }
     }
 
@@ -152,7 +142,6 @@ impl Error {
             | Error::Amqp { .. }
             | Error::AmqpTimeout { .. }
             | Error::PostgresPool(_)
-            | Error::ListenLost
             | Error::GroupWrite(_)
             | Error::PublishNacked { .. } => true,
             Error::Postgres { source, .. } => postgres_is_transient(source),

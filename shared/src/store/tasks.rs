@@ -7,15 +7,15 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
-use tracing::{debug, instrument};
+use tracing::instrument;
 
 use super::batch::{self, Transition};
 use super::pool::Store;
 use super::rules::{Applied, Change, Locked, insert_event, lock, transition_in};
 use super::sql::{DONE_CHANNEL, attempt_i32, pg};
 use super::state::TaskState;
+use crate::Result;
 use crate::message::{Task, TaskId, TaskResult};
-use crate::{Error, Result};
 
 /// A task as stored, for `gantry status` and the CLI's `--json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -449,61 +449,6 @@ impl Store {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
-    }
-
-    /// Waits until the task is terminal and returns it. Listens on [`DONE_CHANNEL`] on a
-    /// dedicated connection, so it reacts when the recorder commits, without polling.
-    ///
-    /// # Errors
-    /// [`Error::WaitTimeout`], [`Error::UnknownTask`] if the task never appears, or Postgres
-    /// errors.
-    pub async fn wait_terminal(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
-        let mut config = self.config.clone();
-        config.connect_timeout(Duration::from_secs(10));
-        let (client, mut connection) = config.connect(NoTls).await.map_err(pg("connect"))?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let AsyncMessage::Notification(n) = message
-                    && tx.send(n.payload().to_owned()).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let wanted = id.to_string();
-        let waiting = async {
-            client
-                .batch_execute(&format!("LISTEN {DONE_CHANNEL}"))
-                .await
-                .map_err(pg("listen"))?;
-            loop {
-                // Check after LISTEN so a commit between the two is never missed.
-                if let Some(record) = self.task(id).await?
-                    && record.state().is_terminal()
-                {
-                    return Ok(record);
-                }
-                loop {
-                    match rx.recv().await {
-                        Some(payload) if payload == wanted => break,
-                        Some(_) => continue,
-                        None => return Err(Error::ListenLost),
-                    }
-                }
-                debug!(task_id = %id, "task finished");
-            }
-        };
-        let outcome = tokio::time::timeout(timeout, waiting).await;
-        driver.abort();
-        match outcome {
-            Ok(r) => r,
-            Err(_) => match self.task(id).await? {
-                Some(_) => Err(Error::WaitTimeout(timeout)),
-                None => Err(Error::UnknownTask(id)),
-            },
-        }
     }
 }
 
