@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use gantry_shared::message::{Task, TaskId};
+use gantry_shared::message::{Attempt, Task, TaskId};
 use gantry_shared::store::{Applied, Change, Store, TaskState, Transition};
 use gantry_shared::telemetry::chain;
 use tokio::sync::{mpsc, oneshot};
@@ -26,7 +26,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// The writes waiting for the writer.
 enum Request {
-    Received(Box<Task>, oneshot::Sender<Result<(TaskState, i32)>>),
+    Received(Box<Task>, oneshot::Sender<Result<(TaskState, Attempt)>>),
     Transition(Box<Transition>, oneshot::Sender<Result<Applied>>),
 }
 
@@ -48,7 +48,7 @@ impl Lifecycle {
     ///
     /// # Errors
     /// Postgres errors, as [`Store::record_received`] has them.
-    pub(crate) async fn received(&self, task: &Task) -> Result<(TaskState, i32)> {
+    pub(crate) async fn received(&self, task: &Task) -> Result<(TaskState, Attempt)> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Received(Box::new(task.clone()), reply);
         match self.ask(request, answer).await {
@@ -64,7 +64,7 @@ impl Lifecycle {
     pub(crate) async fn transition(
         &self,
         id: TaskId,
-        attempt: u32,
+        attempt: Attempt,
         state: TaskState,
         change: &Change,
     ) -> Result<Applied> {
@@ -127,7 +127,7 @@ async fn write(store: Store, mut incoming: mpsc::Receiver<Request>, counts: Arc<
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
-type Received = (Box<Task>, Reply<(TaskState, i32)>);
+type Received = (Box<Task>, Reply<(TaskState, Attempt)>);
 
 async fn write_received(store: &Store, group: Vec<Received>, counts: &Groups) {
     if group.is_empty() {

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use chrono::Utc;
 use gantry_shared::config::Config;
-use gantry_shared::message::{Evidence, ResultStatus, TaskEnvelope, TaskError, TaskResult};
+use gantry_shared::message::{
+    Attempt, Evidence, ResultStatus, TaskEnvelope, TaskError, TaskResult,
+};
 use gantry_shared::telemetry::chain;
 use serde_json::Value;
 use tracing::{Span, error, field, info, instrument, warn};
@@ -106,6 +108,13 @@ pub(crate) async fn run(
         Ok(task) => task,
         Err(e) => return refuse(settings, format!("{e:#}")).await,
     };
+    let Some(attempt) = Attempt::new(task.attempt) else {
+        let reason = format!(
+            "the task file {} gives attempt 0; attempts count from 1",
+            settings.task_file.display()
+        );
+        return refuse(settings, reason).await;
+    };
     let span = Span::current();
     span.record("task_id", field::display(task.task_id));
     span.record("attempt", task.attempt);
@@ -123,7 +132,7 @@ pub(crate) async fn run(
         status: verdict.status,
         output: verdict.output,
         error: verdict.error,
-        attempt: task.attempt,
+        attempt,
         evidence: Evidence {
             terminal_reason: Some(verdict.terminal_reason),
             ..settings.evidence.clone()

@@ -43,5 +43,5 @@ pub use tracker::{TaskEvent, Tracker};
 
 // A library user names these in `submit` and `wait`; re-exported so one import suffices.
 pub use gantry_shared::config::Config;
-pub use gantry_shared::message::{ExecutorClass, Task, TaskId, TaskName, TaskSpec};
+pub use gantry_shared::message::{Attempt, ExecutorClass, Task, TaskId, TaskName, TaskSpec};
 pub use gantry_shared::store::{TaskRecord, TaskState};

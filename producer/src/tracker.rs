@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use gantry_shared::config::{Config, redact_url};
-use gantry_shared::message::TaskId;
+use gantry_shared::message::{Attempt, TaskId};
 use gantry_shared::retry;
 use gantry_shared::store::{Store, TaskRecord};
 use secrecy::ExposeSecret;
@@ -27,7 +27,7 @@ const STORE_RETRY_FOR: Duration = Duration::from_secs(10);
 /// One row of a task's history (`task_events`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskEvent {
-    pub attempt: i32,
+    pub attempt: Attempt,
     /// `received`, `dispatched`, `running`, `retrying`, a terminal state, or
     /// `late:<event>` for an event that arrived after the task had moved on.
     pub event: String,
@@ -141,7 +141,7 @@ impl Tracker {
                 .map_err(|e| self.database_error(e))?;
             loop {
                 if let Some(record) = self.status(id).await?
-                    && record.state().is_terminal()
+                    && record.state.is_terminal()
                 {
                     return Ok(record);
                 }
@@ -159,8 +159,8 @@ impl Tracker {
             Ok(outcome) => outcome,
             // One last look: the task may have finished as the time ran out.
             Err(_) => match self.status(id).await? {
-                Some(record) if record.state().is_terminal() => Ok(record),
-                current => Err(Error::wait_timeout(id, timeout, current.map(|r| r.state()))),
+                Some(record) if record.state.is_terminal() => Ok(record),
+                current => Err(Error::wait_timeout(id, timeout, current.map(|r| r.state))),
             },
         }
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gantry_producer::Producer;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::kube_double::KubeDouble;
 use gantry_tests::{Dispatcher, TestEnv, eventually};
 use http_body_util::Full;
@@ -169,7 +170,12 @@ async fn submit(producer: &Producer, class: &str) -> anyhow::Result<TaskId> {
 }
 
 /// Submits a task of `class` and waits for it to end in `state`.
-async fn run(c: &Cluster, producer: &Producer, class: &str, state: &str) -> anyhow::Result<TaskId> {
+async fn run(
+    c: &Cluster,
+    producer: &Producer,
+    class: &str,
+    state: TaskState,
+) -> anyhow::Result<TaskId> {
     let id = submit(producer, class).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(record.state, state, "{:?}\n{}", record.error, c.log());
@@ -215,12 +221,12 @@ async fn a_configmap_change_of_a_class_image_is_used_by_the_next_job_without_res
     let (a, b) = (pinned('a'), pinned('b'));
     let c = Cluster::with_catalog_configmap(&echo_catalog(Some(&a)), &[&a, &b]).await?;
     let producer = c.env.producer().await?;
-    let first = run(&c, &producer, "echo", "succeeded").await?;
+    let first = run(&c, &producer, "echo", TaskState::Succeeded).await?;
     assert_eq!(c.job_image(first), Some(a));
 
     c.edit_catalog_configmap(&echo_catalog(Some(&b))).await?;
     c.logged("executor catalog reloaded", 1).await?;
-    let second = run(&c, &producer, "echo", "succeeded").await?;
+    let second = run(&c, &producer, "echo", TaskState::Succeeded).await?;
     assert_eq!(c.job_image(second), Some(b));
     assert!(c.log().contains("changed=[\"echo\"]"), "{}", c.log());
     producer.close().await;
@@ -265,7 +271,7 @@ async fn an_invalid_configmap_version_is_refused_and_the_previous_catalog_keeps_
     assert!(!log.contains("executor catalog reloaded"), "{log}");
 
     let producer = c.env.producer().await?;
-    let id = run(&c, &producer, "echo", "succeeded").await?;
+    let id = run(&c, &producer, "echo", TaskState::Succeeded).await?;
     assert_eq!(c.job_image(id), Some(a), "the previous catalog is in force");
     producer.close().await;
     c.cleanup(&[]).await
@@ -285,7 +291,7 @@ async fn a_class_added_to_the_configmap_is_dispatched_and_a_removed_one_waits_in
     c.logged("task queues of the new executor classes declared", 1)
         .await?;
     let producer = c.env.producer().await?;
-    run(&c, &producer, "embed", "succeeded").await?;
+    run(&c, &producer, "embed", TaskState::Succeeded).await?;
 
     c.edit_catalog_configmap(&echo_catalog(Some(&a))).await?;
     c.logged("executor class left the catalog", 1).await?;
@@ -301,7 +307,7 @@ async fn a_class_added_to_the_configmap_is_dispatched_and_a_removed_one_waits_in
     .await?;
     assert_eq!(c.job_image(waiting), None, "no Job for the removed class");
     // The other class is still dispatched.
-    run(&c, &producer, "echo", "succeeded").await?;
+    run(&c, &producer, "echo", TaskState::Succeeded).await?;
     producer.close().await;
     c.cleanup(&[&embed_queue]).await
 }
@@ -324,7 +330,7 @@ async fn dev_mode_runs_the_newest_executor_image_the_nodes_report() -> anyhow::R
     );
     c.start(&[("GANTRY_DEV_MODE", "true")])?;
     let producer = c.env.producer().await?;
-    let id = run(&c, &producer, "echo", "succeeded").await?;
+    let id = run(&c, &producer, "echo", TaskState::Succeeded).await?;
     assert_eq!(
         c.job_image(id),
         Some(new.clone()),
@@ -339,7 +345,7 @@ async fn dev_mode_runs_the_newest_executor_image_the_nodes_report() -> anyhow::R
         "a task to run the newer image",
         Duration::from_secs(60),
         || async {
-            let id = run(&c, &producer, "echo", "succeeded").await?;
+            let id = run(&c, &producer, "echo", TaskState::Succeeded).await?;
             Ok((c.job_image(id) == Some(newer.clone())).then_some(()))
         },
     )
@@ -455,7 +461,7 @@ async fn the_registry_service_answer_is_used_over_the_catalog_image() -> anyhow:
     c.start(&[("GANTRY_EXECUTOR_REGISTRY", &registry.url)])?;
     let producer = c.env.producer().await?;
     for _ in 0..2 {
-        let id = run(&c, &producer, "echo", "succeeded").await?;
+        let id = run(&c, &producer, "echo", TaskState::Succeeded).await?;
         assert_eq!(c.job_image(id), Some(registry_image.clone()));
     }
     assert_eq!(
@@ -485,7 +491,8 @@ async fn a_task_waits_while_the_registry_is_down_and_runs_once_it_answers() -> a
     .await?;
     let record = producer.status(id).await?.context("the task is known")?;
     assert_eq!(
-        record.state, "received",
+        record.state,
+        TaskState::Received,
         "it waits, neither failed nor dead-lettered"
     );
     assert!(
@@ -497,8 +504,18 @@ async fn a_task_waits_while_the_registry_is_down_and_runs_once_it_answers() -> a
 
     registry.down.store(false, Ordering::SeqCst);
     let record = producer.wait(id, Duration::from_secs(60)).await?;
-    assert_eq!(record.state, "succeeded", "{:?}\n{}", record.error, c.log());
-    assert_eq!(record.attempt, 1, "waiting for the image spent no attempt");
+    assert_eq!(
+        record.state,
+        TaskState::Succeeded,
+        "{:?}\n{}",
+        record.error,
+        c.log()
+    );
+    assert_eq!(
+        record.attempt.get(),
+        1,
+        "waiting for the image spent no attempt"
+    );
     assert_eq!(c.job_image(id), Some(image));
     assert!(c.env.store().await?.dead_letters(10).await?.is_empty());
     producer.close().await;
@@ -512,7 +529,7 @@ async fn a_class_unknown_to_the_registry_and_without_a_catalog_image_is_dead_let
     let mut c = Cluster::new(&echo_catalog(None), &[]).await?;
     c.start(&[("GANTRY_EXECUTOR_REGISTRY", &registry.url)])?;
     let producer = c.env.producer().await?;
-    let id = run(&c, &producer, "echo", "dead_lettered").await?;
+    let id = run(&c, &producer, "echo", TaskState::DeadLettered).await?;
     let reason = dead_letter_reason(&c.env, id).await?;
     assert!(
         reason.starts_with("image: executor class echo has no image")
@@ -541,7 +558,7 @@ async fn an_image_outside_the_allowed_registries_is_dead_lettered_with_a_clear_r
         ("GANTRY_ALLOWED_REGISTRIES", "registry.example.com"),
     ])?;
     let producer = c.env.producer().await?;
-    let id = run(&c, &producer, "echo", "dead_lettered").await?;
+    let id = run(&c, &producer, "echo", TaskState::DeadLettered).await?;
     let reason = dead_letter_reason(&c.env, id).await?;
     assert_eq!(
         reason,
@@ -563,7 +580,7 @@ async fn a_task_the_registry_image_does_not_handle_is_dead_lettered_with_the_tas
     let mut c = Cluster::new(&echo_catalog(None), &[&image]).await?;
     c.start(&[("GANTRY_EXECUTOR_REGISTRY", &registry.url)])?;
     let producer = c.env.producer().await?;
-    let id = run(&c, &producer, "echo", "dead_lettered").await?;
+    let id = run(&c, &producer, "echo", TaskState::DeadLettered).await?;
     let reason = dead_letter_reason(&c.env, id).await?;
     assert!(
         reason.contains("does not handle task k8s.echo")
@@ -588,7 +605,7 @@ async fn a_catalog_file_is_reloaded_on_sighup() -> anyhow::Result<()> {
     )?;
     c.logged("executor catalog reloaded", 1).await?;
     let producer = c.env.producer().await?;
-    let id = run(&c, &producer, "echo", "succeeded").await?;
+    let id = run(&c, &producer, "echo", TaskState::Succeeded).await?;
     assert_eq!(c.job_image(id), Some(b));
     producer.close().await;
     c.cleanup(&[]).await

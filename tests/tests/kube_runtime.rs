@@ -9,6 +9,7 @@ use gantry_dispatcher::runtime::kubernetes::job;
 use gantry_dispatcher::settings::KubernetesSection;
 use gantry_shared::catalog::Catalog;
 use gantry_shared::message::{ExecutorClass, Limits, Task, TaskName, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::kube_double::{FaultSpec, KubeDouble};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -263,7 +264,7 @@ async fn a_task_runs_as_a_job_and_succeeds_with_job_pod_and_node_recorded() -> a
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(
         record.state,
-        "succeeded",
+        TaskState::Succeeded,
         "{:?}\n{}",
         record.error,
         c.dispatcher.log_text()
@@ -295,7 +296,7 @@ async fn a_job_past_its_deadline_ends_expired() -> anyhow::Result<()> {
     let (producer, id) =
         submit(&c.env, json!({"sleep_ms": 60_000}), Duration::from_secs(2)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
-    assert_eq!(record.state, "expired");
+    assert_eq!(record.state, TaskState::Expired);
     assert_eq!(
         record.error.as_ref().map(|e| e["kind"].clone()),
         Some(json!("deadline_exceeded"))
@@ -313,7 +314,7 @@ async fn an_oom_killed_job_fails_with_kind_oom() -> anyhow::Result<()> {
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(
         record.state,
-        "failed",
+        TaskState::Failed,
         "{:?}\n{}",
         record.error,
         c.dispatcher.log_text()
@@ -335,13 +336,13 @@ async fn an_evicted_job_is_retried_and_succeeds_on_its_second_attempt() -> anyho
         .script_next(gantry_tests::kube_double::Script::Evict);
     let (producer, id) = submit(&c.env, json!({"n": 1}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
-    assert_eq!(record.state, "succeeded", "{:?}", record.error);
-    assert_eq!(record.attempt, 2, "eviction is retryable");
-    let events: Vec<(i32, String)> = producer
+    assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
+    assert_eq!(record.attempt.get(), 2, "eviction is retryable");
+    let events: Vec<(u32, String)> = producer
         .events(id)
         .await?
         .into_iter()
-        .map(|e| (e.attempt, e.event))
+        .map(|e| (e.attempt.get(), e.event))
         .collect();
     assert!(events.contains(&(1, "retrying".into())), "{events:?}");
     producer.close().await;
@@ -362,7 +363,7 @@ async fn a_task_asking_more_gpus_than_its_class_allows_is_dead_lettered_without_
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(
         record.state,
-        "dead_lettered",
+        TaskState::DeadLettered,
         "{:?}\n{}",
         record.error,
         c.dispatcher.log_text()
@@ -372,7 +373,7 @@ async fn a_task_asking_more_gpus_than_its_class_allows_is_dead_lettered_without_
         reason.starts_with("invalid: ") && reason.contains("asks for 2 GPUs"),
         "{reason}"
     );
-    assert_eq!(record.attempt, 1, "never retried");
+    assert_eq!(record.attempt.get(), 1, "never retried");
     assert_eq!(
         c.double.jobs_created(),
         0,
@@ -390,7 +391,7 @@ async fn a_job_that_cannot_pull_its_image_is_deleted_and_fails_with_kind_image_p
         .script_next(gantry_tests::kube_double::Script::ImagePull);
     let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
-    assert_eq!(record.state, "failed", "{:?}", record.error);
+    assert_eq!(record.state, TaskState::Failed, "{:?}", record.error);
     assert_eq!(
         record.error.as_ref().map(|e| e["kind"].clone()),
         Some(json!("image_pull"))
@@ -420,12 +421,12 @@ async fn a_job_no_node_can_take_fails_as_unschedulable_and_is_retried() -> anyho
     let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     // The first attempt found no node; the retry ran.
-    assert_eq!(record.state, "succeeded", "{:?}", record.error);
-    assert_eq!(record.attempt, 2);
+    assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
+    assert_eq!(record.attempt.get(), 2);
     let events = producer.events(id).await?;
     let retry = events
         .iter()
-        .find(|e| e.attempt == 1 && e.event == "retrying")
+        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
         .expect("a retry");
     let detail = retry.detail.clone().unwrap_or_default();
     assert_eq!(detail["error"]["kind"], json!("unschedulable"), "{detail}");
@@ -459,7 +460,7 @@ async fn never_more_than_max_active_jobs_run_at_once_while_30_tasks_wait() -> an
     for id in &ids {
         assert_eq!(
             producer.wait(*id, Duration::from_secs(120)).await?.state,
-            "succeeded"
+            TaskState::Succeeded
         );
     }
     assert_eq!(c.double.jobs_created(), 30);
@@ -508,8 +509,8 @@ async fn a_dispatcher_killed_with_20_jobs_running_is_restarted_without_duplicate
     let restarted = restart_on_double(&env)?;
     for id in &ids {
         let record = producer.wait(*id, Duration::from_secs(120)).await?;
-        assert_eq!(record.state, "succeeded", "{:?}", record.error);
-        assert_eq!(record.attempt, 1);
+        assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
+        assert_eq!(record.attempt.get(), 1);
     }
     assert_eq!(double.jobs_created(), 20, "no Job was created twice");
     assert!(
@@ -539,7 +540,10 @@ async fn a_cancelled_task_has_its_job_deleted() -> anyhow::Result<()> {
             d.job(&job).is_none().then_some(())
         })
         .await?;
-    assert_eq!(producer.status(id).await?.expect("task").state, "cancelled");
+    assert_eq!(
+        producer.status(id).await?.expect("task").state,
+        TaskState::Cancelled
+    );
     producer.close().await;
     c.env.cleanup().await
 }
@@ -583,7 +587,7 @@ async fn eventually_running(
         Ok(producer
             .status(id)
             .await?
-            .filter(|r| r.state == "running")
+            .filter(|r| r.state == TaskState::Running)
             .map(|_| ()))
     })
     .await
@@ -640,9 +644,10 @@ async fn late_copies_of_evicted_and_retried_attempts_never_run_an_attempt_twice(
     }
     for id in &ids {
         let record = producer.wait(*id, Duration::from_secs(120)).await?;
-        assert_eq!(record.state, "succeeded", "{:?}", record.error);
+        assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
         assert_eq!(
-            record.attempt, 2,
+            record.attempt.get(),
+            2,
             "the first attempt was evicted and retried"
         );
     }
@@ -732,12 +737,12 @@ async fn a_dispatcher_killed_between_a_job_and_its_secret_leaves_it_completed_by
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(
         record.state,
-        "succeeded",
+        TaskState::Succeeded,
         "{:?}\n{}",
         record.error,
         restarted.log_text()
     );
-    assert_eq!(record.attempt, 1);
+    assert_eq!(record.attempt.get(), 1);
     assert_eq!(double.jobs_created(), 1, "the Job was never created again");
     producer.close().await;
     env.cleanup().await
@@ -759,17 +764,21 @@ async fn an_attempt_claimed_by_a_killed_dispatcher_without_its_job_is_failed_as_
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(
         record.state,
-        "succeeded",
+        TaskState::Succeeded,
         "{:?}\n{}",
         record.error,
         restarted.log_text()
     );
-    assert_eq!(record.attempt, 2, "the claimed attempt was failed, not run");
+    assert_eq!(
+        record.attempt.get(),
+        2,
+        "the claimed attempt was failed, not run"
+    );
     let lost = producer
         .events(id)
         .await?
         .into_iter()
-        .find(|e| e.attempt == 1 && e.event == "retrying")
+        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
         .expect("the first attempt was retried");
     let kind = lost.detail.unwrap_or_default()["error"]["kind"].clone();
     assert_eq!(kind, json!("job_lost"));

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use gantry_producer::Producer;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::TestEnv;
 use gantry_tests::services::{restart_postgres, restart_rabbitmq};
 use serde_json::json;
@@ -32,7 +33,7 @@ async fn submit_batch(producer: &Producer, n: usize, sleep_ms: u64) -> Result<Ve
 async fn all_succeed(producer: &Producer, ids: &[TaskId]) -> Result<()> {
     for id in ids {
         let record = producer.wait(*id, Duration::from_secs(180)).await?;
-        if record.state != "succeeded" {
+        if record.state != TaskState::Succeeded {
             bail!("task {id} ended {}: {:?}", record.state, record.error);
         }
     }

@@ -10,7 +10,7 @@
 //! write here is idempotent, so a replay that runs again changes nothing.
 
 use gantry_shared::message::{
-    Evidence, ExecutorClass, FieldTableExt, Task, TaskEnvelope, TaskId, TaskName, headers,
+    Attempt, Evidence, ExecutorClass, FieldTableExt, Task, TaskEnvelope, TaskId, TaskName, headers,
 };
 use gantry_shared::store::{Applied, Change, Store, TaskState};
 use lapin::BasicProperties;
@@ -33,6 +33,8 @@ pub(super) async fn record_replay(
     task_id: TaskId,
     attempt: u32,
 ) -> gantry_shared::Result<Applied> {
+    // A replay's attempt follows the dead letter's (at least 1): never 0.
+    let attempt = Attempt::new(attempt).unwrap_or(Attempt::FIRST);
     let applied = store.record_replay(task_id, attempt, letter.id).await?;
     if applied != Applied::Unknown {
         return Ok(applied);
@@ -87,7 +89,7 @@ fn task_of(props: &BasicProperties, data: &[u8]) -> Option<Task> {
         idempotency_key: envelope.idempotency_key,
         priority: envelope.priority,
         submitted_at: envelope.submitted_at,
-        attempt: envelope.attempt.max(1),
+        attempt: Attempt::new(envelope.attempt).unwrap_or(Attempt::FIRST),
         reply_to: props.reply_to().as_ref().map(|r| r.to_string()),
         traceparent: header(headers::TRACEPARENT),
         tracestate: header(headers::TRACESTATE),

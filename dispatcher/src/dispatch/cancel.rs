@@ -43,8 +43,8 @@ pub(crate) async fn watch_cancellations<R: Runtime>(role: Arc<Role<R>>) {
             let Ok(Some(record)) = ctx.store.task(id).await else {
                 continue;
             };
-            let name = JobName::for_task(id, u32::try_from(record.attempt).unwrap_or(1));
-            if record.state() != TaskState::Cancelled || !role.is_following(&name) {
+            let name = JobName::for_task(id, record.attempt);
+            if record.state != TaskState::Cancelled || !role.is_following(&name) {
                 continue;
             }
             info!(task_id = %id, job = %name, "task cancelled; stopping its job");

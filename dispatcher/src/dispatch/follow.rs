@@ -59,7 +59,7 @@ pub(crate) async fn follow<R: Runtime>(
             .await
             .ok()
             .flatten()
-            .is_some_and(|r| r.state() == TaskState::Cancelled)
+            .is_some_and(|r| r.state == TaskState::Cancelled)
     };
     if end.end != End::Published && !Box::pin(cancelled()).await {
         let result = on_behalf(&end);

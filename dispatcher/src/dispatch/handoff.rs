@@ -41,16 +41,15 @@ pub(crate) async fn hand_off<R: Runtime>(
     let (state, attempt) = ctx
         .persist("record received", || role.lifecycle.received(&task))
         .await?;
-    let current = u32::try_from(attempt).unwrap_or(0);
-    if state.has_ended(current, task.attempt) {
+    if state.has_ended(attempt, task.attempt) {
         let why = if state.is_terminal() {
             "ended"
-        } else if current > task.attempt {
+        } else if attempt > task.attempt {
             "superseded"
         } else {
             "retrying"
         };
-        info!(task_id = %task.id, attempt = task.attempt, %state, current_attempt = attempt,
+        info!(task_id = %task.id, attempt = %task.attempt, %state, current_attempt = %attempt,
               "this attempt is over (the task is {state} at attempt {attempt}); skipping the delivery");
         return Ok(Disposition::Skip(why));
     }

@@ -57,7 +57,7 @@ pub(crate) async fn reconcile<R: Runtime>(
         let Some(job_name) = record.job_name.as_deref().filter(|_| mine) else {
             continue;
         };
-        let attempt = u32::try_from(record.attempt).unwrap_or(1);
+        let attempt = record.attempt;
         let name = JobName::for_task(record.task_id, attempt);
         if name.as_str() != job_name || runtime.knows(&name) {
             continue;

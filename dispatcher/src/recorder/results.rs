@@ -1,6 +1,6 @@
 //! Results: `gantry.results` → `tasks` and `task_events`, then forward to `reply_to`.
 
-use gantry_shared::message::{ExecutorClass, ResultStatus, TaskError, TaskResult};
+use gantry_shared::message::{ResultStatus, TaskError, TaskResult};
 use gantry_shared::store::{Applied, ResultWrite, TaskRecord};
 use gantry_shared::telemetry::chain;
 use lapin::message::Delivery;
@@ -41,8 +41,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
         .map(|r| {
             let policy = executors
                 .get(&r.task_id)
-                .and_then(|e| ExecutorClass::parse(e).ok())
-                .and_then(|c| catalog.get(&c).map(|s| s.retry.clone()));
+                .and_then(|c| catalog.get(c).map(|s| s.retry.clone()));
             retry::plan(policy.as_ref(), r)
         })
         .collect();
@@ -71,7 +70,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
         match outcome {
             Applied::Changed { reply_to } => {
                 inc(&ctx.metrics.results_recorded);
-                info!(task_id = %result.task_id, status = %result.status, attempt = result.attempt, reported_by = %result.reported_by, "result recorded");
+                info!(task_id = %result.task_id, status = %result.status, attempt = %result.attempt, reported_by = %result.reported_by, "result recorded");
                 follow_plan(ctx, result, plan).await?;
                 if let Some(queue) = reply_to.filter(|_| plan.state(result).is_terminal()) {
                     forward(ctx, result, &queue).await?;
@@ -88,8 +87,8 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
                 if let Some(record) = ctx
                     .persist("read task", || ctx.store.task(result.task_id))
                     .await?
-                    && record.attempt == result.attempt as i32
-                    && record.state == plan.state(result).as_str()
+                    && record.attempt == result.attempt
+                    && record.state == plan.state(result)
                     && is_recorded(&record, result)
                 {
                     follow_plan(ctx, result, plan).await?;
@@ -102,7 +101,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             }
             Applied::Stale { current, attempt } => {
                 inc(&ctx.metrics.results_duplicate);
-                info!(task_id = %result.task_id, status = %result.status, %current, attempt, "late result ignored: the task is already {current}");
+                info!(task_id = %result.task_id, status = %result.status, %current, %attempt, "late result ignored: the task is already {current}");
             }
             Applied::Unknown => {
                 warn!(task_id = %result.task_id, "result for a task this database does not know; ignored");

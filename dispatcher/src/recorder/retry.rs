@@ -62,9 +62,9 @@ pub(crate) fn plan(policy: Option<&RetryPolicy>, result: &TaskResult) -> Plan {
     if !policy.is_retryable(&error.kind, error.retryable) {
         return Plan::Record;
     }
-    if result.attempt < policy.max_attempts {
+    if result.attempt.get() < policy.max_attempts {
         Plan::Retry {
-            delay: policy.delay_before(result.attempt + 1),
+            delay: policy.delay_before(result.attempt.next().get()),
         }
     } else {
         Plan::Exhausted {
@@ -97,7 +97,7 @@ pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) ->
         let why = "the task as received is not stored, so it cannot be published again";
         return end_attempt(ctx, result, TaskState::Failed, "retry_impossible", why).await;
     };
-    task.attempt = result.attempt + 1;
+    task.attempt = result.attempt.next();
     let now = Utc::now();
     let (body, props) = match task.to_amqp(now) {
         Ok(m) => m,
@@ -121,7 +121,7 @@ pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) ->
     );
     let props = props.with_headers(table);
     publish(ctx, &ctx.topology.retry_exchange(), &task, &body, props).await?;
-    info!(task_id = %task.id, next_attempt = task.attempt, ?delay, tier = %tier_name(tier), "retry scheduled");
+    info!(task_id = %task.id, next_attempt = %task.attempt, ?delay, tier = %tier_name(tier), "retry scheduled");
     Ok(())
 }
 
@@ -159,7 +159,7 @@ pub(crate) async fn dead_letter(ctx: &Ctx, result: &TaskResult, reason: &str) ->
     );
     table.insert(
         headers::ATTEMPT.into(),
-        AMQPValue::LongLongInt(task.attempt.into()),
+        AMQPValue::LongLongInt(task.attempt.get().into()),
     );
     let mut put = |k: &str, v: String| {
         table.insert(k.into(), AMQPValue::LongString(v.into()));
@@ -199,7 +199,7 @@ pub(crate) async fn dead_letter(ctx: &Ctx, result: &TaskResult, reason: &str) ->
         props = props.with_priority(p);
     }
     publish(ctx, &ctx.topology.dlx(), &task, &body, props).await?;
-    warn!(task_id = %task.id, attempts = task.attempt, %reason, "attempts spent; task dead-lettered");
+    warn!(task_id = %task.id, attempts = %task.attempt, %reason, "attempts spent; task dead-lettered");
     Ok(())
 }
 
@@ -281,7 +281,7 @@ mod tests {
                 message: "out of memory".into(),
                 retryable,
             }),
-            attempt,
+            attempt: gantry_shared::message::Attempt::new(attempt).expect("attempts count from 1"),
             evidence: Evidence::default(),
             started_at: None,
             finished_at: Utc::now(),

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Evidence, JobName, Task, TaskId};
+use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskId};
 
 use crate::Result;
 
@@ -105,7 +105,7 @@ pub(crate) trait Runtime: Send + Sync + 'static {
 pub(crate) trait Job: Send + 'static {
     fn name(&self) -> &JobName;
     fn task_id(&self) -> TaskId;
-    fn attempt(&self) -> u32;
+    fn attempt(&self) -> Attempt;
     /// The executor class it runs.
     fn executor(&self) -> &str;
     /// When it started, where the runtime knows it at once.
@@ -135,7 +135,7 @@ pub(crate) enum End {
 #[derive(Debug, Clone)]
 pub(crate) struct JobEnd {
     pub(crate) task_id: TaskId,
-    pub(crate) attempt: u32,
+    pub(crate) attempt: Attempt,
     pub(crate) job_name: JobName,
     pub(crate) end: End,
     /// Exit code, signal or cluster reason, in words.

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::{Engine, ExecutorSpec};
-use gantry_shared::message::{Evidence, JobName, Task, TaskEnvelope, TaskId};
+use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskEnvelope, TaskId};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Deserialize;
@@ -57,7 +57,7 @@ pub(crate) struct LocalRuntime {
 pub(crate) struct LocalJob {
     pub(crate) name: JobName,
     pub(crate) task_id: TaskId,
-    pub(crate) attempt: u32,
+    pub(crate) attempt: Attempt,
     pub(crate) executor: String,
     pub(crate) deadline: DateTime<Utc>,
     /// When the executor started (or, for a new job, just before it was spawned).
@@ -159,7 +159,7 @@ impl LocalRuntime {
     ///
     /// # Errors
     /// The job directory cannot be written or the executor cannot be started.
-    #[instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
+    #[instrument(skip_all, fields(task_id = %task.id, attempt = %task.attempt))]
     fn start_job(&self, task: &Task, spec: &ExecutorSpec, dispatch_id: &str) -> Result<Started> {
         let name = JobName::for_task(task.id, task.attempt);
         let dir = self.jobs_dir.join(name.as_str());
@@ -477,10 +477,14 @@ impl Runtime for LocalRuntime {
                     continue;
                 }
             };
+            let Some(attempt) = Attempt::new(envelope.attempt) else {
+                warn!(dir = %dir.display(), "job directory whose task has attempt 0; skipped");
+                continue;
+            };
             let job = LocalJob {
-                name: JobName::for_task(envelope.task_id, envelope.attempt),
+                name: JobName::for_task(envelope.task_id, attempt),
                 task_id: envelope.task_id,
-                attempt: envelope.attempt,
+                attempt,
                 executor: envelope.executor,
                 deadline: envelope.deadline,
                 started_at: read_started_at(&dir),
@@ -510,7 +514,7 @@ impl Job for LocalJob {
         self.task_id
     }
 
-    fn attempt(&self) -> u32 {
+    fn attempt(&self) -> Attempt {
         self.attempt
     }
 

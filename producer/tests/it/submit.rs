@@ -61,7 +61,7 @@ async fn a_submitted_task_waits_in_its_queue_with_the_contracted_properties() {
         assert_eq!(task.executor.as_str(), "echo");
         assert_eq!(task.name.as_str(), "demo.echo");
         assert_eq!(task.payload, json!({"hello": "world"}));
-        assert_eq!(task.attempt, 1);
+        assert_eq!(task.attempt.get(), 1);
     })
     .await;
 }

@@ -33,7 +33,7 @@ async fn wait_returns_the_task_once_the_recorder_commits_its_result() {
         producer.close().await;
 
         assert_eq!(record.task_id, task.id);
-        assert_eq!(record.state(), TaskState::Succeeded);
+        assert_eq!(record.state, TaskState::Succeeded);
         assert_eq!(record.result.as_ref().unwrap()["output"], json!({"n": 1}));
         assert_eq!(record.pod_name.as_deref(), Some("test-pod"));
     })
@@ -80,7 +80,7 @@ async fn wait_on_a_finished_task_returns_at_once() {
             .await
             .unwrap();
 
-        assert_eq!(record.state(), TaskState::Failed);
+        assert_eq!(record.state, TaskState::Failed);
         assert_eq!(record.error.as_ref().unwrap()["kind"], "command_failed");
     })
     .await;
@@ -102,13 +102,13 @@ async fn status_and_events_follow_what_the_dispatcher_recorded() {
             .unwrap();
 
         let record = tracker.status(task.id).await.unwrap().unwrap();
-        assert_eq!(record.state(), TaskState::Succeeded);
-        let events: Vec<(i32, String)> = tracker
+        assert_eq!(record.state, TaskState::Succeeded);
+        let events: Vec<(u32, String)> = tracker
             .events(task.id)
             .await
             .unwrap()
             .into_iter()
-            .map(|e| (e.attempt, e.event))
+            .map(|e| (e.attempt.get(), e.event))
             .collect();
         assert_eq!(
             events,

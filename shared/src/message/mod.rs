@@ -5,6 +5,7 @@
 //! validated domain types or a [`Rejection`] whose text becomes the dead letter's reason.
 
 mod amqp;
+mod attempt;
 mod names;
 mod rejection;
 mod result;
@@ -12,6 +13,7 @@ mod schema;
 mod task;
 
 pub use amqp::{FieldTableExt, headers, value_to_json};
+pub use attempt::Attempt;
 pub use names::{ExecutorClass, InvalidName, JobName, TaskId, TaskName};
 pub use rejection::Rejection;
 pub use result::{Evidence, ResultStatus, TaskError, TaskResult, Usage};

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::attempt::Attempt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -189,7 +190,7 @@ impl fmt::Display for ExecutorClass {
 pub struct JobName(String);
 
 impl JobName {
-    pub fn for_task(id: TaskId, attempt: u32) -> Self {
+    pub fn for_task(id: TaskId, attempt: Attempt) -> Self {
         // 7 + 32 + 2 + up to 10 digits = at most 51 characters.
         JobName(format!("gantry-{}-a{attempt}", id.as_uuid().simple()))
     }
@@ -233,9 +234,12 @@ mod tests {
     #[test]
     fn job_names_are_deterministic_dns_labels() {
         let id = TaskId::new();
-        let name = JobName::for_task(id, 4_000_000_000);
-        assert_eq!(name, JobName::for_task(id, 4_000_000_000));
-        assert_ne!(name, JobName::for_task(id, 2));
+        let name = JobName::for_task(id, Attempt::new(4_000_000_000).expect("not 0"));
+        assert_eq!(
+            name,
+            JobName::for_task(id, Attempt::new(4_000_000_000).expect("not 0"))
+        );
+        assert_ne!(name, JobName::for_task(id, Attempt::FIRST.next()));
         assert!(name.as_str().len() <= 63);
         assert!(
             name.as_str()

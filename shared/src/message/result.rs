@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::amqp::{FieldTableExt, headers};
+use super::attempt::Attempt;
 use super::names::TaskId;
 use super::rejection::Rejection;
 use super::schema::{CONTENT_TYPE, RESULT_SCHEMA};
@@ -95,7 +96,7 @@ pub struct TaskResult {
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
-    pub attempt: u32,
+    pub attempt: Attempt,
     #[serde(default)]
     pub evidence: Evidence,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,7 +120,7 @@ impl TaskResult {
     /// error, the evidence so far with its `terminal_reason`, finished now.
     pub fn on_behalf(
         task_id: TaskId,
-        attempt: u32,
+        attempt: Attempt,
         status: ResultStatus,
         error: TaskError,
         evidence: Evidence,
@@ -155,7 +156,7 @@ impl TaskResult {
         );
         table.insert(
             headers::ATTEMPT.into(),
-            AMQPValue::LongLongInt(self.attempt.into()),
+            AMQPValue::LongLongInt(self.attempt.get().into()),
         );
         let id = ShortString::from(self.task_id.to_string());
         let props = BasicProperties::default()
@@ -187,12 +188,6 @@ impl TaskResult {
         }
         let result: TaskResult =
             serde_json::from_value(json).map_err(|e| Rejection::WrongSchema(e.to_string()))?;
-        if result.attempt == 0 {
-            return Err(Rejection::BadField {
-                field: "attempt",
-                detail: "must be 1 or more".into(),
-            });
-        }
         Ok(result)
     }
 }
@@ -211,7 +206,7 @@ mod tests {
                 message: "exit 3".into(),
                 retryable: false,
             }),
-            attempt: 2,
+            attempt: Attempt::FIRST.next(),
             evidence: Evidence {
                 job_name: Some("gantry-x-a2".into()),
                 ..Evidence::default()

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::amqp::{FieldTableExt, headers, short};
-use super::names::{ExecutorClass, TaskId, TaskName};
+use super::attempt::Attempt;
+use super::names::{ExecutorClass, InvalidName, TaskId, TaskName};
 use super::rejection::Rejection;
 use super::schema::{CONTENT_TYPE, TASK_SCHEMA};
 
@@ -97,7 +98,7 @@ pub struct Task {
     pub idempotency_key: Option<String>,
     pub priority: Option<u8>,
     pub submitted_at: DateTime<Utc>,
-    pub attempt: u32,
+    pub attempt: Attempt,
     pub reply_to: Option<String>,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
@@ -130,7 +131,7 @@ impl Task {
             idempotency_key: spec.idempotency_key,
             priority: spec.priority,
             submitted_at: now,
-            attempt: 1,
+            attempt: Attempt::FIRST,
             reply_to: spec.reply_to,
             traceparent: Some(traceparent::generate()),
             tracestate: None,
@@ -151,7 +152,7 @@ impl Task {
             idempotency_key: self.idempotency_key.clone(),
             priority: self.priority,
             submitted_at: self.submitted_at,
-            attempt: self.attempt,
+            attempt: self.attempt.get(),
         }
     }
 
@@ -173,7 +174,7 @@ impl Task {
         );
         table.insert(
             headers::ATTEMPT.into(),
-            AMQPValue::LongLongInt(self.attempt.into()),
+            AMQPValue::LongLongInt(self.attempt.get().into()),
         );
         if let Some(tp) = &self.traceparent {
             table.insert(
@@ -287,7 +288,8 @@ impl Task {
             idempotency_key: envelope.idempotency_key,
             priority: envelope.priority,
             submitted_at: envelope.submitted_at,
-            attempt: envelope.attempt,
+            attempt: Attempt::new(envelope.attempt)
+                .ok_or_else(|| bad("attempt")(InvalidName("must be 1 or more".into())))?,
             reply_to: None,
             traceparent: None,
             tracestate: None,
@@ -305,9 +307,6 @@ impl Task {
                 size,
                 limit: limits.max_payload_bytes,
             });
-        }
-        if self.attempt == 0 {
-            return Err(bad("attempt", "must be 1 or more".into()));
         }
         if let Some(p) = self.priority
             && p > 9

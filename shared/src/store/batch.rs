@@ -20,16 +20,16 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::rules::{Applied, Change, lock_all, received_again, transition_in};
-use super::sql::{DONE_CHANNEL, attempt_i32, cached, clean, pg, scrub};
+use super::sql::{DONE_CHANNEL, cached, clean, pg, scrub};
 use super::state::TaskState;
 use crate::Result;
-use crate::message::{Task, TaskId};
+use crate::message::{Attempt, Task, TaskId};
 
 /// One transition to apply, for [`Store::transitions`](super::Store::transitions).
 #[derive(Debug, Clone)]
 pub struct Transition {
     pub id: TaskId,
-    pub attempt: u32,
+    pub attempt: Attempt,
     pub state: TaskState,
     pub change: Change,
 }
@@ -82,13 +82,10 @@ async fn transition_round(
             out[i] = Some(Applied::Unknown);
             continue;
         };
-        let attempt = attempt_i32(t.attempt);
-        let forward = current.state.can_become(
-            current.attempt.max(0) as u32,
-            t.state,
-            attempt.max(0) as u32,
-        );
-        if forward && attempt == current.attempt {
+        let forward = current
+            .state
+            .can_become(current.attempt, t.state, t.attempt);
+        if forward && t.attempt == current.attempt {
             fast.push(i);
         } else {
             out[i] = Some(transition_in(tx, t.id, t.attempt, t.state, &t.change).await?);
@@ -101,19 +98,14 @@ async fn transition_round(
         tx,
         fast.iter().map(|&i| {
             let t = &batch[i];
-            (
-                t.id,
-                attempt_i32(t.attempt),
-                t.state.as_str(),
-                t.change.detail.as_ref(),
-            )
+            (t.id, t.attempt, t.state.as_str(), t.change.detail.as_ref())
         }),
     )
     .await?;
     let mut changed = Vec::with_capacity(fast.len());
     for i in fast {
         let t = &batch[i];
-        if recorded.contains(&(t.id.as_uuid(), attempt_i32(t.attempt))) {
+        if recorded.contains(&(t.id.as_uuid(), t.attempt)) {
             let reply_to = locked.get(&t.id.as_uuid()).and_then(|l| l.reply_to.clone());
             out[i] = Some(Applied::Changed { reply_to });
             changed.push(t);
@@ -142,8 +134,8 @@ async fn transition_round(
 /// `(task, attempt)` of those that were new.
 async fn insert_events<'a>(
     tx: &Transaction<'_>,
-    events: impl Iterator<Item = (TaskId, i32, &'a str, Option<&'a Value>)>,
-) -> Result<HashSet<(Uuid, i32)>> {
+    events: impl Iterator<Item = (TaskId, Attempt, &'a str, Option<&'a Value>)>,
+) -> Result<HashSet<(Uuid, Attempt)>> {
     let (mut ids, mut attempts, mut names, mut details) = (vec![], vec![], vec![], vec![]);
     for (id, attempt, event, detail) in events {
         ids.push(id.as_uuid());
@@ -184,7 +176,7 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
         let (c, e) = (&t.change, &t.change.evidence);
         ids.push(t.id.as_uuid());
         states.push(t.state.as_str());
-        attempts.push(attempt_i32(t.attempt));
+        attempts.push(t.attempt);
         for (column, value) in text.iter_mut().zip([
             &e.dispatch_id,
             &e.job_name,
@@ -259,8 +251,8 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
 pub(super) async fn received_in(
     tx: &Transaction<'_>,
     tasks: &[&Task],
-) -> Result<Vec<(TaskState, i32)>> {
-    let mut out: Vec<Option<(TaskState, i32)>> = vec![None; tasks.len()];
+) -> Result<Vec<(TaskState, Attempt)>> {
+    let mut out: Vec<Option<(TaskState, Attempt)>> = vec![None; tasks.len()];
     let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
     for round in rounds(&ids) {
         received_round(tx, tasks, &round, &mut out).await?;
@@ -268,7 +260,7 @@ pub(super) async fn received_in(
     Ok(out
         .into_iter()
         .zip(tasks)
-        .map(|(o, t)| o.unwrap_or((TaskState::Received, attempt_i32(t.attempt))))
+        .map(|(o, t)| o.unwrap_or((TaskState::Received, t.attempt)))
         .collect())
 }
 
@@ -277,7 +269,7 @@ async fn received_round(
     tx: &Transaction<'_>,
     tasks: &[&Task],
     indices: &[usize],
-    out: &mut [Option<(TaskState, i32)>],
+    out: &mut [Option<(TaskState, Attempt)>],
 ) -> Result<()> {
     let n = indices.len();
     let mut ids = Vec::with_capacity(n);
@@ -291,7 +283,7 @@ async fn received_round(
         ids.push(t.id.as_uuid());
         names.push(t.name.as_str());
         executors.push(t.executor.as_str());
-        attempts.push(attempt_i32(t.attempt));
+        attempts.push(t.attempt);
         for (column, value) in
             text.iter_mut()
                 .zip([&t.reply_to, &t.idempotency_key, &t.traceparent])
@@ -346,7 +338,7 @@ async fn received_round(
     let mut fresh = Vec::new();
     for &i in indices {
         let t = tasks[i];
-        let attempt = attempt_i32(t.attempt);
+        let attempt = t.attempt;
         out[i] = match written.get(&t.id.as_uuid()) {
             Some(true) => {
                 fresh.push(t);
@@ -361,9 +353,7 @@ async fn received_round(
     if !fresh.is_empty() {
         insert_events(
             tx,
-            fresh
-                .iter()
-                .map(|t| (t.id, attempt_i32(t.attempt), "received", None)),
+            fresh.iter().map(|t| (t.id, t.attempt, "received", None)),
         )
         .await?;
     }

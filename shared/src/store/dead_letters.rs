@@ -11,7 +11,7 @@ use super::sql::{DONE_CHANNEL, clean, pg, scrub};
 use super::state::TaskState;
 use crate::Result;
 pub use crate::dead_letter::DeadLetter;
-use crate::message::TaskId;
+use crate::message::{Attempt, TaskId};
 
 impl Store {
     /// Records dead letters in one transaction. A dead letter of a known task also ends the
@@ -68,7 +68,7 @@ impl Store {
                         detail: Some(json!({"dead_letter_id": d.id, "reason": d.reason})),
                         ..Change::default()
                     };
-                    let attempt = d.attempt.unwrap_or(1);
+                    let attempt = d.attempt.and_then(Attempt::new).unwrap_or(Attempt::FIRST);
                     match transition_in(&tx, task_id, attempt, state, &change).await? {
                         Applied::Unknown => never_received(&tx, letter, task_id, state).await?,
                         other => other,
@@ -218,7 +218,7 @@ async fn never_received(
     let (deadline, submitted_at) = envelope
         .as_ref()
         .map_or((d.dead_at, d.dead_at), |e| (e.deadline, e.submitted_at));
-    let attempt = i32::try_from(d.attempt.unwrap_or(1)).unwrap_or(1).max(1);
+    let attempt = d.attempt.and_then(Attempt::new).unwrap_or(Attempt::FIRST);
     let error = json!({"kind": d.reason_kind(), "message": d.reason, "retryable": false});
     let inserted = tx
         .execute(
@@ -230,7 +230,7 @@ async fn never_received(
                 &task_id.as_uuid(),
                 &clean(d.task.as_deref()).unwrap_or_default(),
                 &clean(d.executor.as_deref()).unwrap_or_default(),
-                &state.as_str(),
+                &state,
                 &attempt,
                 &deadline,
                 &submitted_at,

@@ -18,8 +18,10 @@
 //!   many tasks in a few statements. `state`: [`TaskState`].
 //! - `tasks`: the task lifecycle's reads and writes. `dead_letters`: dead letters.
 //! - `sql`: what every statement needs (errors, cleaning, prepared statements).
+//! - `column`: Gantry's types as Postgres columns.
 
 mod batch;
+mod column;
 mod dead_letters;
 mod migrate;
 mod pool;

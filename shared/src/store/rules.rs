@@ -8,10 +8,10 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::Row;
 
-use super::sql::{DONE_CHANNEL, attempt_i32, cached, clean, pg, scrub};
+use super::sql::{DONE_CHANNEL, cached, clean, pg, scrub};
 use super::state::TaskState;
 use crate::Result;
-use crate::message::{Evidence, Task, TaskId};
+use crate::message::{Attempt, Evidence, Task, TaskId};
 
 /// One transition to apply.
 #[derive(Debug, Clone, Default)]
@@ -35,7 +35,10 @@ pub enum Applied {
     /// The same event was already recorded: nothing changed.
     Duplicate,
     /// The task is already further along (or terminal); the late event is noted only.
-    Stale { current: TaskState, attempt: i32 },
+    Stale {
+        current: TaskState,
+        attempt: Attempt,
+    },
     /// No such task.
     Unknown,
 }
@@ -49,7 +52,7 @@ impl Applied {
 pub(super) async fn insert_event(
     tx: &Transaction<'_>,
     id: TaskId,
-    attempt: i32,
+    attempt: Attempt,
     event: &str,
     detail: Option<&Value>,
 ) -> Result<bool> {
@@ -70,20 +73,17 @@ pub(super) async fn insert_event(
 /// A task row, locked for the rest of the transaction.
 pub(super) struct Locked {
     pub(super) state: TaskState,
-    pub(super) attempt: i32,
+    pub(super) attempt: Attempt,
     pub(super) reply_to: Option<String>,
 }
 
 impl Locked {
-    fn from_row(row: &Row) -> Locked {
-        Locked {
-            state: row
-                .get::<_, String>("state")
-                .parse()
-                .unwrap_or(TaskState::Received),
-            attempt: row.get("attempt"),
-            reply_to: row.get("reply_to"),
-        }
+    fn from_row(row: &Row) -> Result<Locked> {
+        Ok(Locked {
+            state: row.try_get("state").map_err(pg("read a task row"))?,
+            attempt: row.try_get("attempt").map_err(pg("read a task row"))?,
+            reply_to: row.try_get("reply_to").map_err(pg("read a task row"))?,
+        })
     }
 }
 
@@ -99,18 +99,20 @@ pub(super) async fn lock_all(
     )
     .await?;
     let rows = tx.query(&select, &[&ids]).await.map_err(pg("lock tasks"))?;
-    Ok(rows
-        .iter()
-        .map(|row| (row.get("task_id"), Locked::from_row(row)))
-        .collect())
+    rows.iter()
+        .map(|row| Ok((row.get("task_id"), Locked::from_row(row)?)))
+        .collect()
 }
 
 /// `received` for a task Postgres knows already: a new attempt (retry or replay), which may
 /// carry a new deadline, or a repeated delivery of an attempt, which changes nothing and is
 /// answered with the task's state as it stands (a repeat of an attempt that has ended must
 /// say so, or the dispatcher would run it again).
-pub(super) async fn received_again(tx: &Transaction<'_>, task: &Task) -> Result<(TaskState, i32)> {
-    let attempt = attempt_i32(task.attempt);
+pub(super) async fn received_again(
+    tx: &Transaction<'_>,
+    task: &Task,
+) -> Result<(TaskState, Attempt)> {
+    let attempt = task.attempt;
     let change = Change::default();
     Ok(
         match transition_in(tx, task.id, task.attempt, TaskState::Received, &change).await? {
@@ -147,18 +149,17 @@ pub(super) async fn lock(tx: &Transaction<'_>, id: TaskId) -> Result<Option<Lock
         .query_opt(&select, &[&id.as_uuid()])
         .await
         .map_err(pg("lock task"))?;
-    Ok(row.as_ref().map(Locked::from_row))
+    row.as_ref().map(Locked::from_row).transpose()
 }
 
 /// The transition rule, applied under a row lock.
 pub(super) async fn transition_in(
     tx: &Transaction<'_>,
     id: TaskId,
-    attempt: u32,
+    attempt: Attempt,
     state: TaskState,
     change: &Change,
 ) -> Result<Applied> {
-    let attempt = attempt_i32(attempt);
     let Some(Locked {
         state: current,
         attempt: current_attempt,
@@ -168,7 +169,7 @@ pub(super) async fn transition_in(
         return Ok(Applied::Unknown);
     };
     let event = state.as_str();
-    if !current.can_become(current_attempt.max(0) as u32, state, attempt.max(0) as u32) {
+    if !current.can_become(current_attempt, state, attempt) {
         let seen = tx
             .query_opt(
                 "SELECT 1 FROM task_events WHERE task_id = $1 AND attempt = $2 AND event = $3",

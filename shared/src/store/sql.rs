@@ -18,10 +18,6 @@ pub(super) async fn cached(tx: &Transaction<'_>, sql: &str) -> Result<Statement>
         .map_err(pg("prepare a task statement"))
 }
 
-pub(super) fn attempt_i32(attempt: u32) -> i32 {
-    i32::try_from(attempt).unwrap_or(i32::MAX)
-}
-
 /// The same JSON without NUL characters, which Postgres refuses in `jsonb` (U+0000 becomes
 /// U+FFFD): one odd byte in an output must not make a whole batch unrecordable.
 pub(crate) fn scrub(v: &serde_json::Value) -> serde_json::Value {

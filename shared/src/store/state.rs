@@ -4,10 +4,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::message::ResultStatus;
+use serde::{Deserialize, Serialize};
+
+use crate::message::{Attempt, ResultStatus};
 
 /// The state of a task, as stored in `tasks.state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Received,
     Dispatched,
@@ -64,14 +67,14 @@ impl TaskState {
     /// Whether attempt `delivered` of a task that stands at `(self, attempt)` is over: the
     /// task has ended, has moved on to a later attempt, or waits to retry this one. A
     /// dispatcher never starts a job for such an attempt.
-    pub fn has_ended(&self, attempt: u32, delivered: u32) -> bool {
+    pub fn has_ended(&self, attempt: Attempt, delivered: Attempt) -> bool {
         self.is_terminal()
             || attempt > delivered
             || (attempt == delivered && *self == TaskState::Retrying)
     }
 
     /// Whether moving from `(self, attempt)` to `(next, next_attempt)` is progress.
-    pub fn can_become(&self, attempt: u32, next: TaskState, next_attempt: u32) -> bool {
+    pub fn can_become(&self, attempt: Attempt, next: TaskState, next_attempt: Attempt) -> bool {
         if self.is_terminal() {
             return false;
         }
@@ -111,31 +114,35 @@ mod tests {
     use super::TaskState::*;
     use super::*;
 
+    fn a(n: u32) -> Attempt {
+        Attempt::new(n).expect("attempts count from 1")
+    }
+
     #[test]
     fn states_only_move_forward() {
-        assert!(Received.can_become(1, Dispatched, 1));
-        assert!(Dispatched.can_become(1, Succeeded, 1));
-        assert!(Running.can_become(1, Failed, 1));
-        assert!(!Running.can_become(1, Dispatched, 1));
-        assert!(!Running.can_become(1, Running, 1));
-        assert!(Retrying.can_become(1, Received, 2));
-        assert!(!Running.can_become(2, Succeeded, 1));
+        assert!(Received.can_become(a(1), Dispatched, a(1)));
+        assert!(Dispatched.can_become(a(1), Succeeded, a(1)));
+        assert!(Running.can_become(a(1), Failed, a(1)));
+        assert!(!Running.can_become(a(1), Dispatched, a(1)));
+        assert!(!Running.can_become(a(1), Running, a(1)));
+        assert!(Retrying.can_become(a(1), Received, a(2)));
+        assert!(!Running.can_become(a(2), Succeeded, a(1)));
     }
 
     #[test]
     fn an_attempt_is_over_once_the_task_ended_moved_on_or_waits_to_retry_it() {
         for live in [Received, Dispatched, Running] {
-            assert!(!live.has_ended(2, 2), "{live}");
-            assert!(live.has_ended(3, 2), "{live} at a later attempt");
+            assert!(!live.has_ended(a(2), a(2)), "{live}");
+            assert!(live.has_ended(a(3), a(2)), "{live} at a later attempt");
         }
-        assert!(Retrying.has_ended(2, 2));
+        assert!(Retrying.has_ended(a(2), a(2)));
         assert!(
-            !Retrying.has_ended(1, 2),
+            !Retrying.has_ended(a(1), a(2)),
             "the retry of attempt 1 is attempt 2"
         );
         for terminal in [Succeeded, Failed, Expired, Cancelled, DeadLettered] {
-            assert!(terminal.has_ended(1, 1));
-            assert!(terminal.has_ended(1, 2));
+            assert!(terminal.has_ended(a(1), a(1)));
+            assert!(terminal.has_ended(a(1), a(2)));
         }
     }
 
@@ -143,8 +150,8 @@ mod tests {
     fn a_terminal_state_is_never_overwritten() {
         for terminal in [Succeeded, Failed, Expired, Cancelled, DeadLettered] {
             for next in TaskState::ALL {
-                assert!(!terminal.can_become(1, next, 1));
-                assert!(!terminal.can_become(1, next, 2));
+                assert!(!terminal.can_become(a(1), next, a(1)));
+                assert!(!terminal.can_become(a(1), next, a(2)));
             }
         }
     }

@@ -12,19 +12,22 @@ use tracing::instrument;
 use super::batch::{self, Transition};
 use super::pool::Store;
 use super::rules::{Applied, Change, Locked, insert_event, lock, transition_in};
-use super::sql::{DONE_CHANNEL, attempt_i32, pg};
+use super::sql::{DONE_CHANNEL, pg};
 use super::state::TaskState;
 use crate::Result;
-use crate::message::{Task, TaskId, TaskResult};
+use crate::message::{Attempt, ExecutorClass, Task, TaskId, TaskResult};
 
 /// A task as stored, for `gantry status` and the CLI's `--json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskRecord {
     pub task_id: TaskId,
     pub task: String,
+    /// The executor class as the task named it: a task refused on receipt keeps the text it
+    /// came with, valid or not, and one cancelled before any dispatcher saw it has none
+    /// (empty).
     pub executor: String,
-    pub state: String,
-    pub attempt: i32,
+    pub state: TaskState,
+    pub attempt: Attempt,
     pub reply_to: Option<String>,
     pub deadline: DateTime<Utc>,
     pub submitted_at: DateTime<Utc>,
@@ -43,34 +46,31 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
-    /// The parsed state.
-    pub fn state(&self) -> TaskState {
-        self.state.parse().unwrap_or(TaskState::Received)
-    }
-
-    fn from_row(r: &Row) -> Self {
-        TaskRecord {
-            task_id: TaskId::from(r.get::<_, uuid::Uuid>("task_id")),
-            task: r.get("task"),
-            executor: r.get("executor"),
-            state: r.get("state"),
-            attempt: r.get("attempt"),
-            reply_to: r.get("reply_to"),
-            deadline: r.get("deadline"),
-            submitted_at: r.get("submitted_at"),
-            received_at: r.get("received_at"),
-            dispatched_at: r.get("dispatched_at"),
-            started_at: r.get("started_at"),
-            finished_at: r.get("finished_at"),
-            dispatch_id: r.get("dispatch_id"),
-            job_name: r.get("job_name"),
-            pod_name: r.get("pod_name"),
-            node: r.get("node"),
-            terminal_reason: r.get("terminal_reason"),
-            result: r.get("result"),
-            error: r.get("error"),
-            forwarded_at: r.get("forwarded_at"),
-        }
+    /// The row as a record. A state this binary does not know is an error that names it.
+    fn from_row(r: &Row) -> Result<Self> {
+        let read = || pg("read a task");
+        Ok(TaskRecord {
+            task_id: TaskId::from(r.try_get::<_, uuid::Uuid>("task_id").map_err(read())?),
+            task: r.try_get("task").map_err(read())?,
+            executor: r.try_get("executor").map_err(read())?,
+            state: r.try_get("state").map_err(read())?,
+            attempt: r.try_get("attempt").map_err(read())?,
+            reply_to: r.try_get("reply_to").map_err(read())?,
+            deadline: r.try_get("deadline").map_err(read())?,
+            submitted_at: r.try_get("submitted_at").map_err(read())?,
+            received_at: r.try_get("received_at").map_err(read())?,
+            dispatched_at: r.try_get("dispatched_at").map_err(read())?,
+            started_at: r.try_get("started_at").map_err(read())?,
+            finished_at: r.try_get("finished_at").map_err(read())?,
+            dispatch_id: r.try_get("dispatch_id").map_err(read())?,
+            job_name: r.try_get("job_name").map_err(read())?,
+            pod_name: r.try_get("pod_name").map_err(read())?,
+            node: r.try_get("node").map_err(read())?,
+            terminal_reason: r.try_get("terminal_reason").map_err(read())?,
+            result: r.try_get("result").map_err(read())?,
+            error: r.try_get("error").map_err(read())?,
+            forwarded_at: r.try_get("forwarded_at").map_err(read())?,
+        })
     }
 }
 
@@ -90,13 +90,13 @@ impl Store {
     ///
     /// # Errors
     /// Postgres errors.
-    #[instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
-    pub async fn record_received(&self, task: &Task) -> Result<(TaskState, i32)> {
+    #[instrument(skip_all, fields(task_id = %task.id, attempt = %task.attempt))]
+    pub async fn record_received(&self, task: &Task) -> Result<(TaskState, Attempt)> {
         let received = self.record_received_many(&[task]).await?;
         Ok(received
             .first()
             .copied()
-            .unwrap_or((TaskState::Received, attempt_i32(task.attempt))))
+            .unwrap_or((TaskState::Received, task.attempt)))
     }
 
     /// [`Store::record_received`] for many tasks, in one transaction; each task's state and
@@ -105,7 +105,7 @@ impl Store {
     /// # Errors
     /// Postgres errors; then nothing of the batch is recorded.
     #[instrument(skip_all, fields(batch = tasks.len()))]
-    pub async fn record_received_many(&self, tasks: &[&Task]) -> Result<Vec<(TaskState, i32)>> {
+    pub async fn record_received_many(&self, tasks: &[&Task]) -> Result<Vec<(TaskState, Attempt)>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
         let outcome = batch::received_in(&tx, tasks).await?;
@@ -121,7 +121,7 @@ impl Store {
     pub async fn transition(
         &self,
         id: TaskId,
-        attempt: u32,
+        attempt: Attempt,
         state: TaskState,
         change: &Change,
     ) -> Result<Applied> {
@@ -205,27 +205,32 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// The executor class of each known task among `ids`.
+    /// The executor class of each task among `ids` that a dispatcher received.
     ///
     /// # Errors
     /// Postgres errors.
     pub async fn executors(
         &self,
         ids: &[TaskId],
-    ) -> Result<std::collections::HashMap<TaskId, String>> {
+    ) -> Result<std::collections::HashMap<TaskId, ExecutorClass>> {
         let client = self.client().await?;
         let uuids: Vec<uuid::Uuid> = ids.iter().map(TaskId::as_uuid).collect();
+        // Only the rows of tasks that were received (a refused task may name no valid
+        // class; a task cancelled before it was received names none).
         let rows = client
             .query(
-                "SELECT task_id, executor FROM tasks WHERE task_id = ANY($1)",
+                "SELECT task_id, executor FROM tasks WHERE task_id = ANY($1) AND envelope IS NOT NULL",
                 &[&uuids],
             )
             .await
             .map_err(pg("read executors"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (TaskId::from(r.get::<_, uuid::Uuid>(0)), r.get(1)))
-            .collect())
+        rows.iter()
+            .map(|r| {
+                let read = || pg("read executors");
+                let id = TaskId::from(r.try_get::<_, uuid::Uuid>(0).map_err(read())?);
+                Ok((id, r.try_get(1).map_err(read())?))
+            })
+            .collect()
     }
 
     /// The task as it was received (its latest attempt) and its trace context, to publish
@@ -269,8 +274,7 @@ impl Store {
         let outcome = match lock(&tx, id).await? {
             Some(locked) if locked.state.is_terminal() => Cancel::AlreadyEnded(locked.state),
             Some(locked) => {
-                let attempt = u32::try_from(locked.attempt).unwrap_or(1);
-                transition_in(&tx, id, attempt, TaskState::Cancelled, &change).await?;
+                transition_in(&tx, id, locked.attempt, TaskState::Cancelled, &change).await?;
                 Cancel::Cancelled(Some(locked.state))
             }
             None => {
@@ -282,7 +286,7 @@ impl Store {
                 )
                 .await
                 .map_err(pg("insert cancelled task"))?;
-                insert_event(&tx, id, 1, "cancelled", change.detail.as_ref()).await?;
+                insert_event(&tx, id, Attempt::FIRST, "cancelled", change.detail.as_ref()).await?;
                 tx.execute(
                     "SELECT pg_notify($1, $2)",
                     &[&DONE_CHANNEL, &id.to_string()],
@@ -352,12 +356,11 @@ impl Store {
     pub async fn record_replay(
         &self,
         id: TaskId,
-        new_attempt: u32,
+        new_attempt: Attempt,
         dead_letter_id: uuid::Uuid,
     ) -> Result<Applied> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg("begin"))?;
-        let new_attempt = attempt_i32(new_attempt);
         let Some(Locked {
             state: current,
             attempt,
@@ -409,14 +412,14 @@ impl Store {
             .query_opt("SELECT * FROM tasks WHERE task_id = $1", &[&id.as_uuid()])
             .await
             .map_err(pg("read task"))?;
-        Ok(row.as_ref().map(TaskRecord::from_row))
+        row.as_ref().map(TaskRecord::from_row).transpose()
     }
 
     /// Tasks that are not terminal, for reconciliation at start.
     ///
     /// # Errors
     /// Postgres errors.
-    pub async fn unfinished(&self, executor: Option<&str>) -> Result<Vec<TaskRecord>> {
+    pub async fn unfinished(&self, executor: Option<&ExecutorClass>) -> Result<Vec<TaskRecord>> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -426,7 +429,7 @@ impl Store {
             )
             .await
             .map_err(pg("read unfinished tasks"))?;
-        Ok(rows.iter().map(TaskRecord::from_row).collect())
+        rows.iter().map(TaskRecord::from_row).collect()
     }
 
     /// The events of a task, oldest first: `(attempt, event, detail, at)`.
@@ -436,7 +439,7 @@ impl Store {
     pub async fn events(
         &self,
         id: TaskId,
-    ) -> Result<Vec<(i32, String, Option<Value>, DateTime<Utc>)>> {
+    ) -> Result<Vec<(Attempt, String, Option<Value>, DateTime<Utc>)>> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -445,10 +448,17 @@ impl Store {
             )
             .await
             .map_err(pg("read task events"))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect())
+        rows.iter()
+            .map(|r| {
+                let read = || pg("read task events");
+                Ok((
+                    r.try_get(0).map_err(read())?,
+                    r.try_get(1).map_err(read())?,
+                    r.try_get(2).map_err(read())?,
+                    r.try_get(3).map_err(read())?,
+                ))
+            })
+            .collect()
     }
 }
 

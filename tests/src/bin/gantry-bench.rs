@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use gantry_shared::message::TaskId;
+use gantry_shared::store::TaskState;
 use gantry_tests::TestEnv;
 use gantry_tests::bench::{Figures, echo_spec, lapin_round_trip};
 use serde_json::json;
@@ -90,7 +91,7 @@ async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
             .await?;
         let record = producer.wait(id, Duration::from_secs(60)).await?;
         anyhow::ensure!(
-            record.state == "succeeded",
+            record.state == TaskState::Succeeded,
             "idle task {id} ended {}",
             record.state
         );

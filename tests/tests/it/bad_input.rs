@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use gantry_shared::message::{ExecutorClass, Limits, Task, TaskName, TaskSpec, headers};
 use gantry_shared::retry;
+use gantry_shared::store::TaskState;
 use gantry_tests::{TestEnv, eventually};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -107,7 +108,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_the_dispat
     producer.submit_task(&good).await?;
     assert_eq!(
         producer.wait(good.id, Duration::from_secs(60)).await?.state,
-        "succeeded"
+        TaskState::Succeeded
     );
 
     let store = env.store().await?;

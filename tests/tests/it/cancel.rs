@@ -4,6 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::{TestEnv, bin_path, eventually};
 use serde_json::json;
 
@@ -42,7 +43,7 @@ async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result
         Ok(producer
             .status(id)
             .await?
-            .filter(|r| r.state == "running")
+            .filter(|r| r.state == TaskState::Running)
             .map(|_| ()))
     })
     .await?;
@@ -62,7 +63,7 @@ async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("it was running"), "{output}");
     let record = producer.wait(id, Duration::from_secs(10)).await?;
-    assert_eq!(record.state, "cancelled");
+    assert_eq!(record.state, TaskState::Cancelled);
     assert_eq!(
         record.error.as_ref().map(|e| e["message"].clone()),
         Some(json!("test says so"))
@@ -92,10 +93,10 @@ async fn a_task_cancelled_while_queued_is_skipped_by_the_dispatcher() -> anyhow:
     let after = producer.submit(spec(json!({"n": 2}))).await?;
     assert_eq!(
         producer.wait(after, Duration::from_secs(60)).await?.state,
-        "succeeded"
+        TaskState::Succeeded
     );
     let record = producer.status(cancelled).await?.expect("recorded");
-    assert_eq!(record.state, "cancelled");
+    assert_eq!(record.state, TaskState::Cancelled);
     assert_eq!(
         record.task, "cancel.me",
         "the placeholder is filled in when the task arrives"

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use gantry_shared::message::{ExecutorClass, TaskName, TaskResult, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::{TestEnv, eventually};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -67,11 +68,12 @@ async fn only_the_final_result_is_forwarded_to_reply_to_and_only_once_it_is_reco
         Some(id.to_string())
     );
     assert_eq!(
-        result.attempt, 2,
+        result.attempt.get(),
+        2,
         "the final attempt's result, not the first"
     );
-    assert_eq!(stored.state, "dead_lettered", "{stored:?}");
-    assert_eq!(stored.attempt, 2);
+    assert_eq!(stored.state, TaskState::DeadLettered, "{stored:?}");
+    assert_eq!(stored.attempt.get(), 2);
     eventually(
         "forwarded_at to be set",
         Duration::from_secs(10),

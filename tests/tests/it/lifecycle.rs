@@ -5,6 +5,7 @@ use std::time::Duration;
 use gantry_producer::Producer;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskResult, TaskSpec};
 use gantry_shared::retry;
+use gantry_shared::store::TaskState;
 use gantry_tests::{TestEnv, eventually};
 use serde_json::{Value, json};
 
@@ -41,8 +42,8 @@ async fn a_submitted_task_succeeds_and_is_persisted_with_its_evidence() -> anyho
     let id = submit(&producer, "echo", payload.clone(), Duration::from_secs(60)).await?;
     let record = producer.wait(id, WAIT).await?;
 
-    assert_eq!(record.state, "succeeded");
-    assert_eq!(record.attempt, 1);
+    assert_eq!(record.state, TaskState::Succeeded);
+    assert_eq!(record.attempt.get(), 1);
     let result: TaskResult = serde_json::from_value(record.result.clone().expect("result stored"))?;
     assert_eq!(result.output, Some(payload));
     assert_eq!(result.reported_by, "executor");
@@ -89,7 +90,7 @@ executors:
     let id = submit(&producer, "failing", json!({}), Duration::from_secs(60)).await?;
     let record = producer.wait(id, WAIT).await?;
 
-    assert_eq!(record.state, "failed");
+    assert_eq!(record.state, TaskState::Failed);
     let error = record.error.clone().expect("error stored");
     assert_eq!(error["kind"], "command_failed");
     let message = error["message"].as_str().unwrap_or_default();
@@ -116,7 +117,7 @@ async fn a_task_past_its_deadline_is_stopped_and_recorded_expired() -> anyhow::R
     .await?;
     let record = producer.wait(id, WAIT).await?;
 
-    assert_eq!(record.state, "expired");
+    assert_eq!(record.state, TaskState::Expired);
     let error = record.error.clone().expect("error stored");
     assert_eq!(error["kind"], "deadline_exceeded");
     let finished = record.finished_at.expect("finished_at");
@@ -202,7 +203,7 @@ executors:
     let queue = env.topology().task_queue(&ExecutorClass::parse("narrow")?);
     let waiting = env.queue_depth(&queue).await?;
     for id in &ids {
-        assert_eq!(producer.wait(*id, WAIT).await?.state, "succeeded");
+        assert_eq!(producer.wait(*id, WAIT).await?.state, TaskState::Succeeded);
     }
     // Replay the start/end marks to find the most jobs that ever ran together.
     let text = std::fs::read_to_string(&log)?;
@@ -254,10 +255,13 @@ async fn an_output_postgres_would_refuse_is_stored_cleaned_and_holds_up_nothing(
     )
     .await?;
     let odd = producer.wait(odd, WAIT).await?;
-    assert_eq!(odd.state, "succeeded");
+    assert_eq!(odd.state, TaskState::Succeeded);
     let output = odd.result.as_ref().map(|r| r["output"]["text"].clone());
     assert_eq!(output, Some(json!("nul\u{FFFD}byte")));
-    assert_eq!(producer.wait(plain, WAIT).await?.state, "succeeded");
+    assert_eq!(
+        producer.wait(plain, WAIT).await?.state,
+        TaskState::Succeeded
+    );
     producer.close().await;
     env.cleanup().await
 }
@@ -277,7 +281,7 @@ async fn a_task_that_expires_in_its_queue_ends_expired_and_wait_says_so() -> any
     .await?;
     let _dispatcher = env.dispatcher()?;
     let record = producer.wait(id, WAIT).await?;
-    assert_eq!(record.state, "expired");
+    assert_eq!(record.state, TaskState::Expired);
     let reason = record.terminal_reason.unwrap_or_default();
     assert!(
         reason.starts_with("expired: the task's TTL ran out while it waited in"),
@@ -308,8 +312,8 @@ async fn a_task_held_too_long_for_capacity_goes_back_to_the_queue_instead_of_tim
     }
     for id in &ids {
         let record = producer.wait(*id, WAIT).await?;
-        assert_eq!(record.state, "succeeded");
-        assert_eq!(record.attempt, 1, "requeueing is not a new attempt");
+        assert_eq!(record.state, TaskState::Succeeded);
+        assert_eq!(record.attempt.get(), 1, "requeueing is not a new attempt");
     }
     assert!(
         dispatcher
@@ -341,8 +345,8 @@ async fn a_job_that_cannot_be_started_fails_its_attempt_as_dispatch_failed() -> 
     let producer = env.producer().await?;
     let id = submit(&producer, "echo", json!({}), Duration::from_secs(60)).await?;
     let record = producer.wait(id, WAIT).await?;
-    assert_eq!(record.state, "dead_lettered", "{:?}", record.error);
-    assert_eq!(record.attempt, 2, "dispatch_failed is retried");
+    assert_eq!(record.state, TaskState::DeadLettered, "{:?}", record.error);
+    assert_eq!(record.attempt.get(), 2, "dispatch_failed is retried");
     let error = record.error.clone().unwrap_or_default();
     assert_eq!(error["kind"], json!("dispatch_failed"));
     let result: TaskResult = serde_json::from_value(record.result.clone().expect("result"))?;

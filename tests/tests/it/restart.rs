@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::{Dispatcher, TestEnv, eventually};
 use serde_json::json;
 
@@ -43,7 +44,7 @@ executors:
         let mut running = 0;
         for id in &ids {
             if let Some(r) = producer.status(*id).await?
-                && r.state == "running"
+                && r.state == TaskState::Running
             {
                 running += 1;
             }
@@ -56,7 +57,12 @@ executors:
     let restarted = Dispatcher::start(&env, &[])?;
     for id in &ids {
         let record = producer.wait(*id, Duration::from_secs(120)).await?;
-        assert_eq!(record.state, "succeeded", "task {id}: {:?}", record.error);
+        assert_eq!(
+            record.state,
+            TaskState::Succeeded,
+            "task {id}: {:?}",
+            record.error
+        );
     }
     let text = std::fs::read_to_string(&runs)?;
     let mut per_task: HashMap<String, usize> = HashMap::new();
@@ -129,7 +135,7 @@ executors:
 
     // A crash is retryable; with one attempt allowed, the task is dead-lettered.
     let record = producer.wait(id, Duration::from_secs(60)).await?;
-    assert_eq!(record.state, "dead_lettered");
+    assert_eq!(record.state, TaskState::DeadLettered);
     assert_eq!(
         record.error.as_ref().map(|e| e["kind"].clone()),
         Some(json!("executor_crashed"))
@@ -150,7 +156,7 @@ executors:
 #[tokio::test]
 async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start()
 -> anyhow::Result<()> {
-    use gantry_shared::message::{Evidence, JobName, Limits, Task};
+    use gantry_shared::message::{Attempt, Evidence, JobName, Limits, Task};
     use gantry_shared::store::{Change, TaskState};
 
     let env = TestEnv::new(None).await?;
@@ -174,7 +180,7 @@ async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start
     // What the stopped dispatcher left: the claim in Postgres, the directory on disk.
     let store = env.store().await?;
     store.record_received(&task).await?;
-    let name = JobName::for_task(task.id, 1);
+    let name = JobName::for_task(task.id, Attempt::FIRST);
     let claim = Change {
         evidence: Evidence {
             dispatch_id: Some(format!("{}.lost", instance.trim())),
@@ -184,7 +190,7 @@ async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start
         ..Change::default()
     };
     store
-        .transition(task.id, 1, TaskState::Dispatched, &claim)
+        .transition(task.id, Attempt::FIRST, TaskState::Dispatched, &claim)
         .await?;
     let dir = state.join("jobs").join(name.as_str());
     std::fs::create_dir_all(&dir)?;
@@ -195,16 +201,20 @@ async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start
     let record = producer.wait(task.id, Duration::from_secs(60)).await?;
     assert_eq!(
         record.state,
-        "succeeded",
+        TaskState::Succeeded,
         "{:?}\n{}",
         record.error,
         dispatcher.log_text()
     );
-    assert_eq!(record.attempt, 2, "the claimed attempt was failed, not run");
+    assert_eq!(
+        record.attempt.get(),
+        2,
+        "the claimed attempt was failed, not run"
+    );
     let events = producer.events(task.id).await?;
     let lost = events
         .iter()
-        .find(|e| e.attempt == 1 && e.event == "retrying")
+        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
         .expect("the first attempt was retried");
     assert_eq!(
         lost.detail.clone().unwrap_or_default()["error"]["kind"],

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
+use gantry_shared::store::TaskState;
 use gantry_tests::{TestEnv, eventually};
 use serde_json::json;
 
@@ -41,19 +42,19 @@ async fn a_retryable_failure_succeeds_on_its_third_attempt_with_three_attempts_r
     let id = producer.submit(spec()).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
 
-    assert_eq!(record.state, "succeeded", "{:?}", record.error);
-    assert_eq!(record.attempt, 3);
+    assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
+    assert_eq!(record.attempt.get(), 3);
     assert_eq!(
         record.job_name.as_deref(),
         Some(format!("gantry-{}-a3", id.as_uuid().simple()).as_str())
     );
-    let events: Vec<(i32, String)> = producer
+    let events: Vec<(u32, String)> = producer
         .events(id)
         .await?
         .into_iter()
-        .map(|e| (e.attempt, e.event))
+        .map(|e| (e.attempt.get(), e.event))
         .collect();
-    let expected: Vec<(i32, String)> = [
+    let expected: Vec<(u32, String)> = [
         (1, "received"),
         (1, "dispatched"),
         (1, "running"),
@@ -84,8 +85,8 @@ async fn a_task_whose_attempts_are_spent_is_dead_lettered_with_reason_max_attemp
     let id = producer.submit(spec()).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
 
-    assert_eq!(record.state, "dead_lettered");
-    assert_eq!(record.attempt, 2);
+    assert_eq!(record.state, TaskState::DeadLettered);
+    assert_eq!(record.attempt.get(), 2);
     assert_eq!(
         record.error.as_ref().map(|e| e["kind"].clone()),
         Some(json!("command_failed"))

@@ -1,7 +1,7 @@
 //! The store's set-wise writes (the dispatcher's grouped commits, the recorder's batches)
 //! end every task as the transition rules say.
 
-use gantry_shared::message::{Evidence, Limits, Task, TaskId};
+use gantry_shared::message::{Attempt, Evidence, Limits, Task, TaskId};
 use gantry_shared::store::{Applied, Change, Store, TaskState, Transition};
 use gantry_tests::TestEnv;
 use gantry_tests::bench::echo_spec;
@@ -21,7 +21,7 @@ fn tasks() -> anyhow::Result<[Task; 4]> {
 fn script(t: &[Task; 4]) -> Vec<Transition> {
     let step = |task: &Task, attempt: u32, state: TaskState, job: Option<&str>| Transition {
         id: task.id,
-        attempt,
+        attempt: Attempt::new(attempt).expect("attempts count from 1"),
         state,
         change: Change {
             evidence: Evidence {
@@ -52,7 +52,7 @@ fn script(t: &[Task; 4]) -> Vec<Transition> {
 #[derive(Debug, PartialEq)]
 struct Held {
     state: TaskState,
-    attempt: i32,
+    attempt: u32,
     job: Option<String>,
     /// Whether `dispatched_at`, `started_at` and `finished_at` are set.
     times: [bool; 3],
@@ -71,8 +71,8 @@ async fn held(store: &Store, id: TaskId) -> anyhow::Result<Option<Held>> {
         .map(|(attempt, event, _, _)| format!("{attempt}:{event}"))
         .collect();
     Ok(Some(Held {
-        state: r.state(),
-        attempt: r.attempt,
+        state: r.state,
+        attempt: r.attempt.get(),
         job: r.job_name,
         times: [
             r.dispatched_at.is_some(),
@@ -87,7 +87,7 @@ async fn held(store: &Store, id: TaskId) -> anyhow::Result<Option<Held>> {
 /// What a task should hold: state, attempt, job, times set, result, events.
 fn expect(
     state: TaskState,
-    attempt: i32,
+    attempt: u32,
     job: Option<&str>,
     times: [bool; 3],
     result: Option<serde_json::Value>,
@@ -114,7 +114,7 @@ async fn a_batch_of_writes_ends_every_task_as_the_transition_rules_say() -> anyh
     let t = tasks()?;
     let received: Vec<&Task> = vec![&t[0], &t[1], &t[0], &t[2]];
     let outcomes = store.record_received_many(&received).await?;
-    assert_eq!(outcomes, vec![(TaskState::Received, 1); 4]);
+    assert_eq!(outcomes, vec![(TaskState::Received, Attempt::FIRST); 4]);
 
     let applied = store.transitions(&script(&t)).await?;
     assert_eq!(
@@ -181,8 +181,47 @@ async fn a_batch_of_writes_ends_every_task_as_the_transition_rules_say() -> anyh
     let again = store.record_received_many(&[&t[0], &t[3]]).await?;
     assert_eq!(
         again,
-        vec![(TaskState::Running, 1), (TaskState::Received, 1)]
+        vec![
+            (TaskState::Running, Attempt::FIRST),
+            (TaskState::Received, Attempt::FIRST)
+        ]
     );
     assert_eq!(held(&store, t[0].id).await?, running_a, "nothing changed");
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_state_the_code_does_not_know_is_an_error_that_names_it() -> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let store = env.store().await?;
+    let t = tasks()?;
+    store.record_received(&t[0]).await?;
+    let (client, conn) = tokio_postgres::connect(&env.database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE tasks SET state = 'frozen' WHERE task_id = $1",
+            &[&t[0].id.as_uuid()],
+        )
+        .await?;
+    let error = store
+        .task(t[0].id)
+        .await
+        .expect_err("an unknown state is refused");
+    let text = gantry_shared::telemetry::chain(&error);
+    assert!(text.contains("unknown task state \"frozen\""), "{text}");
+    let transition = store
+        .transition(
+            t[0].id,
+            Attempt::FIRST,
+            TaskState::Dispatched,
+            &Change::default(),
+        )
+        .await
+        .expect_err("no write over a state the code does not know");
+    assert!(
+        gantry_shared::telemetry::chain(&transition).contains("frozen"),
+        "{transition}"
+    );
     env.cleanup().await
 }

@@ -168,7 +168,7 @@ fn show_end(record: &TaskRecord, json: bool) -> Result<Exit> {
     } else {
         print!("{}", view.to_human());
     }
-    Ok(Exit::for_state(record.state()))
+    Ok(Exit::for_state(record.state))
 }
 
 fn unknown(tracker: &Tracker, id: TaskId) -> String {

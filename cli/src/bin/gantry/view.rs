@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use gantry_producer::TaskEvent;
-use gantry_shared::message::TaskId;
-use gantry_shared::store::TaskRecord;
+use gantry_shared::message::{Attempt, TaskId};
+use gantry_shared::store::{TaskRecord, TaskState};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -17,10 +17,10 @@ pub(crate) struct TaskView<'a> {
     task_id: TaskId,
     task: &'a str,
     executor: &'a str,
-    state: &'a str,
+    state: TaskState,
     /// The same as `state`, under the name the result message uses.
-    status: &'a str,
-    attempt: i32,
+    status: TaskState,
+    attempt: Attempt,
     /// `result.output`: what the task produced.
     output: Option<&'a Value>,
     /// `{kind, message, retryable}` when the attempt failed.
@@ -57,8 +57,8 @@ impl<'a> TaskView<'a> {
             task_id: record.task_id,
             task: &record.task,
             executor: &record.executor,
-            state: &record.state,
-            status: &record.state,
+            state: record.state,
+            status: record.state,
             attempt: record.attempt,
             output: from_result("output"),
             error: record.error.as_ref().or_else(|| from_result("error")),
@@ -91,7 +91,7 @@ impl<'a> TaskView<'a> {
         block.row("task_id", self.task_id.to_string());
         block.row("task", self.task);
         block.row("executor", self.executor);
-        block.row("state", self.state);
+        block.row("state", self.state.as_str());
         block.row("attempt", self.attempt.to_string());
         block.row("submitted_at", timestamp(self.submitted_at));
         block.row("received_at", timestamp(self.received_at));
@@ -207,8 +207,8 @@ mod tests {
             task_id: id,
             task: "demo.echo".into(),
             executor: "echo".into(),
-            state: "succeeded".into(),
-            attempt: 1,
+            state: TaskState::Succeeded,
+            attempt: Attempt::FIRST,
             reply_to: None,
             deadline: at + chrono::Duration::hours(1),
             submitted_at: at,
@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn a_failure_shows_its_error_and_no_output() {
         let mut record = succeeded();
-        record.state = "failed".into();
+        record.state = TaskState::Failed;
         let reason = json!({"kind": "invalid", "message": "invalid: unknown executor \"vlm\""});
         assert_eq!(describe_error(&reason), "invalid: unknown executor \"vlm\"");
         let error = json!({"kind": "oom", "message": "OOMKilled", "retryable": true});
@@ -297,7 +297,7 @@ mod tests {
     fn the_human_view_aligns_values_and_indents_output() {
         let record = succeeded();
         let events = [TaskEvent {
-            attempt: 1,
+            attempt: Attempt::FIRST,
             event: "received".into(),
             detail: None,
             at: record.received_at,

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use gantry_shared::message::TaskId;
+use gantry_shared::message::{Attempt, TaskId};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -29,7 +29,7 @@ use super::job::keys;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct JobView {
     pub(crate) task_id: Option<TaskId>,
-    pub(crate) attempt: Option<u32>,
+    pub(crate) attempt: Option<Attempt>,
     pub(crate) executor: String,
     pub(crate) created: Option<DateTime<Utc>>,
     /// Why it finished: `Complete`, or the reason of its `Failed` condition.
@@ -56,7 +56,9 @@ impl JobView {
             });
         JobView {
             task_id: label(keys::TASK_ID).and_then(|t| t.parse().ok()),
-            attempt: label(keys::ATTEMPT).and_then(|a| a.parse().ok()),
+            attempt: label(keys::ATTEMPT)
+                .and_then(|a| a.parse().ok())
+                .and_then(Attempt::new),
             executor: label(keys::EXECUTOR).cloned().unwrap_or_default(),
             created: job.metadata.creation_timestamp.as_ref().map(to_chrono),
             finished,

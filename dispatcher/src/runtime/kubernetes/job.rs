@@ -477,7 +477,7 @@ mod tests {
     fn a_job_is_named_labelled_and_bounded_by_its_task() {
         let task = task(None);
         let (job, secret) = build_for(&task).unwrap();
-        let name = JobName::for_task(task.id, 1).to_string();
+        let name = JobName::for_task(task.id, gantry_shared::message::Attempt::FIRST).to_string();
         assert_eq!(job.metadata.name.as_deref(), Some(name.as_str()));
         assert_eq!(secret.metadata.name, job.metadata.name);
         let labels = job.metadata.labels.clone().unwrap();

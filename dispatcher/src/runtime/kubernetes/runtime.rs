@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Evidence, JobName, Task, TaskId};
+use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskId};
 use kube::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,7 @@ use crate::{Error, Result};
 pub(crate) struct KubeJob {
     pub(crate) name: JobName,
     pub(crate) task_id: TaskId,
-    pub(crate) attempt: u32,
+    pub(crate) attempt: Attempt,
     pub(crate) executor: String,
     pub(crate) created_at: DateTime<Utc>,
 }
@@ -441,7 +441,7 @@ impl Job for KubeJob {
         self.task_id
     }
 
-    fn attempt(&self) -> u32 {
+    fn attempt(&self) -> Attempt {
         self.attempt
     }
 
