@@ -124,7 +124,10 @@ async fn an_echo_result_reaches_the_results_queue() {
         assert_eq!(result.output, Some(payload));
         assert_eq!(result.error, None);
         assert_eq!(result.attempt.get(), 1);
-        assert_eq!(result.reported_by, "executor");
+        assert_eq!(
+            result.reported_by,
+            gantry_shared::message::ReportedBy::Executor
+        );
         assert_eq!(result.evidence.job_name.as_deref(), Some("gantry-test-a1"));
         assert_eq!(result.evidence.dispatch_id.as_deref(), Some("d-1"));
         assert_eq!(

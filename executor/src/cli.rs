@@ -236,7 +236,13 @@ mod tests {
             "t.json",
             "--engine",
             "command",
-        ]);
-        assert!(err.is_err());
+        ])
+        .expect_err("the command engine without a command is refused");
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{err}"
+        );
+        assert!(err.to_string().contains("--command <JSON_ARRAY>"), "{err}");
     }
 }

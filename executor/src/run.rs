@@ -10,7 +10,7 @@ use anyhow::Context;
 use chrono::Utc;
 use gantry_shared::config::Config;
 use gantry_shared::message::{
-    Attempt, Evidence, ResultStatus, TaskEnvelope, TaskError, TaskResult,
+    Attempt, ErrorKind, Evidence, ReportedBy, ResultStatus, TaskEnvelope, TaskError, TaskResult,
 };
 use gantry_shared::telemetry::chain;
 use serde_json::Value;
@@ -140,11 +140,11 @@ pub(crate) async fn run(
         started_at: Some(started_at),
         finished_at: Utc::now(),
         usage: None,
-        reported_by: "executor".into(),
+        reported_by: ReportedBy::Executor,
     };
     match &result.error {
         None => info!(status = %result.status, "task finished"),
-        Some(e) => warn!(status = %result.status, kind = e.kind, retryable = e.retryable,
+        Some(e) => warn!(status = %result.status, kind = %e.kind, retryable = e.retryable,
                          error = e.message, "task finished without output"),
     }
 
@@ -232,22 +232,22 @@ impl Verdict {
     fn failed(error: TaskError) -> Verdict {
         Verdict {
             status: ResultStatus::Failed,
-            terminal_reason: error.kind.clone(),
+            terminal_reason: error.kind.to_string(),
             output: None,
             error: Some(error),
         }
     }
 
-    fn stopped(status: ResultStatus, kind: &str, message: String, retryable: bool) -> Verdict {
+    fn stopped(status: ResultStatus, kind: ErrorKind, message: String, retryable: bool) -> Verdict {
         Verdict {
             status,
             output: None,
+            terminal_reason: kind.to_string(),
             error: Some(TaskError {
-                kind: kind.to_owned(),
+                kind,
                 message,
                 retryable,
             }),
-            terminal_reason: kind.to_owned(),
         }
     }
 }
@@ -262,7 +262,7 @@ pub(crate) async fn execute(
     let expired = |message: String| {
         Execution::Done(Verdict::stopped(
             ResultStatus::Expired,
-            "deadline_exceeded",
+            ErrorKind::DeadlineExceeded,
             message,
             false,
         ))
@@ -302,7 +302,7 @@ pub(crate) async fn execute(
         // comes late and changes nothing.
         Finished::Stopped(StopReason::Signal) => Execution::Done(Verdict::stopped(
             ResultStatus::Failed,
-            "terminated",
+            ErrorKind::Terminated,
             "the executor was terminated (SIGTERM or SIGINT) before the engine finished; it was stopped".into(),
             true,
         )),

@@ -40,7 +40,7 @@ async fn the_deadline_kills_the_command_group_and_expires_the_task() {
     assert_eq!(verdict.status, ResultStatus::Expired);
     assert_eq!(verdict.terminal_reason, "deadline_exceeded");
     let error = verdict.error.unwrap();
-    assert_eq!(error.kind, "deadline_exceeded");
+    assert_eq!(error.kind, ErrorKind::DeadlineExceeded);
     assert!(!error.retryable);
     let pids = wait_for_pids(&pids).await;
     assert_eq!(pids.len(), 2, "the shell and its sleep");
@@ -59,7 +59,7 @@ async fn a_signal_before_the_deadline_fails_the_attempt_as_retryable() {
     assert_eq!(verdict.status, ResultStatus::Failed);
     assert_eq!(verdict.terminal_reason, "terminated");
     let error = verdict.error.unwrap();
-    assert_eq!(error.kind, "terminated");
+    assert_eq!(error.kind, ErrorKind::Terminated);
     assert!(error.retryable);
 }
 
@@ -71,7 +71,7 @@ async fn a_task_past_its_deadline_expires_without_running() {
     let task = task_due(Value::Null, Utc::now() - Duration::from_secs(1));
     let verdict = verdict(execute(&engine, &task, None, pending()).await);
     assert_eq!(verdict.status, ResultStatus::Expired);
-    assert_eq!(verdict.error.unwrap().kind, "deadline_exceeded");
+    assert_eq!(verdict.error.unwrap().kind, ErrorKind::DeadlineExceeded);
     assert!(!marker.exists(), "the engine ran");
 }
 

@@ -10,6 +10,7 @@ use futures_util::{FutureExt, StreamExt};
 use gantry_cli::topology::Declared;
 use gantry_shared::amqp;
 use gantry_shared::config::{self, Config};
+use gantry_shared::message::{ErrorKind, ReportedBy};
 use gantry_shared::message::{
     Evidence, ExecutorClass, Limits, ResultStatus, Task, TaskError, TaskResult,
 };
@@ -231,7 +232,7 @@ pub(crate) fn result(task: &Task, status: ResultStatus) -> TaskResult {
         status,
         output: (!failed).then(|| task.payload.clone()),
         error: failed.then(|| TaskError {
-            kind: "command_failed".into(),
+            kind: ErrorKind::CommandFailed,
             message: "exit status 3".into(),
             retryable: false,
         }),
@@ -246,7 +247,7 @@ pub(crate) fn result(task: &Task, status: ResultStatus) -> TaskResult {
         started_at: Some(Utc::now()),
         finished_at: Utc::now(),
         usage: None,
-        reported_by: "executor".into(),
+        reported_by: ReportedBy::Executor,
     }
 }
 

@@ -4,7 +4,9 @@
 //! counted in the delivery counters under its [`Handled`] bucket.
 
 use chrono::Utc;
-use gantry_shared::message::{Evidence, JobName, ResultStatus, Task, TaskError, TaskResult};
+use gantry_shared::message::{
+    ErrorKind, Evidence, JobName, ResultStatus, Task, TaskError, TaskResult,
+};
 use gantry_shared::telemetry::chain;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -40,7 +42,7 @@ pub(crate) enum Disposition {
     Fail {
         task: Box<Task>,
         job: JobName,
-        kind: &'static str,
+        kind: ErrorKind,
         message: String,
         retryable: bool,
         evidence: Evidence,
@@ -145,8 +147,9 @@ async fn carry_out<R: Runtime>(
             retryable,
             evidence,
         } => {
+            let reason = kind.to_string();
             let error = TaskError {
-                kind: kind.to_owned(),
+                kind,
                 message,
                 retryable,
             };
@@ -156,12 +159,12 @@ async fn carry_out<R: Runtime>(
                 ResultStatus::Failed,
                 error,
                 evidence,
-                kind,
+                &reason,
             );
             ctx.publish_result(&result).await?;
             role.runtime.mark_handled(&job);
             ack(delivery).await;
-            Handled::Failed(kind)
+            Handled::Failed("dispatch_failed")
         }
     })
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use gantry_shared::message::{ResultStatus, TaskError, TaskResult};
+use gantry_shared::message::{ErrorKind, ResultStatus, TaskError, TaskResult};
 use gantry_shared::store::{Change, TaskState};
 use gantry_shared::telemetry::chain;
 use tokio::sync::OwnedSemaphorePermit;
@@ -85,7 +85,7 @@ pub(crate) fn on_behalf(end: &JobEnd) -> TaskResult {
     let (status, kind, message, retryable, reason) = match &end.end {
         End::Deadline => (
             ResultStatus::Expired,
-            "deadline_exceeded",
+            ErrorKind::DeadlineExceeded,
             format!(
                 "the job outlived its deadline and was stopped ({})",
                 end.exit
@@ -99,14 +99,14 @@ pub(crate) fn on_behalf(end: &JobEnd) -> TaskResult {
             reason,
         } => (
             ResultStatus::Failed,
-            *kind,
+            kind.clone(),
             with_tail(end.exit.clone()),
             *retryable,
             *reason,
         ),
         End::Crashed | End::Published => (
             ResultStatus::Failed,
-            "executor_crashed",
+            ErrorKind::ExecutorCrashed,
             with_tail(format!(
                 "the executor ended ({}) without reporting a result",
                 end.exit
@@ -116,7 +116,7 @@ pub(crate) fn on_behalf(end: &JobEnd) -> TaskResult {
         ),
     };
     let error = TaskError {
-        kind: kind.into(),
+        kind,
         message,
         retryable,
     };

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use gantry_shared::message::{Evidence, ExecutorClass, JobName, Task};
+use gantry_shared::message::{ErrorKind, Evidence, ExecutorClass, JobName, Task};
 use gantry_shared::store::{Applied, Change, TaskState};
 use gantry_shared::telemetry::chain;
 use tokio::sync::OwnedSemaphorePermit;
@@ -122,7 +122,7 @@ pub(crate) async fn hand_off<R: Runtime>(
             return Ok(Disposition::Fail {
                 task: Box::new(task),
                 job: name,
-                kind: "dispatch_failed",
+                kind: ErrorKind::DispatchFailed,
                 message: chain(&e),
                 retryable: true,
                 evidence: Evidence {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use gantry_shared::message::{ExecutorClass, JobName};
+use gantry_shared::message::{ErrorKind, ExecutorClass, JobName};
 use gantry_shared::store::TaskState;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -68,7 +68,7 @@ pub(crate) async fn reconcile<R: Runtime>(
             attempt,
             job_name: name.clone(),
             end: End::Failure {
-                kind: "job_lost",
+                kind: ErrorKind::JobLost,
                 retryable: true,
                 reason: "JobLost",
             },

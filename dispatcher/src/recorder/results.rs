@@ -1,6 +1,6 @@
 //! Results: `gantry.results` → `tasks` and `task_events`, then forward to `reply_to`.
 
-use gantry_shared::message::{ResultStatus, TaskError, TaskResult};
+use gantry_shared::message::{ErrorKind, ReportedBy, ResultStatus, TaskError, TaskResult};
 use gantry_shared::store::{Applied, ResultWrite, TaskRecord};
 use gantry_shared::telemetry::chain;
 use lapin::message::Delivery;
@@ -149,11 +149,11 @@ async fn one_by_one(
                     status: ResultStatus::Failed,
                     output: None,
                     error: Some(TaskError {
-                        kind: "result_unrecordable".into(),
+                        kind: ErrorKind::ResultUnrecordable,
                         message: reason,
                         retryable: false,
                     }),
-                    reported_by: "dispatcher".into(),
+                    reported_by: ReportedBy::Dispatcher,
                     ..write.result.clone()
                 };
                 ctx.persist("record substitute result", || {

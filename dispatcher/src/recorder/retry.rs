@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::Utc;
 use gantry_shared::catalog::RetryPolicy;
 use gantry_shared::message::{
-    ExecutorClass, ResultStatus, Task, TaskEnvelope, TaskName, TaskResult, headers,
+    ErrorKind, ExecutorClass, ResultStatus, Task, TaskEnvelope, TaskName, TaskResult, headers,
 };
 use gantry_shared::retry;
 use gantry_shared::store::TaskState;
@@ -59,7 +59,7 @@ pub(crate) fn plan(policy: Option<&RetryPolicy>, result: &TaskResult) -> Plan {
     else {
         return Plan::Record;
     };
-    if !policy.is_retryable(&error.kind, error.retryable) {
+    if !policy.is_retryable(error.kind.as_str(), error.retryable) {
         return Plan::Record;
     }
     if result.attempt.get() < policy.max_attempts {
@@ -95,7 +95,14 @@ pub(crate) fn tier_for(delay: Duration, tiers: &[Duration]) -> Option<Duration> 
 pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) -> Result<()> {
     let Some(mut task) = stored_task(ctx, result).await? else {
         let why = "the task as received is not stored, so it cannot be published again";
-        return end_attempt(ctx, result, TaskState::Failed, "retry_impossible", why).await;
+        return end_attempt(
+            ctx,
+            result,
+            TaskState::Failed,
+            ErrorKind::RetryImpossible,
+            why,
+        )
+        .await;
     };
     task.attempt = result.attempt.next();
     let now = Utc::now();
@@ -104,7 +111,14 @@ pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) ->
         Err(_) => {
             info!(task_id = %task.id, "no time left before the deadline for a retry");
             let why = "the deadline passed before the next attempt";
-            return end_attempt(ctx, result, TaskState::Expired, "deadline_exceeded", why).await;
+            return end_attempt(
+                ctx,
+                result,
+                TaskState::Expired,
+                ErrorKind::DeadlineExceeded,
+                why,
+            )
+            .await;
         }
     };
     let tiers = &ctx.settings.common.queues.retry_delays;
@@ -130,7 +144,7 @@ async fn end_attempt(
     ctx: &Ctx,
     result: &TaskResult,
     state: TaskState,
-    kind: &str,
+    kind: ErrorKind,
     message: &str,
 ) -> Result<()> {
     let change = gantry_shared::store::Change {
@@ -277,7 +291,7 @@ mod tests {
             status: ResultStatus::Failed,
             output: None,
             error: Some(TaskError {
-                kind: "oom".into(),
+                kind: gantry_shared::message::ErrorKind::Oom,
                 message: "out of memory".into(),
                 retryable,
             }),
@@ -286,7 +300,7 @@ mod tests {
             started_at: None,
             finished_at: Utc::now(),
             usage: None,
-            reported_by: "executor".into(),
+            reported_by: gantry_shared::message::ReportedBy::Executor,
         }
     }
 

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskId};
+use gantry_shared::message::{Attempt, ErrorKind, Evidence, JobName, Task, TaskId};
 
 use crate::Result;
 
@@ -125,7 +125,7 @@ pub(crate) enum End {
     Crashed,
     /// The runtime knows better what happened (OOM, eviction, image pull, …).
     Failure {
-        kind: &'static str,
+        kind: ErrorKind,
         retryable: bool,
         reason: &'static str,
     },

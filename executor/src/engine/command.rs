@@ -12,7 +12,7 @@ use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use gantry_shared::message::{TaskEnvelope, TaskError};
+use gantry_shared::message::{ErrorKind, TaskEnvelope, TaskError};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -42,13 +42,13 @@ pub(super) async fn run(
 ) -> Finished {
     let Some((program, args)) = argv.split_first() else {
         return Finished::Failed(permanent(
-            "spawn_failed",
+            ErrorKind::SpawnFailed,
             "no command is configured; give --command / GANTRY_COMMAND a JSON array such as [\"python3\",\"/app/run.py\"]",
         ));
     };
     let input = match serde_json::to_vec(task) {
         Ok(input) => input,
-        Err(e) => return Finished::Failed(permanent("spawn_failed", e.to_string())),
+        Err(e) => return Finished::Failed(permanent(ErrorKind::SpawnFailed, e.to_string())),
     };
     let mut command = Command::new(program);
     command
@@ -65,7 +65,7 @@ pub(super) async fn run(
         Ok(child) => child,
         Err(e) => {
             return Finished::Failed(permanent(
-                "spawn_failed",
+                ErrorKind::SpawnFailed,
                 format!(
                     "cannot start {program:?}: {e}; check --command and that the program is installed and executable"
                 ),
@@ -74,7 +74,7 @@ pub(super) async fn run(
     };
     let Some(mut group) = Group::new(child) else {
         return Finished::Failed(permanent(
-            "spawn_failed",
+            ErrorKind::SpawnFailed,
             format!("{program:?} exited before its process id could be read"),
         ));
     };
@@ -110,7 +110,10 @@ async fn supervise(
     let (Some(stdout), Some(stderr)) = (group.child.stdout.take(), group.child.stderr.take())
     else {
         group.kill_and_reap().await;
-        return Finished::Failed(permanent("spawn_failed", "the command has no output pipes"));
+        return Finished::Failed(permanent(
+            ErrorKind::SpawnFailed,
+            "the command has no output pipes",
+        ));
     };
     let mut stdout = pin!(read_capped(stdout, MAX_STDOUT));
     let mut stderr = tokio::spawn(tail_and_forward(stderr, STDERR_TAIL));
@@ -123,7 +126,7 @@ async fn supervise(
                 Ok(Captured::TooLarge) => {
                     group.kill_and_reap().await;
                     return Finished::Failed(permanent(
-                        "output_too_large",
+                        ErrorKind::OutputTooLarge,
                         format!("the command wrote more than {MAX_STDOUT} bytes to stdout; it was stopped"),
                     ));
                 }
@@ -143,7 +146,7 @@ async fn supervise(
         Ok(status) => status,
         Err(e) => {
             return Finished::Failed(permanent(
-                "command_failed",
+                ErrorKind::CommandFailed,
                 format!("cannot wait for the command: {e}"),
             ));
         }
@@ -162,11 +165,11 @@ async fn supervise(
     match captured {
         Ok(Captured::Complete(stdout)) => conclude(status, &stdout, &tail),
         Ok(Captured::TooLarge) => Finished::Failed(permanent(
-            "output_too_large",
+            ErrorKind::OutputTooLarge,
             format!("the command wrote more than {MAX_STDOUT} bytes to stdout"),
         )),
         Err(e) => Finished::Failed(permanent(
-            "bad_output",
+            ErrorKind::BadOutput,
             format!("cannot read the command's stdout: {e}"),
         )),
     }
@@ -185,7 +188,7 @@ fn conclude(status: ExitStatus, stdout: &[u8], stderr_tail: &str) -> Finished {
             Err(e) => {
                 let head = String::from_utf8_lossy(&stdout[..stdout.len().min(200)]);
                 Finished::Failed(permanent(
-                    "bad_output",
+                    ErrorKind::BadOutput,
                     format!(
                         "the command exited 0 but its stdout is not JSON ({e}); it began with {head:?}"
                     ),
@@ -193,16 +196,16 @@ fn conclude(status: ExitStatus, stdout: &[u8], stderr_tail: &str) -> Finished {
             }
         },
         (Some(code), _) => Finished::Failed(TaskError {
-            kind: "command_failed".into(),
+            kind: ErrorKind::CommandFailed,
             message: format!("command exited with code {code}{stderr}"),
             retryable: code == EX_TEMPFAIL,
         }),
         (None, Some(signal)) => Finished::Failed(permanent(
-            "command_failed",
+            ErrorKind::CommandFailed,
             format!("killed by signal {signal}{stderr}"),
         )),
         (None, None) => Finished::Failed(permanent(
-            "command_failed",
+            ErrorKind::CommandFailed,
             format!("command ended with {status}{stderr}"),
         )),
     }

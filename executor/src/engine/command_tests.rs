@@ -42,7 +42,7 @@ async fn the_task_envelope_arrives_on_stdin() {
 #[tokio::test]
 async fn a_non_zero_exit_fails_with_the_stderr_tail() {
     let error = failure(run_sh("echo starting >&2; echo boom >&2; exit 3").await);
-    assert_eq!(error.kind, "command_failed");
+    assert_eq!(error.kind, ErrorKind::CommandFailed);
     assert_eq!(error.message, "command exited with code 3: starting\nboom");
     assert!(!error.retryable);
 }
@@ -65,14 +65,14 @@ async fn exit_75_is_a_retryable_failure() {
 #[tokio::test]
 async fn a_killed_command_names_the_signal() {
     let error = failure(run_sh("echo dying >&2; kill -9 $$").await);
-    assert_eq!(error.kind, "command_failed");
+    assert_eq!(error.kind, ErrorKind::CommandFailed);
     assert_eq!(error.message, "killed by signal 9: dying");
 }
 
 #[tokio::test]
 async fn stdout_that_is_not_json_is_bad_output() {
     let error = failure(run_sh("echo 'hello world'").await);
-    assert_eq!(error.kind, "bad_output");
+    assert_eq!(error.kind, ErrorKind::BadOutput);
     assert!(error.message.contains("not JSON"), "{}", error.message);
     assert!(error.message.contains("hello world"), "{}", error.message);
 }
@@ -80,14 +80,14 @@ async fn stdout_that_is_not_json_is_bad_output() {
 #[tokio::test]
 async fn too_much_stdout_is_output_too_large() {
     let error = failure(run_sh("head -c 5000000 /dev/zero").await);
-    assert_eq!(error.kind, "output_too_large");
+    assert_eq!(error.kind, ErrorKind::OutputTooLarge);
 }
 
 #[tokio::test]
 async fn a_missing_program_is_a_spawn_failure() {
     let argv = vec!["/nonexistent/gantry-no-such-program".to_owned()];
     let error = failure(run(&argv, &task(Value::Null), None, pending()).await);
-    assert_eq!(error.kind, "spawn_failed");
+    assert_eq!(error.kind, ErrorKind::SpawnFailed);
     assert!(
         error
             .message

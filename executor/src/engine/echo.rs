@@ -14,7 +14,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use gantry_shared::message::{TaskEnvelope, TaskError};
+use gantry_shared::message::{ErrorKind, TaskEnvelope, TaskError};
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
@@ -57,7 +57,7 @@ impl Knobs {
             sleep: integer(map, "sleep_ms", u64::MAX)?.map(Duration::from_millis),
             exit_code: integer(map, "exit_code", 255)?.and_then(|c| u8::try_from(c).ok()),
             fail: fail.map(|message| TaskError {
-                kind: "echo_failed".into(),
+                kind: ErrorKind::EchoFailed,
                 message,
                 retryable,
             }),
@@ -83,7 +83,7 @@ pub(super) async fn run(task: &TaskEnvelope, stop: impl Future<Output = StopReas
         Ok(knobs) => knobs,
         Err(detail) => {
             return Finished::Failed(permanent(
-                "invalid_payload",
+                ErrorKind::InvalidPayload,
                 format!("the echo engine's payload has a bad knob: {detail}"),
             ));
         }
@@ -140,7 +140,7 @@ mod tests {
         let Finished::Failed(error) = echo(json!({"fail": "model refused"})).await else {
             panic!("expected a failure");
         };
-        assert_eq!(error.kind, "echo_failed");
+        assert_eq!(error.kind, ErrorKind::EchoFailed);
         assert_eq!(error.message, "model refused");
         assert!(!error.retryable);
     }
@@ -174,7 +174,7 @@ mod tests {
             let Finished::Failed(error) = echo(payload.clone()).await else {
                 panic!("{payload} should fail");
             };
-            assert_eq!(error.kind, "invalid_payload", "{payload}");
+            assert_eq!(error.kind, ErrorKind::InvalidPayload, "{payload}");
         }
     }
 

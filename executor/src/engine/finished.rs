@@ -1,6 +1,6 @@
 //! How an engine run ends: the one answer every engine gives.
 
-use gantry_shared::message::TaskError;
+use gantry_shared::message::{ErrorKind, TaskError};
 use serde_json::Value;
 
 /// Why the engine was asked to stop before it finished.
@@ -26,9 +26,9 @@ pub(crate) enum Finished {
 }
 
 /// A task error that another attempt would not fix.
-pub(super) fn permanent(kind: &str, message: impl Into<String>) -> TaskError {
+pub(super) fn permanent(kind: ErrorKind, message: impl Into<String>) -> TaskError {
     TaskError {
-        kind: kind.to_owned(),
+        kind,
         message: message.into(),
         retryable: false,
     }

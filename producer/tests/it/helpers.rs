@@ -8,6 +8,7 @@ use chrono::Utc;
 use futures_util::FutureExt;
 use gantry_shared::amqp;
 use gantry_shared::config::{self, Config};
+use gantry_shared::message::{ErrorKind, ReportedBy};
 use gantry_shared::message::{
     Evidence, ExecutorClass, ResultStatus, Task, TaskError, TaskName, TaskResult, TaskSpec,
 };
@@ -250,7 +251,7 @@ pub(crate) fn result(task: &Task, status: ResultStatus) -> TaskResult {
         status,
         output: (!failed).then(|| task.payload.clone()),
         error: failed.then(|| TaskError {
-            kind: "command_failed".into(),
+            kind: ErrorKind::CommandFailed,
             message: "exit status 3".into(),
             retryable: false,
         }),
@@ -265,7 +266,7 @@ pub(crate) fn result(task: &Task, status: ResultStatus) -> TaskResult {
         started_at: Some(Utc::now()),
         finished_at: Utc::now(),
         usage: None,
-        reported_by: "executor".into(),
+        reported_by: ReportedBy::Executor,
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod amqp;
 mod attempt;
+mod kind;
 mod names;
 mod rejection;
 mod result;
@@ -14,6 +15,7 @@ mod task;
 
 pub use amqp::{FieldTableExt, headers, value_to_json};
 pub use attempt::Attempt;
+pub use kind::{ErrorKind, ReportedBy};
 pub use names::{ExecutorClass, InvalidName, JobName, TaskId, TaskName};
 pub use rejection::Rejection;
 pub use result::{Evidence, ResultStatus, TaskError, TaskResult, Usage};

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::amqp::{FieldTableExt, headers};
 use super::attempt::Attempt;
+use super::kind::{ErrorKind, ReportedBy};
 use super::names::TaskId;
 use super::rejection::Rejection;
 use super::schema::{CONTENT_TYPE, RESULT_SCHEMA};
@@ -54,7 +55,7 @@ impl FromStr for ResultStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskError {
     /// A stable machine-readable kind: `command_failed`, `deadline_exceeded`, `oom`, …
-    pub kind: String,
+    pub kind: ErrorKind,
     pub message: String,
     /// Whether another attempt may succeed.
     #[serde(default)]
@@ -106,12 +107,8 @@ pub struct TaskResult {
     pub usage: Option<Usage>,
     /// `executor` when the executor reported it, `dispatcher` when the runtime synthesized it
     /// because the executor could not (crash, deadline, lost node).
-    #[serde(default = "reported_by_executor")]
-    pub reported_by: String,
-}
-
-fn reported_by_executor() -> String {
-    "executor".into()
+    #[serde(default)]
+    pub reported_by: ReportedBy,
 }
 
 impl TaskResult {
@@ -139,7 +136,7 @@ impl TaskResult {
             started_at: None,
             finished_at: Utc::now(),
             usage: None,
-            reported_by: "dispatcher".into(),
+            reported_by: ReportedBy::Dispatcher,
         }
     }
 
@@ -202,7 +199,7 @@ mod tests {
             status: ResultStatus::Failed,
             output: None,
             error: Some(TaskError {
-                kind: "command_failed".into(),
+                kind: ErrorKind::CommandFailed,
                 message: "exit 3".into(),
                 retryable: false,
             }),
@@ -217,7 +214,7 @@ mod tests {
                 gpu_seconds: Some(1.5),
                 ..Usage::default()
             }),
-            reported_by: "executor".into(),
+            reported_by: ReportedBy::Executor,
         };
         let (body, props) = result.to_amqp().unwrap();
         assert_eq!(TaskResult::from_amqp(&props, &body).unwrap(), result);

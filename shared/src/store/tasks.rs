@@ -15,7 +15,7 @@ use super::rules::{Applied, Change, Locked, insert_event, lock, transition_in};
 use super::sql::{DONE_CHANNEL, pg};
 use super::state::TaskState;
 use crate::Result;
-use crate::message::{Attempt, ExecutorClass, Task, TaskId, TaskResult};
+use crate::message::{Attempt, ErrorKind, ExecutorClass, Task, TaskId, TaskResult};
 
 /// A task as stored, for `gantry status` and the CLI's `--json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -267,7 +267,9 @@ impl Store {
                 ..Default::default()
             },
             finished_at: Some(now),
-            error: Some(json!({"kind": "cancelled", "message": reason, "retryable": false})),
+            error: Some(
+                json!({"kind": ErrorKind::Cancelled, "message": reason, "retryable": false}),
+            ),
             detail: Some(json!({"reason": reason})),
             ..Change::default()
         };

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use gantry_producer::Producer;
+use gantry_shared::message::ReportedBy;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskResult, TaskSpec};
 use gantry_shared::retry;
 use gantry_shared::store::TaskState;
@@ -46,7 +47,7 @@ async fn a_submitted_task_succeeds_and_is_persisted_with_its_evidence() -> anyho
     assert_eq!(record.attempt.get(), 1);
     let result: TaskResult = serde_json::from_value(record.result.clone().expect("result stored"))?;
     assert_eq!(result.output, Some(payload));
-    assert_eq!(result.reported_by, "executor");
+    assert_eq!(result.reported_by, ReportedBy::Executor);
     let job = record.job_name.clone().expect("job name recorded");
     assert!(
         job.starts_with("gantry-") && job.ends_with("-a1"),
@@ -350,7 +351,7 @@ async fn a_job_that_cannot_be_started_fails_its_attempt_as_dispatch_failed() -> 
     let error = record.error.clone().unwrap_or_default();
     assert_eq!(error["kind"], json!("dispatch_failed"));
     let result: TaskResult = serde_json::from_value(record.result.clone().expect("result"))?;
-    assert_eq!(result.reported_by, "dispatcher");
+    assert_eq!(result.reported_by, ReportedBy::Dispatcher);
     assert!(
         result
             .error

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskId};
+use gantry_shared::message::{Attempt, ErrorKind, Evidence, JobName, Task, TaskId};
 use kube::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -163,7 +163,7 @@ impl KubeRuntime {
         {
             return Some((
                 End::Failure {
-                    kind: "image_pull",
+                    kind: ErrorKind::ImagePull,
                     retryable: false,
                     reason: "ImagePullBackOff",
                 },
@@ -177,7 +177,7 @@ impl KubeRuntime {
         if pod.unschedulable && age > self.settings.unschedulable_limit {
             return Some((
                 End::Failure {
-                    kind: "unschedulable",
+                    kind: ErrorKind::Unschedulable,
                     retryable: true,
                     reason: "Unschedulable",
                 },
@@ -464,7 +464,7 @@ fn classify(reason: &str, pod: Option<&PodView>) -> (End, String) {
     if terminated.and_then(|t| t.reason.as_deref()) == Some("OOMKilled") {
         return (
             End::Failure {
-                kind: "oom",
+                kind: ErrorKind::Oom,
                 retryable: false,
                 reason: "OOMKilled",
             },
@@ -474,7 +474,7 @@ fn classify(reason: &str, pod: Option<&PodView>) -> (End, String) {
     if pod_reason == "Evicted" || disrupted {
         return (
             End::Failure {
-                kind: "evicted",
+                kind: ErrorKind::Evicted,
                 retryable: true,
                 reason: "Evicted",
             },
@@ -487,7 +487,7 @@ fn classify(reason: &str, pod: Option<&PodView>) -> (End, String) {
     if pod_reason == "NodeLost" {
         return (
             End::Failure {
-                kind: "node_lost",
+                kind: ErrorKind::NodeLost,
                 retryable: true,
                 reason: "NodeLost",
             },
