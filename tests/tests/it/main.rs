@@ -12,6 +12,7 @@ mod forward;
 mod layout;
 mod lifecycle;
 mod manifests;
+mod migrations;
 mod restart;
 mod retries;
 mod store_batch;
