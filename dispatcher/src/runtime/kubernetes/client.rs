@@ -286,3 +286,43 @@ fn transient(e: &kube::Error) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::Bucket;
+
+    /// On tokio's paused clock: the bucket's waits are exactly what its rate asks, whatever
+    /// the machine is doing.
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_lets_a_burst_through_then_paces_writes_at_its_rate() {
+        let bucket = Bucket::new(10.0, 3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            bucket.take().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "the burst goes at once");
+        for _ in 0..5 {
+            bucket.take().await;
+        }
+        let paced = start.elapsed();
+        assert!(
+            paced >= Duration::from_millis(500) && paced < Duration::from_millis(510),
+            "five writes after the burst take 0.5 s at 10 per second: {paced:?}"
+        );
+        // Idle time refills the bucket up to its burst, no further.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let before = Instant::now();
+        for _ in 0..4 {
+            bucket.take().await;
+        }
+        let waited = before.elapsed();
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_millis(110),
+            "three from the refilled burst, the fourth paced: {waited:?}"
+        );
+    }
+}
