@@ -6,7 +6,6 @@
 //! its script, and reports the pod's status through the same phases a real kubelet does.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -14,33 +13,14 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use super::api::{Propagation, delete_in};
-use super::cluster::{Cluster, Msg, condition_json, script_of};
+use super::control::{Cluster, Msg, PodRun, RunState};
+use super::inner::PodProcess;
 use super::kinds::Kind;
 use super::names::parse_quantity;
 use super::process::{self, Waiting};
+use super::script::{Script, script_of};
 use super::selector::{labels_of, string_map};
-use super::store::{Key, now, str_at};
-use super::{PodProcess, Script};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RunState {
-    Waiting,
-    Running,
-    Done,
-}
-
-/// The kubelet's record of a pod it started.
-pub(crate) struct PodRun {
-    key: Key,
-    state: RunState,
-    pgid: Option<i32>,
-    started_at: String,
-    termination_log: PathBuf,
-    fallback_to_logs: bool,
-    log: PathBuf,
-    script: Option<Script>,
-    ip: String,
-}
+use super::store::{Key, condition_json, now, str_at};
 
 /// What a terminated container reports.
 struct Terminated {

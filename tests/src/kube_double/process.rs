@@ -21,7 +21,7 @@ use k8s_openapi::ByteString;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::cluster::Msg;
+use super::control::Msg;
 use super::kinds::Kind;
 use super::store::{Key, Store, str_at};
 

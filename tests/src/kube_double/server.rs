@@ -24,11 +24,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::api::{self, Query};
+use super::faults::{Fault, RequestRecord};
+use super::inner::Inner;
 use super::kinds::Kind;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::{ApiError, ApiResult};
 use super::store::{Event, EventType, Key};
-use super::{Fault, Inner, RequestRecord};
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
 

@@ -389,6 +389,19 @@ pub(crate) fn condition<'a>(object: &'a Value, ty: &str) -> Option<&'a Value> {
         .find(|c| str_at(c, "/type") == ty && str_at(c, "/status") == "True")
 }
 
+/// A condition of status "True", as the controllers write one now.
+pub(crate) fn condition_json(ty: &str, reason: &str, message: &str) -> Value {
+    let t = now();
+    json!({
+        "type": ty,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": t,
+        "lastTransitionTime": t,
+    })
+}
+
 /// Now, as the API server writes timestamps.
 pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
