@@ -9,7 +9,8 @@
 //! - [`bin_path`]: where the built binaries are.
 //! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
 //! - [`executions`]: a class whose work leaves a record of every execution.
-//! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
+//! - [`point_at_double`]: a `kubernetes` dispatcher's way to the Kubernetes API double
+//!   (`gantry-kube-double`).
 //! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
 //! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
 //!   benchmarks share.
@@ -17,7 +18,6 @@
 pub mod bench;
 pub mod duplicate;
 pub mod executions;
-pub mod kube_double;
 pub mod placement;
 pub mod services;
 
@@ -27,6 +27,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use gantry_kube_double::KubeDouble;
 use gantry_producer::Producer;
 use gantry_shared::amqp::{self, Publisher, confirm_channel};
 use gantry_shared::catalog::Catalog;
@@ -231,7 +232,7 @@ impl TestEnv {
 ///
 /// # Errors
 /// The file cannot be written.
-pub fn point_at_double(double: &kube_double::KubeDouble, env: &TestEnv) -> Result<PathBuf> {
+pub fn point_at_double(double: &KubeDouble, env: &TestEnv) -> Result<PathBuf> {
     double.create_secret("gantry-amqp", "url", &amqp_url());
     let kubeconfig = env.dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, double.kubeconfig())?;

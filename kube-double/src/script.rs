@@ -27,7 +27,7 @@ pub enum Script {
     /// long job, without a process per pod).
     RunForever,
     /// No script: the pod runs its container (a place in
-    /// [`KubeDouble::script_next`](super::KubeDouble::script_next)'s queue for a Job that
+    /// [`KubeDouble::script_next`](crate::KubeDouble::script_next)'s queue for a Job that
     /// runs normally).
     Run,
 }

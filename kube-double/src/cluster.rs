@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use super::api::{Propagation, create_in, delete_in};
-use super::control::{Cluster, Msg};
-use super::inner::Inner;
-use super::kinds::Kind;
-use super::script::{Script, script_of};
-use super::store::{Event, EventType, Key, condition, condition_json, job_finished, now, str_at};
+use crate::api::{Propagation, create_in, delete_in};
+use crate::control::{Cluster, Msg};
+use crate::inner::Inner;
+use crate::kinds::Kind;
+use crate::script::{Script, script_of};
+use crate::store::{Event, EventType, Key, condition, condition_json, job_finished, now, str_at};
 
 /// Runs the controllers until the double is dropped.
 pub(crate) async fn run(

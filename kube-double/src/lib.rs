@@ -59,6 +59,7 @@
 //!
 //! - [`KubeDouble`]: the server, its observation helpers and its knobs; `options`
 //!   ([`Options`]), `script` ([`Script`]) and `faults` ([`FaultSpec`], [`RequestRecord`]).
+//!   `error`: what its helpers report ([`Error`]).
 //! - `inner`: what the server, the control loop and the handle share.
 //! - `store`: objects, resourceVersions and watch history. `api`: the verbs.
 //! - `kinds`, `defaults`, `validate`, `names`, `selector`, `status`: the API server's rules.
@@ -71,6 +72,7 @@ mod api;
 mod cluster;
 mod control;
 mod defaults;
+mod error;
 mod faults;
 mod inner;
 mod kinds;
@@ -88,7 +90,6 @@ mod validate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use nix::sys::signal::{Signal, killpg};
@@ -98,6 +99,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub use error::{Error, Result};
 pub use faults::{Fault, FaultSpec, RequestRecord};
 pub use kinds::Kind;
 pub use options::{NAMESPACE, Options};
@@ -521,7 +523,10 @@ impl KubeDouble {
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                bail!("timed out after {timeout:?} waiting for {what}");
+                return Err(Error::Timeout {
+                    what: what.to_owned(),
+                    timeout,
+                });
             }
             let _ =
                 tokio::time::timeout(left.min(Duration::from_millis(20)), changed.changed()).await;
@@ -549,7 +554,10 @@ impl KubeDouble {
                     .read(|st| st.get(&key).filter(|j| condition(j, ty).is_some()).cloned())
             })
             .await?;
-        serde_json::from_value(value).context("decoding the Job")
+        serde_json::from_value(value).map_err(|source| Error::Decode {
+            kind: "Job",
+            source,
+        })
     }
 
     /// Waits until a pod of the Job is in `phase`, and returns it.

@@ -2,7 +2,7 @@
 //! Ready and schedulable, matches its `nodeSelector` and required node affinity, has every
 //! `NoSchedule`/`NoExecute` taint tolerated, and has room for its requests; otherwise the
 //! pod stays Pending with `PodScheduled=False, reason=Unschedulable`. The kubelet then
-//! runs the pod's first container as a local process (see [`super::process`]) or follows
+//! runs the pod's first container as a local process (see [`crate::process`]) or follows
 //! its script, and reports the pod's status through the same phases a real kubelet does.
 
 use std::collections::BTreeMap;
@@ -12,15 +12,15 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use super::api::{Propagation, delete_in};
-use super::control::{Cluster, Msg, PodRun, RunState};
-use super::inner::PodProcess;
-use super::kinds::Kind;
-use super::names::parse_quantity;
-use super::process::{self, Waiting};
-use super::script::{Script, script_of};
-use super::selector::{labels_of, string_map};
-use super::store::{Key, condition_json, now, str_at};
+use crate::api::{Propagation, delete_in};
+use crate::control::{Cluster, Msg, PodRun, RunState};
+use crate::inner::PodProcess;
+use crate::kinds::Kind;
+use crate::names::parse_quantity;
+use crate::process::{self, Waiting};
+use crate::script::{Script, script_of};
+use crate::selector::{labels_of, string_map};
+use crate::store::{Key, condition_json, now, str_at};
 
 /// What a terminated container reports.
 struct Terminated {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::inner::Inner;
-use super::script::Script;
-use super::store::Key;
+use crate::inner::Inner;
+use crate::script::Script;
+use crate::store::Key;
 
 /// What the loop is asked to do besides reacting to store changes.
 #[derive(Debug)]

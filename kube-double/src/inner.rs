@@ -1,4 +1,4 @@
-//! What the server, the control loop and the [`KubeDouble`](super::KubeDouble) handle
+//! What the server, the control loop and the [`KubeDouble`](crate::KubeDouble) handle
 //! share: the store, the options, the queued scripts and faults, the request record, and
 //! the pods whose processes run.
 
@@ -10,10 +10,10 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::faults::{Fault, FaultSpec, RequestRecord};
-use super::options::Options;
-use super::script::Script;
-use super::store::Store;
+use crate::faults::{Fault, FaultSpec, RequestRecord};
+use crate::options::Options;
+use crate::script::Script;
+use crate::store::Store;
 
 /// A pod the kubelet started: where its log is, and its process group.
 pub(crate) struct PodProcess {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use super::kinds::Kind;
+use crate::kinds::Kind;
 
 /// Where an object lives. Cluster-scoped objects have an empty namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::script::Script;
+use crate::script::Script;
 
 /// The namespace the client uses by default.
 pub const NAMESPACE: &str = "gantry-test";
