@@ -12,13 +12,10 @@
 //! - [`point_at_double`]: a `kubernetes` dispatcher's way to the Kubernetes API double
 //!   (`gantry-kube-double`).
 //! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
-//! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
-//!   benchmarks share.
+//! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
 
-pub mod bench;
 pub mod duplicate;
 pub mod executions;
-pub mod placement;
 pub mod services;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +29,7 @@ use gantry_producer::Producer;
 use gantry_shared::amqp::{self, Publisher, confirm_channel};
 use gantry_shared::catalog::Catalog;
 use gantry_shared::config::{Config, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
@@ -39,6 +37,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use secrecy::ExposeSecret;
+use serde_json::Value;
 use tokio_postgres::NoTls;
 
 /// The broker every test uses (`GANTRY_AMQP_URL`, else this machine's).
@@ -72,6 +71,23 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// An `echo` task named `name` carrying `payload`, with an hour to live.
+///
+/// # Errors
+/// `name` is not a valid task name.
+pub fn echo_spec(name: &str, payload: Value) -> Result<TaskSpec> {
+    Ok(TaskSpec {
+        executor: ExecutorClass::parse("echo")?,
+        name: TaskName::parse(name)?,
+        payload,
+        ttl: Duration::from_secs(3600),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    })
 }
 
 /// One test's world: its own database, prefix and state directory.
