@@ -25,7 +25,7 @@ deny:
 	cargo deny check
 
 bench: setup
-	cargo run --release --locked -p gantry-tests --bin gantry-bench
+	cargo run --release --locked -p gantry-bench --bin gantry-bench
 
 # The kubernetes runtime against the API double; the dispatcher binary must be built too.
 bench-kube: setup

@@ -9,16 +9,13 @@
 //! - [`bin_path`]: where the built binaries are.
 //! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
 //! - [`executions`]: a class whose work leaves a record of every execution.
-//! - [`kube_double`]: a Kubernetes API double on 127.0.0.1 for the `kubernetes` runtime.
+//! - [`point_at_double`]: a `kubernetes` dispatcher's way to the Kubernetes API double
+//!   (`gantry-kube-double`).
 //! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
-//! - [`bench`]: the figures, the bare broker baseline and the CPU accounting the
-//!   benchmarks share.
+//! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
 
-pub mod bench;
 pub mod duplicate;
 pub mod executions;
-pub mod kube_double;
-pub mod placement;
 pub mod services;
 
 use std::path::{Path, PathBuf};
@@ -27,10 +24,12 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use gantry_kube_double::KubeDouble;
 use gantry_producer::Producer;
 use gantry_shared::amqp::{self, Publisher, confirm_channel};
 use gantry_shared::catalog::Catalog;
 use gantry_shared::config::{Config, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
@@ -38,6 +37,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use secrecy::ExposeSecret;
+use serde_json::Value;
 use tokio_postgres::NoTls;
 
 /// The broker every test uses (`GANTRY_AMQP_URL`, else this machine's).
@@ -71,6 +71,23 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// An `echo` task named `name` carrying `payload`, with an hour to live.
+///
+/// # Errors
+/// `name` is not a valid task name.
+pub fn echo_spec(name: &str, payload: Value) -> Result<TaskSpec> {
+    Ok(TaskSpec {
+        executor: ExecutorClass::parse("echo")?,
+        name: TaskName::parse(name)?,
+        payload,
+        ttl: Duration::from_secs(3600),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    })
 }
 
 /// One test's world: its own database, prefix and state directory.
@@ -231,7 +248,7 @@ impl TestEnv {
 ///
 /// # Errors
 /// The file cannot be written.
-pub fn point_at_double(double: &kube_double::KubeDouble, env: &TestEnv) -> Result<PathBuf> {
+pub fn point_at_double(double: &KubeDouble, env: &TestEnv) -> Result<PathBuf> {
     double.create_secret("gantry-amqp", "url", &amqp_url());
     let kubeconfig = env.dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, double.kubeconfig())?;

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use gantry_kube_double::KubeDouble;
 use gantry_producer::Producer;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
 use gantry_shared::store::TaskState;
-use gantry_tests::kube_double::KubeDouble;
 use gantry_tests::{Dispatcher, TestEnv, eventually};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};

@@ -7,10 +7,10 @@ use chrono::Utc;
 use gantry_dispatcher::runtime::kubernetes::client::{Created, JobClient};
 use gantry_dispatcher::runtime::kubernetes::job;
 use gantry_dispatcher::settings::KubernetesSection;
+use gantry_kube_double::{FaultSpec, KubeDouble};
 use gantry_shared::catalog::Catalog;
 use gantry_shared::message::{ExecutorClass, Limits, Task, TaskName, TaskSpec};
 use gantry_shared::store::TaskState;
-use gantry_tests::kube_double::{FaultSpec, KubeDouble};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::json;
@@ -309,7 +309,7 @@ async fn a_job_past_its_deadline_ends_expired() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oom_killed_job_fails_with_kind_oom() -> anyhow::Result<()> {
     let c = cluster("").await?;
-    c.double.script_next(gantry_tests::kube_double::Script::Oom);
+    c.double.script_next(gantry_kube_double::Script::Oom);
     let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(
@@ -332,8 +332,7 @@ async fn an_oom_killed_job_fails_with_kind_oom() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_job_is_retried_and_succeeds_on_its_second_attempt() -> anyhow::Result<()> {
     let c = cluster("").await?;
-    c.double
-        .script_next(gantry_tests::kube_double::Script::Evict);
+    c.double.script_next(gantry_kube_double::Script::Evict);
     let (producer, id) = submit(&c.env, json!({"n": 1}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
@@ -387,8 +386,7 @@ async fn a_task_asking_more_gpus_than_its_class_allows_is_dead_lettered_without_
 async fn a_job_that_cannot_pull_its_image_is_deleted_and_fails_with_kind_image_pull()
 -> anyhow::Result<()> {
     let c = cluster_with("", 4, &[("GANTRY_IMAGE_PULL_LIMIT", "1s")]).await?;
-    c.double
-        .script_next(gantry_tests::kube_double::Script::ImagePull);
+    c.double.script_next(gantry_kube_double::Script::ImagePull);
     let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(record.state, TaskState::Failed, "{:?}", record.error);
@@ -417,7 +415,7 @@ async fn a_job_no_node_can_take_fails_as_unschedulable_and_is_retried() -> anyho
     )
     .await?;
     c.double
-        .script_next(gantry_tests::kube_double::Script::PendingForever);
+        .script_next(gantry_kube_double::Script::PendingForever);
     let (producer, id) = submit(&c.env, json!({}), Duration::from_secs(120)).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     // The first attempt found no node; the retry ran.
@@ -601,9 +599,9 @@ async fn eventually_running(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_copies_of_evicted_and_retried_attempts_never_run_an_attempt_twice()
 -> anyhow::Result<()> {
+    use gantry_kube_double::Script;
     use gantry_tests::duplicate::Duplicator;
     use gantry_tests::executions::Executions;
-    use gantry_tests::kube_double::Script;
 
     const TASKS: usize = 8;
     let double = KubeDouble::start().await;

@@ -4,7 +4,7 @@
 use gantry_shared::message::{Attempt, Evidence, Limits, Task, TaskId};
 use gantry_shared::store::{Applied, Change, Store, TaskState, Transition};
 use gantry_tests::TestEnv;
-use gantry_tests::bench::echo_spec;
+use gantry_tests::echo_spec;
 use serde_json::json;
 
 /// Three tasks the store knows and one it never received.

@@ -5,65 +5,18 @@
 //! conditions as the real controller does (`SuccessCriteriaMet` then `Complete`,
 //! `FailureTarget` then `Failed`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use super::api::{Propagation, create_in, delete_in};
-use super::kinds::Kind;
-use super::store::{Event, EventType, Key, condition, job_finished, now, str_at};
-use super::{Inner, SCRIPT_KEY, Script};
-
-/// What the loop is asked to do besides reacting to store changes.
-#[derive(Debug)]
-pub(crate) enum Msg {
-    CreatePod {
-        job_uid: String,
-    },
-    Deadline {
-        job_uid: String,
-    },
-    Ttl {
-        job_uid: String,
-    },
-    /// A pod's process ended with this exit code.
-    Exited {
-        pod_uid: String,
-        code: i32,
-    },
-    /// The next step of a scripted pod.
-    Step {
-        pod_uid: String,
-        step: u32,
-    },
-    /// The pod's own `activeDeadlineSeconds` passed.
-    PodDeadline {
-        pod_uid: String,
-    },
-}
-
-#[derive(Default)]
-pub(crate) struct JobTrack {
-    /// How each of its pods ended (true: succeeded), by pod uid.
-    outcomes: HashMap<String, bool>,
-    creating: bool,
-    started: Option<Instant>,
-    deadline_armed: bool,
-    ttl_armed: bool,
-}
-
-pub(crate) struct Cluster {
-    pub(crate) inner: Arc<Inner>,
-    pub(crate) tx: UnboundedSender<Msg>,
-    jobs: HashMap<String, JobTrack>,
-    pub(crate) runs: HashMap<String, super::kubelet::PodRun>,
-    job_scripts: HashMap<String, Script>,
-    pub(crate) pod_scripts: HashMap<String, Script>,
-    pub(crate) next_ip: u32,
-}
+use crate::api::{Propagation, create_in, delete_in};
+use crate::control::{Cluster, Msg};
+use crate::inner::Inner;
+use crate::kinds::Kind;
+use crate::script::{Script, script_of};
+use crate::store::{Event, EventType, Key, condition, condition_json, job_finished, now, str_at};
 
 /// Runs the controllers until the double is dropped.
 pub(crate) async fn run(
@@ -72,15 +25,7 @@ pub(crate) async fn run(
     tx: UnboundedSender<Msg>,
     mut msgs: UnboundedReceiver<Msg>,
 ) {
-    let mut c = Cluster {
-        inner,
-        tx,
-        jobs: HashMap::new(),
-        runs: HashMap::new(),
-        job_scripts: HashMap::new(),
-        pod_scripts: HashMap::new(),
-        next_ip: 10,
-    };
+    let mut c = Cluster::new(inner, tx);
     loop {
         tokio::select! {
             Some(e) = events.recv() => c.on_event(&e),
@@ -91,19 +36,6 @@ pub(crate) async fn run(
 }
 
 impl Cluster {
-    /// Sends `msg` back to the loop after `delay`.
-    pub(crate) fn later(&self, delay: Duration, msg: Msg) {
-        let tx = self.tx.clone();
-        if delay.is_zero() {
-            let _ = tx.send(msg);
-            return;
-        }
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(msg);
-        });
-    }
-
     fn on_event(&mut self, e: &Event) {
         if e.ty != EventType::Deleted {
             self.collect_if_owners_are_gone(&e.key, &e.object);
@@ -473,27 +405,6 @@ fn controller_uid(pod: &Value) -> Option<&str> {
         .iter()
         .find(|r| r["controller"] == Value::Bool(true) && str_at(r, "/kind") == "Job")
         .map(|r| str_at(r, "/uid"))
-}
-
-/// The script named on an object by the `double.gantry.dev/script` label or annotation.
-pub(crate) fn script_of(object: &Value) -> Option<Script> {
-    ["labels", "annotations"].iter().find_map(|m| {
-        object["metadata"][m][SCRIPT_KEY]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-    })
-}
-
-pub(crate) fn condition_json(ty: &str, reason: &str, message: &str) -> Value {
-    let t = now();
-    json!({
-        "type": ty,
-        "status": "True",
-        "reason": reason,
-        "message": message,
-        "lastProbeTime": t,
-        "lastTransitionTime": t,
-    })
 }
 
 fn push_condition(status: &mut Value, c: Value) {

@@ -1,5 +1,21 @@
-//! What the benchmark binaries share: throughput and latency figures, the bare lapin
-//! baseline they compare Gantry with, CPU time by process group, and their tasks.
+//! Gantry's benchmarks and its fault suite, and what they share: throughput and latency
+//! figures, the bare lapin baseline they compare Gantry with, CPU time by process group,
+//! and where their processes run. The worlds they run in (a database, a prefix, a
+//! dispatcher process, the tasks they submit) come from `gantry-tests`; the Kubernetes API
+//! double from `gantry-kube-double`.
+//!
+//! # Layout
+//!
+//! - [`Figures`], [`median`], [`percentiles`]: one measured run, and medians over rounds.
+//! - [`lapin_round_trip`], [`declare_quorum`]: the bare broker baseline.
+//! - [`Cpu`]: CPU time by process group, from /proc.
+//! - [`placement`]: one CPU for the side a baseline measures, the others for the rest.
+//! - The binaries (`src/bin/`): `gantry-bench` (the `local` runtime against the
+//!   baseline), `gantry-bench-replay` (`gantry dlq replay` against a bare move),
+//!   `gantry-bench-kube` (the `kubernetes` runtime against the double and two baselines),
+//!   `gantry-faults` (the fault suite: no task lost, no attempt run twice).
+
+pub mod placement;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,33 +23,14 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use futures_util::StreamExt;
 use gantry_shared::amqp::{self, confirm_channel, publish_confirmed};
-use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::amqp_url;
-
-/// An `echo` task named `name` carrying `payload`, with an hour to live.
-///
-/// # Errors
-/// `name` is not a valid task name.
-pub fn echo_spec(name: &str, payload: Value) -> Result<TaskSpec> {
-    Ok(TaskSpec {
-        executor: ExecutorClass::parse("echo")?,
-        name: TaskName::parse(name)?,
-        payload,
-        ttl: Duration::from_secs(3600),
-        reply_to: None,
-        idempotency_key: None,
-        priority: None,
-        resources: None,
-    })
-}
+use gantry_tests::amqp_url;
 
 /// Declares a durable quorum queue.
 ///

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::defaults;
-use super::kinds::{Kind, unknown_fields};
-use super::selector::{FieldSelector, LabelSelector};
-use super::status::{ApiError, ApiResult, FieldError};
-use super::store::{Key, State, Store, now, str_at};
-use super::validate::{decode_quantities, validate, validate_update};
+use crate::defaults;
+use crate::kinds::{Kind, unknown_fields};
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::status::{ApiError, ApiResult, FieldError};
+use crate::store::{Key, State, Store, now, str_at};
+use crate::validate::{decode_quantities, validate, validate_update};
 
 /// The query parameters of a request.
 pub(crate) type Query = BTreeMap<String, String>;

@@ -57,321 +57,61 @@
 //!
 //! # Layout
 //!
-//! - [`KubeDouble`]: the server, its observation helpers and its knobs.
+//! - [`KubeDouble`]: the server, its observation helpers and its knobs; `options`
+//!   ([`Options`]), `script` ([`Script`]) and `faults` ([`FaultSpec`], [`RequestRecord`]).
+//!   `error`: what its helpers report ([`Error`]).
+//! - `inner`: what the server, the control loop and the handle share.
 //! - `store`: objects, resourceVersions and watch history. `api`: the verbs.
 //! - `kinds`, `defaults`, `validate`, `names`, `selector`, `status`: the API server's rules.
-//! - `server`: HTTP, faults, watches. `cluster`: the Job controller. `kubelet`: the
-//!   scheduler and pod lifecycle. `process`: running a container as a process.
+//! - `server`: HTTP, faults, watches.
+//! - `cluster`: the control loop and the Job controller. `kubelet`: the scheduler and pod
+//!   lifecycle. `control`: what those two keep between events. `process`: running a
+//!   container as a process.
 
 mod api;
 mod cluster;
+mod control;
 mod defaults;
+mod error;
+mod faults;
+mod inner;
 mod kinds;
 mod kubelet;
 mod names;
+mod options;
 mod process;
+mod script;
 mod selector;
 mod server;
 mod status;
 mod store;
 mod validate;
 
-use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub use error::{Error, Result};
+pub use faults::{Fault, FaultSpec, RequestRecord};
 pub use kinds::Kind;
+pub use options::{NAMESPACE, Options};
+pub use script::{SCRIPT_KEY, Script};
 pub use validate::{MAX_ANNOTATIONS_BYTES, MAX_SECRET_BYTES};
 
 use api::create_in;
+use inner::Inner;
 use store::{Key, Store, condition, now};
 
-/// The namespace the client uses by default.
-pub const NAMESPACE: &str = "gantry-test";
 /// The node that exists from the start.
 pub const DEFAULT_NODE: &str = "node-1";
-/// The label or annotation on a Job (or a bare Pod) that names its [`Script`].
-pub const SCRIPT_KEY: &str = "double.gantry.dev/script";
-
-/// A scripted outcome for a Job's pods instead of running their command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Script {
-    /// Runs nothing and succeeds (exit 0).
-    Succeed,
-    /// Runs nothing and fails with this exit code.
-    Fail(i32),
-    /// The container is OOMKilled (exit 137) after a moment.
-    Oom,
-    /// The image never pulls: `ErrImagePull`, then `ImagePullBackOff`; the pod stays Pending.
-    ImagePull,
-    /// No node ever fits: Pending with `PodScheduled=False, reason=Unschedulable`.
-    PendingForever,
-    /// The kubelet evicts the pod: Failed, reason `Evicted`, a `DisruptionTarget` condition.
-    Evict,
-    /// The node is lost: the pod Failed with reason `NodeLost`, then deleted.
-    NodeLost,
-    /// Runs nothing and stays Running until the pod is deleted or its deadline passes (a
-    /// long job, without a process per pod).
-    RunForever,
-    /// No script: the pod runs its container (a place in [`KubeDouble::script_next`]'s
-    /// queue for a Job that runs normally).
-    Run,
-}
-
-impl std::str::FromStr for Script {
-    type Err = String;
-
-    /// `succeed`, `fail` (exit 1), `fail-3` or `fail(3)`, `oom`, `image-pull`,
-    /// `pending-forever`, `evict`, `node-lost`, `run-forever`, `run`.
-    fn from_str(s: &str) -> Result<Script, String> {
-        Ok(match s {
-            "succeed" => Script::Succeed,
-            "fail" => Script::Fail(1),
-            "oom" => Script::Oom,
-            "image-pull" => Script::ImagePull,
-            "pending-forever" => Script::PendingForever,
-            "evict" => Script::Evict,
-            "node-lost" => Script::NodeLost,
-            "run-forever" => Script::RunForever,
-            "run" => Script::Run,
-            other => {
-                let code = other
-                    .strip_prefix("fail-")
-                    .or_else(|| {
-                        other
-                            .strip_prefix("fail(")
-                            .and_then(|c| c.strip_suffix(')'))
-                    })
-                    .and_then(|c| c.parse().ok())
-                    .ok_or_else(|| format!("unknown script {other:?}"))?;
-                Script::Fail(code)
-            }
-        })
-    }
-}
-
-impl std::fmt::Display for Script {
-    /// The name as a label value can carry it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Script::Succeed => f.write_str("succeed"),
-            Script::Fail(code) => write!(f, "fail-{code}"),
-            Script::Oom => f.write_str("oom"),
-            Script::ImagePull => f.write_str("image-pull"),
-            Script::PendingForever => f.write_str("pending-forever"),
-            Script::Evict => f.write_str("evict"),
-            Script::NodeLost => f.write_str("node-lost"),
-            Script::RunForever => f.write_str("run-forever"),
-            Script::Run => f.write_str("run"),
-        }
-    }
-}
-
-/// Knobs of a double.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The client's default namespace (created with `default` and `kube-system`).
-    pub namespace: String,
-    /// How long the Job controller waits before creating a Job's pod.
-    pub pod_start_delay: Duration,
-    /// The "moment" between the steps of a script.
-    pub script_step: Duration,
-    /// How many changes watches can replay; older ones get 410 Gone.
-    pub history_limit: usize,
-    /// How often a watch that allows bookmarks gets one.
-    pub bookmark_interval: Duration,
-    /// The script of every Job that names none and has none queued; `None`: its pods run
-    /// their container.
-    pub script: Option<Script>,
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            namespace: NAMESPACE.into(),
-            pod_start_delay: Duration::ZERO,
-            script_step: Duration::from_millis(30),
-            history_limit: 10_000,
-            bookmark_interval: Duration::from_secs(1),
-            script: None,
-        }
-    }
-}
-
-/// What an injected fault does to a request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Fault {
-    /// 500 InternalError.
-    InternalError,
-    /// 429 TooManyRequests with a `Retry-After` header.
-    TooManyRequests { retry_after_secs: u64 },
-    /// The request is answered normally after this delay.
-    Latency(Duration),
-    /// The connection closes without a response.
-    DropConnection,
-}
-
-/// A fault for the requests whose method is `method` (or `*`) and whose path contains
-/// `path_contains` (`"POST"`, `"/jobs"`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct FaultSpec {
-    pub method: String,
-    pub path_contains: String,
-    pub fault: Fault,
-}
-
-impl FaultSpec {
-    pub fn new(method: &str, path_contains: &str, fault: Fault) -> FaultSpec {
-        FaultSpec {
-            method: method.to_owned(),
-            path_contains: path_contains.to_owned(),
-            fault,
-        }
-    }
-
-    pub fn internal_error(method: &str, path_contains: &str) -> FaultSpec {
-        FaultSpec::new(method, path_contains, Fault::InternalError)
-    }
-
-    pub fn too_many_requests(
-        method: &str,
-        path_contains: &str,
-        retry_after_secs: u64,
-    ) -> FaultSpec {
-        FaultSpec::new(
-            method,
-            path_contains,
-            Fault::TooManyRequests { retry_after_secs },
-        )
-    }
-
-    pub fn latency(method: &str, path_contains: &str, delay: Duration) -> FaultSpec {
-        FaultSpec::new(method, path_contains, Fault::Latency(delay))
-    }
-
-    pub fn drop_connection(method: &str, path_contains: &str) -> FaultSpec {
-        FaultSpec::new(method, path_contains, Fault::DropConnection)
-    }
-
-    fn matches(&self, method: &str, path: &str) -> bool {
-        (self.method == "*" || self.method.eq_ignore_ascii_case(method))
-            && path.contains(&self.path_contains)
-    }
-}
-
-/// One request the double received.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestRecord {
-    pub method: String,
-    pub path: String,
-    /// The raw query string.
-    pub query: String,
-    /// The response's status; `None` when the connection was dropped.
-    pub status: Option<u16>,
-}
-
-impl RequestRecord {
-    /// Whether the request changed (or tried to change) something.
-    pub fn is_write(&self) -> bool {
-        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
-    }
-}
-
-/// A pod the kubelet started: where its log is, and its process group.
-pub(crate) struct PodProcess {
-    pub(crate) namespace: String,
-    pub(crate) name: String,
-    pub(crate) log: PathBuf,
-    pub(crate) pgid: Option<i32>,
-    /// Whether the process may still run (its group is killed when the double drops).
-    pub(crate) running: bool,
-    pub(crate) started: Instant,
-}
-
-pub(crate) struct Inner {
-    pub(crate) store: Store,
-    pub(crate) options: Options,
-    pub(crate) dir: tempfile::TempDir,
-    faults: Mutex<Vec<(FaultSpec, u32)>>,
-    requests: Mutex<Vec<RequestRecord>>,
-    scripts: Mutex<VecDeque<Script>>,
-    /// Scripts of the Jobs that carry a label: `(key, value, script)`.
-    labelled_scripts: Mutex<Vec<(String, String, Script)>>,
-    images: Mutex<HashMap<String, Vec<String>>>,
-    pods: Mutex<HashMap<String, PodProcess>>,
-    pub(crate) watch_ends: watch::Sender<u64>,
-    pub(crate) shutdown: watch::Sender<bool>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Inner {
-    pub(crate) fn lock_requests(&self) -> MutexGuard<'_, Vec<RequestRecord>> {
-        lock(&self.requests)
-    }
-
-    pub(crate) fn lock_pods(&self) -> MutexGuard<'_, HashMap<String, PodProcess>> {
-        lock(&self.pods)
-    }
-
-    pub(crate) fn lock_images(&self) -> MutexGuard<'_, HashMap<String, Vec<String>>> {
-        lock(&self.images)
-    }
-
-    pub(crate) fn next_script(&self) -> Option<Script> {
-        lock(&self.scripts).pop_front()
-    }
-
-    /// The script of the first rule whose label `job` carries.
-    pub(crate) fn labelled_script(&self, job: &Value) -> Option<Script> {
-        let labels = &job["metadata"]["labels"];
-        lock(&self.labelled_scripts)
-            .iter()
-            .find(|(k, v, _)| labels[k.as_str()].as_str() == Some(v.as_str()))
-            .map(|(_, _, script)| script.clone())
-    }
-
-    /// Takes one use of the first fault matching a request.
-    pub(crate) fn take_fault(&self, method: &str, path: &str) -> Option<Fault> {
-        let mut faults = lock(&self.faults);
-        let i = faults
-            .iter()
-            .position(|(spec, left)| *left > 0 && spec.matches(method, path))?;
-        faults[i].1 -= 1;
-        let fault = faults[i].0.fault.clone();
-        if faults[i].1 == 0 {
-            faults.remove(i);
-        }
-        Some(fault)
-    }
-
-    /// The log of the newest pod named `name` in `namespace`.
-    pub(crate) fn log_of(&self, namespace: &str, name: &str) -> Option<String> {
-        let path = self
-            .lock_pods()
-            .values()
-            .filter(|p| p.namespace == namespace && p.name == name)
-            .max_by_key(|p| p.started)
-            .map(|p| p.log.clone())?;
-        // A scripted pod has no log file: it never wrote a line.
-        let bytes = std::fs::read(path).unwrap_or_default();
-        Some(String::from_utf8_lossy(&bytes).into_owned())
-    }
-}
-
 /// A Kubernetes API double serving on 127.0.0.1; shut down (and its processes killed)
 /// when dropped.
 pub struct KubeDouble {
@@ -406,22 +146,11 @@ impl KubeDouble {
             .port();
         let (store, events) = Store::new(options.history_limit);
         let (tx, msgs) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            store,
-            dir: tempfile::Builder::new()
-                .prefix("kube-double-")
-                .tempdir()
-                .expect("the double makes a temporary directory"),
-            options,
-            faults: Mutex::new(Vec::new()),
-            requests: Mutex::new(Vec::new()),
-            scripts: Mutex::new(VecDeque::new()),
-            labelled_scripts: Mutex::new(Vec::new()),
-            images: Mutex::new(HashMap::new()),
-            pods: Mutex::new(HashMap::new()),
-            watch_ends: watch::channel(0).0,
-            shutdown: watch::channel(false).0,
-        });
+        let dir = tempfile::Builder::new()
+            .prefix("kube-double-")
+            .tempdir()
+            .expect("the double makes a temporary directory");
+        let inner = Arc::new(Inner::new(store, options, dir));
         let double = KubeDouble {
             url: format!("http://127.0.0.1:{port}"),
             tasks: vec![
@@ -599,23 +328,23 @@ impl KubeDouble {
 
     /// The next Job created follows `script` (unless it names its own).
     pub fn script_next(&self, script: Script) {
-        lock(&self.inner.scripts).push_back(script);
+        self.inner.queue_script(script);
     }
 
     /// Every Job created from now on with the label `key=value` follows `script` (unless it
     /// names its own); the first matching rule wins, before [`KubeDouble::script_next`].
     pub fn script_jobs_labelled(&self, key: &str, value: &str, script: Script) {
-        lock(&self.inner.labelled_scripts).push((key.to_owned(), value.to_owned(), script));
+        self.inner.add_labelled_script(key, value, script);
     }
 
     /// The next `n` requests matching `spec` get its fault.
     pub fn fail_next(&self, n: u32, spec: FaultSpec) {
-        lock(&self.inner.faults).push((spec, n));
+        self.inner.add_fault(spec, n);
     }
 
     /// Forgets every fault not yet used.
     pub fn clear_faults(&self) {
-        lock(&self.inner.faults).clear();
+        self.inner.clear_faults();
     }
 
     /// Every request so far, in order.
@@ -794,7 +523,10 @@ impl KubeDouble {
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                bail!("timed out after {timeout:?} waiting for {what}");
+                return Err(Error::Timeout {
+                    what: what.to_owned(),
+                    timeout,
+                });
             }
             let _ =
                 tokio::time::timeout(left.min(Duration::from_millis(20)), changed.changed()).await;
@@ -822,7 +554,10 @@ impl KubeDouble {
                     .read(|st| st.get(&key).filter(|j| condition(j, ty).is_some()).cloned())
             })
             .await?;
-        serde_json::from_value(value).context("decoding the Job")
+        serde_json::from_value(value).map_err(|source| Error::Decode {
+            kind: "Job",
+            source,
+        })
     }
 
     /// Waits until a pod of the Job is in `phase`, and returns it.

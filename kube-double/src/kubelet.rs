@@ -2,45 +2,25 @@
 //! Ready and schedulable, matches its `nodeSelector` and required node affinity, has every
 //! `NoSchedule`/`NoExecute` taint tolerated, and has room for its requests; otherwise the
 //! pod stays Pending with `PodScheduled=False, reason=Unschedulable`. The kubelet then
-//! runs the pod's first container as a local process (see [`super::process`]) or follows
+//! runs the pod's first container as a local process (see [`crate::process`]) or follows
 //! its script, and reports the pod's status through the same phases a real kubelet does.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use super::api::{Propagation, delete_in};
-use super::cluster::{Cluster, Msg, condition_json, script_of};
-use super::kinds::Kind;
-use super::names::parse_quantity;
-use super::process::{self, Waiting};
-use super::selector::{labels_of, string_map};
-use super::store::{Key, now, str_at};
-use super::{PodProcess, Script};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RunState {
-    Waiting,
-    Running,
-    Done,
-}
-
-/// The kubelet's record of a pod it started.
-pub(crate) struct PodRun {
-    key: Key,
-    state: RunState,
-    pgid: Option<i32>,
-    started_at: String,
-    termination_log: PathBuf,
-    fallback_to_logs: bool,
-    log: PathBuf,
-    script: Option<Script>,
-    ip: String,
-}
+use crate::api::{Propagation, delete_in};
+use crate::control::{Cluster, Msg, PodRun, RunState};
+use crate::inner::PodProcess;
+use crate::kinds::Kind;
+use crate::names::parse_quantity;
+use crate::process::{self, Waiting};
+use crate::script::{Script, script_of};
+use crate::selector::{labels_of, string_map};
+use crate::store::{Key, condition_json, now, str_at};
 
 /// What a terminated container reports.
 struct Terminated {

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::kinds::Kind;
+use crate::kinds::Kind;
 
 pub(crate) fn apply(kind: Kind, obj: &mut Value) {
     match kind {

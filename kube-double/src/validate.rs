@@ -5,13 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::kinds::Kind;
-use super::names::{
+use crate::kinds::Kind;
+use crate::names::{
     QUANTITY_FORMAT, canonical_quantity, config_key, dns1123_label, dns1123_subdomain,
     env_var_name, is_extended_resource, label_value, parse_quantity, qualified_name,
 };
-use super::status::{ApiError, FieldError};
-use super::store::str_at;
+use crate::status::{ApiError, FieldError};
+use crate::store::str_at;
 
 /// Annotations may total at most this many bytes.
 pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;

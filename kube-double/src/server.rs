@@ -23,12 +23,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::api::{self, Query};
-use super::kinds::Kind;
-use super::selector::{FieldSelector, LabelSelector};
-use super::status::{ApiError, ApiResult};
-use super::store::{Event, EventType, Key};
-use super::{Fault, Inner, RequestRecord};
+use crate::api::{self, Query};
+use crate::faults::{Fault, RequestRecord};
+use crate::inner::Inner;
+use crate::kinds::Kind;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::status::{ApiError, ApiResult};
+use crate::store::{Event, EventType, Key};
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
 

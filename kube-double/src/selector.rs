@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::kinds::Kind;
-use super::status::{ApiError, ApiResult};
+use crate::kinds::Kind;
+use crate::status::{ApiError, ApiResult};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Requirement {
@@ -132,7 +132,7 @@ fn parse_set(s: &str) -> Result<Vec<String>, String> {
 }
 
 fn checked_key(k: &str) -> Result<String, String> {
-    let errs = super::names::qualified_name(k);
+    let errs = crate::names::qualified_name(k);
     if errs.is_empty() {
         Ok(k.to_owned())
     } else {
@@ -141,7 +141,7 @@ fn checked_key(k: &str) -> Result<String, String> {
 }
 
 fn checked_value(v: &str) -> Result<String, String> {
-    let errs = super::names::label_value(v);
+    let errs = crate::names::label_value(v);
     if errs.is_empty() {
         Ok(v.to_owned())
     } else {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use super::kinds::Kind;
+use crate::kinds::Kind;
 
 /// Where an object lives. Cluster-scoped objects have an empty namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -387,6 +387,19 @@ pub(crate) fn condition<'a>(object: &'a Value, ty: &str) -> Option<&'a Value> {
         .and_then(Value::as_array)?
         .iter()
         .find(|c| str_at(c, "/type") == ty && str_at(c, "/status") == "True")
+}
+
+/// A condition of status "True", as the controllers write one now.
+pub(crate) fn condition_json(ty: &str, reason: &str, message: &str) -> Value {
+    let t = now();
+    json!({
+        "type": ty,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastProbeTime": t,
+        "lastTransitionTime": t,
+    })
 }
 
 /// Now, as the API server writes timestamps.

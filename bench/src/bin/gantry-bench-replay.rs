@@ -12,7 +12,7 @@
 //! dispatcher: they land in `<prefix>.tasks.echo`), in turn: odd rounds move first, even
 //! rounds replay first. Medians are reported, because the machine is shared.
 //!
-//! `cargo run --release -p gantry-tests --bin gantry-bench-replay -- --messages 10000`
+//! `cargo run --release -p gantry-bench --bin gantry-bench-replay -- --messages 10000`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,13 +21,13 @@ use anyhow::{Context, Result, ensure};
 use chrono::Utc;
 use clap::Parser;
 use futures_util::StreamExt;
+use gantry_bench::{Cpu, declare_quorum};
 use gantry_cli::dlq::{DEFAULT_IN_FLIGHT, DeadLetters, ReplayOptions, Selection};
 use gantry_shared::amqp::{self, confirm_channel, publish_confirmed};
 use gantry_shared::dead_letter::DeadLetter;
 use gantry_shared::message::{Limits, Task, headers};
 use gantry_shared::retry;
-use gantry_tests::bench::{self, Cpu, declare_quorum, echo_spec};
-use gantry_tests::{TestEnv, amqp_url};
+use gantry_tests::{TestEnv, amqp_url, echo_spec};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -67,7 +67,7 @@ async fn main() -> Result<()> {
     );
     let rounds = rounds(&args).await?;
     let median = |f: &dyn Fn(&(Figures, Figures)) -> f64| {
-        bench::median(&rounds.iter().map(f).collect::<Vec<_>>())
+        gantry_bench::median(&rounds.iter().map(f).collect::<Vec<_>>())
     };
     let base = median(&|r| r.0.per_second);
     let replay = median(&|r| r.1.per_second);

@@ -3,7 +3,7 @@
 //! publish (confirmed) → consume → ack loop through a quorum queue.
 //!
 //! Build the binaries first, in release: `cargo build --release --bins`, then
-//! `cargo run --release -p gantry-tests --bin gantry-bench -- --tasks 2000`.
+//! `cargo run --release -p gantry-bench --bin gantry-bench -- --tasks 2000`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
+use gantry_bench::{Figures, lapin_round_trip};
 use gantry_shared::message::TaskId;
 use gantry_shared::store::TaskState;
-use gantry_tests::TestEnv;
-use gantry_tests::bench::{Figures, echo_spec, lapin_round_trip};
+use gantry_tests::{TestEnv, echo_spec};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_postgres::NoTls;

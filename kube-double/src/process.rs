@@ -21,9 +21,9 @@ use k8s_openapi::ByteString;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::cluster::Msg;
-use super::kinds::Kind;
-use super::store::{Key, Store, str_at};
+use crate::control::Msg;
+use crate::kinds::Kind;
+use crate::store::{Key, Store, str_at};
 
 /// Why a container cannot start yet (its `waiting` state).
 #[derive(Debug)]

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
-use gantry_tests::kube_double::{FaultSpec, KubeDouble, Options, SCRIPT_KEY, Script};
+use gantry_kube_double::{FaultSpec, KubeDouble, Options, SCRIPT_KEY, Script};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use gantry_kube_double::{FaultSpec, KubeDouble, Script};
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
 use gantry_tests::duplicate::Duplicator;
 use gantry_tests::executions::Executions;
-use gantry_tests::kube_double::{FaultSpec, KubeDouble, Script};
 use gantry_tests::{Dispatcher, TestEnv, counters_in, services};
 use tokio_postgres::NoTls;
 
@@ -312,10 +312,7 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
         |n: usize, fault| double.fail_next(n as u32, FaultSpec::new("POST", "/jobs", fault));
     match fault {
         Fault::Api5xx => {
-            post_jobs(
-                args.tasks / 2,
-                gantry_tests::kube_double::Fault::InternalError,
-            );
+            post_jobs(args.tasks / 2, gantry_kube_double::Fault::InternalError);
             double.fail_next(
                 quarter as u32,
                 FaultSpec::internal_error("POST", "/secrets"),
@@ -323,13 +320,13 @@ async fn run(fault: Fault, args: &Args) -> Result<Row> {
         }
         Fault::Api429 => post_jobs(
             args.tasks / 2,
-            gantry_tests::kube_double::Fault::TooManyRequests {
+            gantry_kube_double::Fault::TooManyRequests {
                 retry_after_secs: 1,
             },
         ),
         Fault::ApiSlow => post_jobs(
             args.tasks,
-            gantry_tests::kube_double::Fault::Latency(Duration::from_secs(2)),
+            gantry_kube_double::Fault::Latency(Duration::from_secs(2)),
         ),
         Fault::Eviction | Fault::Oom | Fault::ImagePull => {
             let script = match fault {

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use super::kinds::Kind;
+use crate::kinds::Kind;
 
 /// A failed request: the `Status` the API server would answer with.
 #[derive(Debug, Clone)]
