@@ -4,8 +4,11 @@
 //!
 //! # Layout
 //!
-//! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up.
-//! - [`Dispatcher`]: a `gantry-dispatcher` process, with SIGTERM and SIGKILL.
+//! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up, even
+//!   when a test fails or panics.
+//! - [`InProcessDispatcher`]: a dispatcher run in the test's process, the default.
+//! - [`Dispatcher`]: a `gantry-dispatcher` process, for what needs one: its log, its exit
+//!   status, SIGTERM and SIGKILL.
 //! - [`bin_path`]: where the built binaries are.
 //! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
 //! - [`executions`]: a class whose work leaves a record of every execution.
@@ -24,6 +27,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use gantry_dispatcher::settings::{DispatcherSection, RuntimeKind, Settings};
 use gantry_kube_double::KubeDouble;
 use gantry_producer::Producer;
 use gantry_shared::amqp::{self, Publisher, confirm_channel};
@@ -90,7 +94,9 @@ pub fn echo_spec(name: &str, payload: Value) -> Result<TaskSpec> {
     })
 }
 
-/// One test's world: its own database, prefix and state directory.
+/// One test's world: its own database, prefix and state directory. Its queues, exchanges
+/// and database are removed when it is dropped, whether the test passed, failed or
+/// panicked (or earlier, by [`TestEnv::cleanup`]).
 pub struct TestEnv {
     pub prefix: String,
     pub database: String,
@@ -98,6 +104,7 @@ pub struct TestEnv {
     pub dir: tempfile::TempDir,
     pub catalog_path: PathBuf,
     pub catalog: Catalog,
+    removed: bool,
 }
 
 impl TestEnv {
@@ -130,6 +137,7 @@ impl TestEnv {
             dir,
             catalog_path,
             catalog,
+            removed: false,
         };
         env.apply_topology().await?;
         // The schema, as a dispatcher creates it at start: `gantry` and the client library
@@ -188,58 +196,100 @@ impl TestEnv {
         Ok(queue_state(queue).await?.0)
     }
 
-    /// Starts a dispatcher for this world, waiting until it says it is ready.
-    pub fn dispatcher(&self) -> Result<Dispatcher> {
+    /// Runs a dispatcher for this world in this process, through
+    /// `gantry_dispatcher::run`, on the `local` runtime with the built executor; returns
+    /// once it consumes every class's queue.
+    ///
+    /// # Errors
+    /// Its settings are refused, or it stops or fails to consume within a minute.
+    pub async fn dispatcher(&self) -> Result<InProcessDispatcher> {
+        InProcessDispatcher::start(self).await
+    }
+
+    /// Starts the `gantry-dispatcher` binary for this world, for a test that needs the
+    /// process itself (its log, its exit status, SIGKILL), waiting until it is ready.
+    ///
+    /// # Errors
+    /// It cannot be started, or exits or stays silent for a minute.
+    pub fn dispatcher_process(&self) -> Result<Dispatcher> {
         Dispatcher::start(self, &[])
     }
 
-    /// Deletes the queues, exchanges and database of this test.
-    pub async fn cleanup(self) -> Result<()> {
-        let conn =
-            amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
-        let channel = conn.create_channel().await?;
-        let t = self.topology();
-        let mut queues: Vec<String> = self
-            .catalog
-            .classes()
-            .iter()
-            .map(|c| t.task_queue(c))
-            .collect();
-        queues.extend(
-            QueueSettings::default()
-                .retry_delays
-                .iter()
-                .map(|d| t.retry_queue(*d)),
-        );
-        queues.extend([t.results_queue(), t.dead_queue(), t.dead_audit_queue()]);
-        for q in queues {
-            channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await?;
-        }
-        for e in [
-            t.tasks_exchange(),
-            t.retry_exchange(),
-            t.results_exchange(),
-            t.dlx(),
-        ] {
-            channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await?;
-        }
-        let _ = conn.close(200, "ok".into()).await;
-        let (client, conn) =
-            tokio_postgres::connect(&with_database(&admin_database_url(), "postgres")?, NoTls)
-                .await?;
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.database
-            ))
-            .await?;
+    /// Deletes the queues, exchanges and database of this test now.
+    ///
+    /// # Errors
+    /// The broker or Postgres refuses.
+    pub async fn cleanup(mut self) -> Result<()> {
+        remove_world(&self.prefix, &self.catalog, &self.database).await?;
+        self.removed = true;
         Ok(())
     }
+}
+
+impl Drop for TestEnv {
+    /// Removes what the test left, on a thread of its own (a drop cannot await), when the
+    /// test did not: it failed or panicked before [`TestEnv::cleanup`].
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let (prefix, catalog, database) = (
+            self.prefix.clone(),
+            self.catalog.clone(),
+            self.database.clone(),
+        );
+        let removing = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(remove_world(&prefix, &catalog, &database))
+        });
+        match removing.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("gantry-tests: could not remove the test's world: {e:#}"),
+            Err(_) => eprintln!("gantry-tests: removing the test's world panicked"),
+        }
+    }
+}
+
+/// Deletes the queues and exchanges of `prefix` (for `catalog`'s classes) and the database.
+async fn remove_world(prefix: &str, catalog: &Catalog, database: &str) -> Result<()> {
+    let conn = amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
+    let channel = conn.create_channel().await?;
+    let t = Topology::new(prefix)?;
+    let mut queues: Vec<String> = catalog.classes().iter().map(|c| t.task_queue(c)).collect();
+    queues.extend(
+        QueueSettings::default()
+            .retry_delays
+            .iter()
+            .map(|d| t.retry_queue(*d)),
+    );
+    queues.extend([t.results_queue(), t.dead_queue(), t.dead_audit_queue()]);
+    for q in queues {
+        channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for e in [
+        t.tasks_exchange(),
+        t.retry_exchange(),
+        t.results_exchange(),
+        t.dlx(),
+    ] {
+        channel
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "ok".into()).await;
+    let (client, conn) =
+        tokio_postgres::connect(&with_database(&admin_database_url(), "postgres")?, NoTls).await?;
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        ))
+        .await?;
+    Ok(())
 }
 
 /// Readies a double for a `kubernetes` dispatcher of `env`: the `gantry-amqp` Secret its
@@ -266,6 +316,92 @@ fn with_database(url: &str, database: &str) -> Result<String> {
         .map(|(_, q)| format!("?{q}"))
         .unwrap_or_default();
     Ok(format!("{base}/{database}{query}"))
+}
+
+/// A dispatcher running inside the test's process through `gantry_dispatcher::run`: the
+/// default for a test that drives the system and watches Postgres and the broker. Dropping
+/// it asks it to stop; [`InProcessDispatcher::stop`] also waits until it has drained.
+pub struct InProcessDispatcher {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    running: tokio::task::JoinHandle<gantry_dispatcher::Result<()>>,
+}
+
+impl InProcessDispatcher {
+    async fn start(env: &TestEnv) -> Result<InProcessDispatcher> {
+        let dispatcher = DispatcherSection {
+            runtime: RuntimeKind::Local,
+            catalog: Some(env.catalog_path.clone()),
+            state_dir: env.dir.path().join("state"),
+            executor_bin: Some(bin_path("gantry-executor")),
+            job_retention: Duration::from_secs(3600),
+            ..DispatcherSection::default()
+        };
+        let settings = Settings::resolve(env.config(), dispatcher, None)
+            .context("the test dispatcher's settings")?;
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(gantry_dispatcher::run(settings, async move {
+            let _ = stop.await;
+        }));
+        let started = InProcessDispatcher {
+            shutdown: Some(shutdown),
+            running,
+        };
+        // Ready once every class's queue and the results queue have their consumer.
+        let t = env.topology();
+        let mut queues: Vec<String> = env
+            .catalog
+            .classes()
+            .iter()
+            .map(|c| t.task_queue(c))
+            .collect();
+        queues.push(t.results_queue());
+        let ready = eventually(
+            "the dispatcher to consume its queues",
+            Duration::from_secs(60),
+            || async {
+                if started.running.is_finished() {
+                    bail!("the dispatcher stopped before it was ready");
+                }
+                for q in &queues {
+                    if queue_state(q).await?.1 == 0 {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            },
+        )
+        .await;
+        match ready {
+            Ok(()) => Ok(started),
+            Err(e) if started.running.is_finished() => {
+                let outcome = started.stop().await;
+                Err(e.context(format!("{outcome:?}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks the dispatcher to stop, as SIGTERM does, and waits until it has drained.
+    ///
+    /// # Errors
+    /// It returned an error, or panicked.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        match (&mut self.running).await {
+            Ok(outcome) => Ok(outcome?),
+            Err(e) => bail!("the dispatcher panicked or was cancelled: {e}"),
+        }
+    }
+}
+
+impl Drop for InProcessDispatcher {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
 }
 
 /// A running `gantry-dispatcher` process.

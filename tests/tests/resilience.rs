@@ -44,7 +44,7 @@ async fn all_succeed(producer: &Producer, ids: &[TaskId]) -> Result<()> {
 #[ignore = "restarts the shared RabbitMQ; run alone: cargo test -p gantry-tests --test resilience -- --ignored --test-threads=1"]
 async fn tasks_in_flight_survive_a_rabbitmq_restart() -> Result<()> {
     let env = TestEnv::new(None).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let producer = env.producer().await?;
     let before = submit_batch(&producer, 5, 0).await?;
     all_succeed(&producer, &before).await?;
@@ -68,7 +68,7 @@ async fn tasks_in_flight_survive_a_rabbitmq_restart() -> Result<()> {
 #[ignore = "restarts the shared Postgres; run alone: cargo test -p gantry-tests --test resilience -- --ignored --test-threads=1"]
 async fn tasks_in_flight_survive_a_postgres_restart() -> Result<()> {
     let env = TestEnv::new(None).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let producer = env.producer().await?;
     let before = submit_batch(&producer, 5, 0).await?;
     all_succeed(&producer, &before).await?;

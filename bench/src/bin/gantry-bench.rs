@@ -79,7 +79,7 @@ async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
         args.max_active
     );
     let env = TestEnv::new(Some(&catalog)).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let producer = Arc::new(env.producer().await?);
 
     let idle_start = Instant::now();

@@ -48,7 +48,7 @@ fn with_schema(props: BasicProperties, schema: &str) -> BasicProperties {
 async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_the_dispatcher_goes_on()
 -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let publisher = env.publisher().await?;
 
     let (_, plain) = message(|_| {});

@@ -36,7 +36,7 @@ fn gantry_cancel(env: &TestEnv, id: TaskId) -> anyhow::Result<(Option<i32>, Stri
 #[tokio::test]
 async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let id = producer.submit(spec(json!({"sleep_ms": 60_000}))).await?;
     eventually("the task to run", Duration::from_secs(30), || async {
@@ -89,7 +89,7 @@ async fn a_task_cancelled_while_queued_is_skipped_by_the_dispatcher() -> anyhow:
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("not yet received"), "{output}");
 
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let after = producer.submit(spec(json!({"n": 2}))).await?;
     assert_eq!(
         producer.wait(after, Duration::from_secs(60)).await?.state,

@@ -284,7 +284,7 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
     settles_at(&dead, 2).await?;
 
     // invalid: an executor class no catalog knows, refused by the running dispatcher.
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     let task = Task::new(spec("echo", Duration::from_secs(600)), &Limits::default())?;
     let (body, props) = task.to_amqp(Utc::now())?;
     let mut body: Value = serde_json::from_slice(&body)?;
@@ -412,7 +412,7 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
     settles_at(&dead, 3).await?;
     assert_eq!(dl.tracker().events(invalid_task).await?, before);
 
-    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
+    dispatcher.stop().await?;
     publisher.close().await;
     producer.close().await;
     env.cleanup().await
@@ -423,7 +423,7 @@ async fn a_thousand_dead_letters_are_replayed_exactly_once_at_the_asked_rate() -
 {
     let env = TestEnv::new(None).await?;
     let ids = expire_in_queue(&env, 1000, Duration::from_millis(200)).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     recorded(&env, 1000).await?;
 
     let dl = DeadLetters::new(&env.config())?;
@@ -462,7 +462,7 @@ async fn a_thousand_dead_letters_are_replayed_exactly_once_at_the_asked_rate() -
         )
         .await?;
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1000, 1000));
-    assert!(dispatcher.terminate(Duration::from_secs(60))?.success());
+    dispatcher.stop().await?;
     env.cleanup().await
 }
 
@@ -470,7 +470,7 @@ async fn a_thousand_dead_letters_are_replayed_exactly_once_at_the_asked_rate() -
 async fn a_replay_killed_half_way_loses_nothing_and_runs_nothing_twice() -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
     let ids = expire_in_queue(&env, 200, Duration::from_millis(200)).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     recorded(&env, 200).await?;
     let dead = env.topology().dead_queue();
     let db = sql(&env).await?;
@@ -532,7 +532,7 @@ async fn a_replay_killed_half_way_loses_nothing_and_runs_nothing_twice() -> anyh
         dirs, expected,
         "exactly one attempt-2 job per task, and no other"
     );
-    assert!(dispatcher.terminate(Duration::from_secs(60))?.success());
+    dispatcher.stop().await?;
     env.cleanup().await
 }
 
@@ -540,9 +540,9 @@ async fn a_replay_killed_half_way_loses_nothing_and_runs_nothing_twice() -> anyh
 async fn a_dry_run_changes_nothing_and_lists_what_it_would_replay() -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
     expire_in_queue(&env, 5, Duration::from_millis(200)).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     recorded(&env, 5).await?;
-    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
+    dispatcher.stop().await?;
     let dead = env.topology().dead_queue();
     let db = sql(&env).await?;
     let snapshot = || async {
@@ -654,7 +654,7 @@ async fn filters_select_exactly_what_they_say() -> anyhow::Result<()> {
             letters.push((id, task, executor, reason.split(':').next().unwrap_or("")));
         }
     }
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     recorded(&env, 8).await?;
     let dl = DeadLetters::new(&env.config())?;
 
@@ -779,7 +779,7 @@ async fn filters_select_exactly_what_they_say() -> anyhow::Result<()> {
         .await?
         .get(0);
     assert_eq!(reopened, 0, "no echo task was replayed");
-    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
+    dispatcher.stop().await?;
     publisher.close().await;
     env.cleanup().await
 }
@@ -816,9 +816,9 @@ async fn purge_removes_what_it_is_told_and_never_without_confirmation() -> anyho
             .0,
         );
     }
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     recorded(&env, 5).await?;
-    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
+    dispatcher.stop().await?;
     let dead = env.topology().dead_queue();
     let db = sql(&env).await?;
     let purged = || async {
@@ -884,7 +884,7 @@ async fn a_dead_letter_replayed_twice_starts_one_attempt_and_runs_one_job() -> a
     let (id, task) = duplicated_dead_letter(&env, &publisher, 2).await?;
     let dead = env.topology().dead_queue();
     settles_at(&dead, 2).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher().await?;
     recorded(&env, 1).await?;
 
     let dl = DeadLetters::new(&env.config())?;
@@ -922,7 +922,7 @@ async fn a_dead_letter_replayed_twice_starts_one_attempt_and_runs_one_job() -> a
         .await?
         .ok_or_else(|| anyhow::anyhow!("recorded"))?;
     assert!(record.replayed_at.is_some());
-    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
+    dispatcher.stop().await?;
     publisher.close().await;
     env.cleanup().await
 }

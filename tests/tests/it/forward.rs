@@ -33,7 +33,7 @@ async fn only_the_final_result_is_forwarded_to_reply_to_and_only_once_it_is_reco
             FieldTable::default(),
         )
         .await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     // Fails retryably twice: the first failure is retried, the second is final.
     let id = producer

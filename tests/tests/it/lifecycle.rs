@@ -37,7 +37,7 @@ async fn submit(
 #[tokio::test]
 async fn a_submitted_task_succeeds_and_is_persisted_with_its_evidence() -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let producer = env.producer().await?;
     let payload = json!({"hello": "world"});
     let id = submit(&producer, "echo", payload.clone(), Duration::from_secs(60)).await?;
@@ -86,7 +86,7 @@ executors:
     max_active_jobs: 2
 "#;
     let env = TestEnv::new(Some(catalog)).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let id = submit(&producer, "failing", json!({}), Duration::from_secs(60)).await?;
     let record = producer.wait(id, WAIT).await?;
@@ -107,7 +107,7 @@ executors:
 #[tokio::test]
 async fn a_task_past_its_deadline_is_stopped_and_recorded_expired() -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let id = submit(
         &producer,
@@ -133,7 +133,7 @@ async fn a_task_past_its_deadline_is_stopped_and_recorded_expired() -> anyhow::R
 #[tokio::test]
 async fn a_duplicate_result_message_changes_nothing() -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let id = submit(&producer, "echo", json!({"n": 1}), Duration::from_secs(60)).await?;
     let before = producer.wait(id, WAIT).await?;
@@ -195,7 +195,7 @@ executors:
         log = log.display()
     );
     let env = TestEnv::new(Some(&catalog)).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let mut ids = Vec::new();
     for _ in 0..8 {
@@ -238,7 +238,7 @@ executors:
 async fn an_output_postgres_would_refuse_is_stored_cleaned_and_holds_up_nothing()
 -> anyhow::Result<()> {
     let env = TestEnv::new(None).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     // jsonb refuses U+0000; one such output must not stop the recorder.
     let odd = submit(
@@ -280,7 +280,7 @@ async fn a_task_that_expires_in_its_queue_ends_expired_and_wait_says_so() -> any
         || async { Ok((env.queue_depth(&dead).await? == 1).then_some(())) },
     )
     .await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let record = producer.wait(id, WAIT).await?;
     assert_eq!(record.state, TaskState::Expired);
     let reason = record.terminal_reason.unwrap_or_default();

@@ -23,7 +23,7 @@ executors:
         runs = runs.display()
     );
     let env = TestEnv::new(Some(&catalog)).await?;
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let producer = env.producer().await?;
     let mut ids = Vec::new();
     for i in 0..50 {
@@ -101,7 +101,7 @@ executors:
         pids = pids.display()
     );
     let env = TestEnv::new(Some(&catalog)).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let spec = TaskSpec {
         executor: ExecutorClass::parse("long")?,
@@ -161,7 +161,7 @@ async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start
 
     let env = TestEnv::new(None).await?;
     // A first start makes the state directory and its instance id; then it is gone.
-    env.dispatcher()?.terminate(Duration::from_secs(30))?;
+    env.dispatcher().await?.stop().await?;
     let state = env.dir.path().join("state");
     let instance = std::fs::read_to_string(state.join("instance-id"))?;
     let task = Task::new(
@@ -196,7 +196,7 @@ async fn a_job_directory_whose_executor_never_started_is_failed_as_lost_at_start
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("task.json"), serde_json::to_vec(&task.envelope())?)?;
 
-    let dispatcher = env.dispatcher()?;
+    let dispatcher = env.dispatcher_process()?;
     let producer = env.producer().await?;
     let record = producer.wait(task.id, Duration::from_secs(60)).await?;
     assert_eq!(

@@ -37,7 +37,7 @@ fn spec() -> TaskSpec {
 async fn a_retryable_failure_succeeds_on_its_third_attempt_with_three_attempts_recorded()
 -> anyhow::Result<()> {
     let env = TestEnv::new(Some(&catalog("3", 3))).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let id = producer.submit(spec()).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
@@ -80,7 +80,7 @@ async fn a_retryable_failure_succeeds_on_its_third_attempt_with_three_attempts_r
 async fn a_task_whose_attempts_are_spent_is_dead_lettered_with_reason_max_attempts()
 -> anyhow::Result<()> {
     let env = TestEnv::new(Some(&catalog("never", 2))).await?;
-    let _dispatcher = env.dispatcher()?;
+    let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     let id = producer.submit(spec()).await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
