@@ -11,7 +11,8 @@
 //! - `cli` (feature `cli`): the flags every binary shares (`--config`, `--amqp-url`,
 //!   `--database-url`, `--prefix`), the configuration's last layer.
 //! - [`dead_letter`]: reading a dead letter out of its message, for the recorder and the CLI.
-//! - [`store`]: the Postgres schema, its embedded migrations and the task state machine.
+//! - [`store`]: the Postgres schema, its embedded migrations, the task state machine, and
+//!   Gantry's types as Postgres columns.
 //! - [`amqp`]: connections with backoff, a publisher with confirms that survives reconnects.
 //! - [`telemetry`]: tracing set-up shared by the binaries.
 //! - [`retry`]: the backoff policy used for every reconnect.

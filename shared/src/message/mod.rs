@@ -3,6 +3,14 @@
 //! Wire envelopes (`TaskEnvelope`, `TaskResult`) are plain serde types. A task read from the
 //! broker is parsed, never trusted: [`Task::from_amqp`] turns properties and body into
 //! validated domain types or a [`Rejection`] whose text becomes the dead letter's reason.
+//!
+//! # Layout
+//!
+//! - `task`: the task envelope, [`Task`] and its checks. `result`: [`TaskResult`].
+//! - `names`: [`TaskId`], [`TaskName`], [`ExecutorClass`], [`JobName`]. `attempt`: [`Attempt`].
+//! - `kind`: [`ErrorKind`] and [`ReportedBy`], the stable names results carry.
+//! - `rejection`: why a message is refused. `schema`: the schema names and content type.
+//! - `amqp`: the header names and reading AMQP values.
 
 mod amqp;
 mod attempt;
