@@ -4,6 +4,8 @@
 
 mod bad_input;
 mod cancel;
+mod client_submit;
+mod client_wait;
 mod configuration;
 mod contract;
 mod deploy;
