@@ -4,6 +4,8 @@
 
 mod bad_input;
 mod cancel;
+mod cli;
+mod cli_db;
 mod client_submit;
 mod client_wait;
 mod configuration;
