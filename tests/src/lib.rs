@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up, even
-//!   when a test fails or panics.
+//!   when a test fails or panics; also without the schema, or without the topology.
 //! - [`InProcessDispatcher`]: a dispatcher run in the test's process, the default.
 //! - [`Dispatcher`]: a `gantry-dispatcher` process, for what needs one: its log, its exit
 //!   status, SIGTERM and SIGKILL.
