@@ -5,11 +5,13 @@
 //! # Layout
 //!
 //! - [`TestEnv`]: the database, the prefix, a state directory, and their clean-up, even
-//!   when a test fails or panics.
+//!   when a test fails or panics; also without the schema, or without the topology.
 //! - [`InProcessDispatcher`]: a dispatcher run in the test's process, the default.
 //! - [`Dispatcher`]: a `gantry-dispatcher` process, for what needs one: its log, its exit
 //!   status, SIGTERM and SIGKILL.
 //! - [`bin_path`]: where the built binaries are.
+//! - [`by_hand`]: Gantry driven one step at a time, without a dispatcher: the test stands in
+//!   for the dispatcher and the recorder, and runs the `gantry` binary as an operator would.
 //! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
 //! - [`executions`]: a class whose work leaves a record of every execution.
 //! - [`point_at_double`]: a `kubernetes` dispatcher's way to the Kubernetes API double
@@ -17,6 +19,7 @@
 //! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
 //! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
 
+pub mod by_hand;
 pub mod duplicate;
 pub mod executions;
 pub mod services;
@@ -37,12 +40,16 @@ use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
+use lapin::Channel;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio_postgres::NoTls;
+
+/// Longest a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The broker every test uses (`GANTRY_AMQP_URL`, else this machine's).
 pub fn amqp_url() -> String {
@@ -108,9 +115,25 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// A fresh database (migrated) and prefix; the catalog is `catalog_yaml` or the
-    /// built-in one.
+    /// A fresh database (migrated) and prefix with its topology; the catalog is
+    /// `catalog_yaml` or the built-in one.
     pub async fn new(catalog_yaml: Option<&str>) -> Result<TestEnv> {
+        TestEnv::create(catalog_yaml, true, true).await
+    }
+
+    /// [`TestEnv::new`] with an empty database: no Gantry schema, as before anyone ran
+    /// `gantry db migrate` or a dispatcher.
+    pub async fn without_schema(catalog_yaml: Option<&str>) -> Result<TestEnv> {
+        TestEnv::create(catalog_yaml, false, true).await
+    }
+
+    /// [`TestEnv::new`] with nothing declared on the broker: no queue or exchange of the
+    /// prefix exists, as before anyone ran `gantry topology apply` or a dispatcher.
+    pub async fn without_topology(catalog_yaml: Option<&str>) -> Result<TestEnv> {
+        TestEnv::create(catalog_yaml, true, false).await
+    }
+
+    async fn create(catalog_yaml: Option<&str>, schema: bool, topology: bool) -> Result<TestEnv> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("t-{}", &id[..12]);
         let database = format!("gantry_test_{id}");
@@ -139,10 +162,14 @@ impl TestEnv {
             catalog,
             removed: false,
         };
-        env.apply_topology().await?;
-        // The schema, as a dispatcher creates it at start: `gantry` and the client library
-        // only read it, and a test may use them before any dispatcher runs.
-        env.store().await?;
+        if topology {
+            env.apply_topology().await?;
+        }
+        if schema {
+            // The schema, as a dispatcher creates it at start: `gantry` and the client
+            // library only read it, and a test may use them before any dispatcher runs.
+            env.store().await?;
+        }
         Ok(env)
     }
 
@@ -159,6 +186,14 @@ impl TestEnv {
 
     pub fn topology(&self) -> Topology {
         Topology::new(&self.prefix).expect("test prefixes are valid")
+    }
+
+    /// The task queue of executor class `class`.
+    ///
+    /// # Errors
+    /// `class` is not a valid class name.
+    pub fn task_queue(&self, class: &str) -> Result<String> {
+        Ok(self.topology().task_queue(&ExecutorClass::parse(class)?))
     }
 
     async fn apply_topology(&self) -> Result<()> {
@@ -182,6 +217,31 @@ impl TestEnv {
         .await?)
     }
 
+    /// A plain connection to this test's database, for looking at it (or changing it)
+    /// directly.
+    pub async fn sql(&self) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, NoTls)
+            .await
+            .context("connecting to the test's database")?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// The tables of this test's database, by name: whether anything created a schema.
+    pub async fn tables(&self) -> Result<Vec<String>> {
+        let rows = self
+            .sql()
+            .await?
+            .query(
+                "SELECT table_name::text FROM information_schema.tables
+                  WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+                  ORDER BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     pub async fn producer(&self) -> Result<Producer> {
         Ok(Producer::connect(&self.config()).await?)
     }
@@ -189,6 +249,14 @@ impl TestEnv {
     /// A confirm-mode publisher for hand-made messages.
     pub async fn publisher(&self) -> Result<Publisher> {
         Ok(Publisher::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?)
+    }
+
+    /// A channel of the test's own (no confirms) on a connection of its own, for declaring,
+    /// inspecting and taking messages by hand; the connection closes with the channel.
+    pub async fn channel(&self) -> Result<Channel> {
+        let conn =
+            amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
+        Ok(conn.create_channel().await?)
     }
 
     /// Messages ready in a queue right now (a passive declare: it takes nothing).
@@ -305,17 +373,18 @@ pub fn point_at_double(double: &KubeDouble, env: &TestEnv) -> Result<PathBuf> {
     Ok(kubeconfig)
 }
 
-/// The same URL with another database.
+/// The same URL with another database (its query parameters kept).
 fn with_database(url: &str, database: &str) -> Result<String> {
     tokio_postgres::Config::from_str(url).context("GANTRY_DATABASE_URL is not a Postgres URL")?;
-    let Some((base, _)) = url.rsplit_once('/') else {
-        bail!("GANTRY_DATABASE_URL {url} has no database part");
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
     };
-    let query = url
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    Ok(format!("{base}/{database}{query}"))
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    Ok(format!("{}/{database}{query}", &base[..host_end]))
 }
 
 /// A dispatcher running inside the test's process through `gantry_dispatcher::run`: the
@@ -566,4 +635,33 @@ pub async fn process_gone(what: &str, pid: i32, timeout: Duration) -> Result<()>
         Ok((!alive).then_some(()))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_names_are_swapped_in_urls() -> anyhow::Result<()> {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/gantry", "postgres")?,
+            "postgres://u:p@h:5432/postgres"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/gantry?sslmode=disable", "x")?,
+            "postgres://u@h/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x")?, "postgres://h/x");
+        Ok(())
+    }
+
+    #[test]
+    fn a_database_url_that_is_not_postgres_is_refused() {
+        let e = with_database("mysql://h/gantry", "x").expect_err("not a Postgres URL");
+        assert!(
+            e.to_string()
+                .contains("GANTRY_DATABASE_URL is not a Postgres URL"),
+            "{e:#}"
+        );
+    }
 }

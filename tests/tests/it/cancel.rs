@@ -1,11 +1,11 @@
 //! `gantry cancel`: a queued task is skipped, a running one has its job stopped.
 
-use std::process::Command;
 use std::time::Duration;
 
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
 use gantry_shared::store::TaskState;
-use gantry_tests::{TestEnv, bin_path, eventually};
+use gantry_tests::by_hand::{gantry, stderr, stdout};
+use gantry_tests::{TestEnv, eventually};
 use serde_json::json;
 
 fn spec(payload: serde_json::Value) -> TaskSpec {
@@ -21,16 +21,11 @@ fn spec(payload: serde_json::Value) -> TaskSpec {
     }
 }
 
-fn gantry_cancel(env: &TestEnv, id: TaskId) -> anyhow::Result<(Option<i32>, String)> {
-    let out = Command::new(bin_path("gantry"))
-        .args(["cancel", &id.to_string(), "--reason", "test says so"])
-        .env("GANTRY_DATABASE_URL", &env.database_url)
-        .env("GANTRY_PREFIX", &env.prefix)
-        .output()?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    ))
+/// `gantry cancel` of `id`: its exit code, and what it printed on stdout and stderr.
+async fn gantry_cancel(env: &TestEnv, id: TaskId) -> anyhow::Result<(Option<i32>, String)> {
+    let id = id.to_string();
+    let out = gantry(env, &["cancel", &id, "--reason", "test says so"]).await?;
+    Ok((out.status.code(), stdout(&out) + &stderr(&out)))
 }
 
 #[tokio::test]
@@ -59,7 +54,7 @@ async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result
     })
     .await?;
 
-    let (code, output) = gantry_cancel(&env, id)?;
+    let (code, output) = gantry_cancel(&env, id).await?;
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("it was running"), "{output}");
     let record = producer.wait(id, Duration::from_secs(10)).await?;
@@ -74,7 +69,7 @@ async fn a_running_task_is_cancelled_and_its_process_stopped() -> anyhow::Result
         Duration::from_secs(20),
     )
     .await?;
-    let (code, output) = gantry_cancel(&env, id)?;
+    let (code, output) = gantry_cancel(&env, id).await?;
     assert_eq!(code, Some(1), "a second cancel finds it ended: {output}");
     producer.close().await;
     env.cleanup().await
@@ -85,7 +80,7 @@ async fn a_task_cancelled_while_queued_is_skipped_by_the_dispatcher() -> anyhow:
     let env = TestEnv::new(None).await?;
     let producer = env.producer().await?;
     let cancelled = producer.submit(spec(json!({"n": 1}))).await?;
-    let (code, output) = gantry_cancel(&env, cancelled)?;
+    let (code, output) = gantry_cancel(&env, cancelled).await?;
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("not yet received"), "{output}");
 

@@ -14,15 +14,15 @@ use gantry_shared::amqp::Publisher;
 use gantry_shared::message::{ExecutorClass, Limits, Task, TaskId, TaskName, TaskSpec, headers};
 use gantry_shared::retry;
 use gantry_shared::store::DeadLetterFilter;
+use gantry_tests::by_hand::{gantry_command, stderr, stdout};
 use gantry_tests::queue_state;
-use gantry_tests::{TestEnv, amqp_url, bin_path, eventually};
+use gantry_tests::{TestEnv, amqp_url, eventually};
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, ShortString};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// Long enough for a thousand echo jobs on a busy two-core machine.
@@ -177,38 +177,17 @@ async fn settles_at(queue: &str, n: u32) -> anyhow::Result<()> {
     .await
 }
 
-async fn sql(env: &TestEnv) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(&env.database_url, NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// The `gantry` command of this test's world.
-fn gantry(env: &TestEnv) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(bin_path("gantry"));
-    cmd.env("GANTRY_AMQP_URL", amqp_url())
-        .env("GANTRY_DATABASE_URL", &env.database_url)
-        .env("GANTRY_PREFIX", &env.prefix)
-        .env_remove("GANTRY_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
-
+/// `gantry args` against this test's world, given the time a replay of a thousand tasks
+/// takes.
 async fn run(env: &TestEnv, args: &[&str]) -> anyhow::Result<Output> {
-    let out = tokio::time::timeout(PATIENCE, gantry(env).args(args).output()).await??;
+    let out = tokio::time::timeout(PATIENCE, gantry_command(env).args(args).output()).await??;
     Ok(out)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Waits until every task is `succeeded` at attempt 2, then checks each has exactly one
 /// `replayed` and one `succeeded` event of attempt 2.
 async fn all_succeed_once_at_attempt_2(env: &TestEnv, ids: &[TaskId]) -> anyhow::Result<()> {
-    let db = sql(env).await?;
+    let db = env.sql().await?;
     let wanted: Vec<Uuid> = ids.iter().map(TaskId::as_uuid).collect();
     eventually("every replayed task to succeed", PATIENCE, || async {
         let done: i64 = db
@@ -349,11 +328,11 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
 
     // The real CLI, as an operator runs it.
     let out = run(&env, &["dlq", "list", "--json"]).await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         out.stderr.is_empty(),
         "no mismatch warning: {}",
-        text(&out.stderr)
+        stderr(&out)
     );
     let v: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["total"], 3);
@@ -372,7 +351,7 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
     );
 
     let out = run(&env, &["dlq", "list"]).await?;
-    let table = text(&out.stdout);
+    let table = stdout(&out);
     assert!(
         table.contains(&format!("{dead} holds 3 messages now")),
         "{table}"
@@ -381,8 +360,8 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
 
     let invalid = by_kind["invalid"].id.to_string();
     let out = run(&env, &["dlq", "show", &invalid]).await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let shown = stdout(&out);
     assert!(
         shown.contains("invalid: unknown executor \"vlm\""),
         "{shown}"
@@ -393,14 +372,14 @@ async fn each_reason_appears_in_the_listing_with_its_reason() -> anyhow::Result<
     );
     let out = run(&env, &["dlq", "show", &Uuid::new_v4().to_string()]).await?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("no dead letter has id"));
+    assert!(stderr(&out).contains("no dead letter has id"));
 
     // A replay with nowhere to go fails, keeps its dead letter and leaves its task alone.
     let invalid_task = TaskId::from(by_kind["invalid"].task_id.unwrap_or_default());
     let before = dl.tracker().events(invalid_task).await?;
     let out = run(&env, &["dlq", "replay", "--reason", "invalid", "--yes"]).await?;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let printed = stdout(&out);
     assert!(
         printed.contains("no queue takes executor class \"vlm\""),
         "{printed}"
@@ -454,7 +433,7 @@ async fn a_thousand_dead_letters_are_replayed_exactly_once_at_the_asked_rate() -
 
     all_succeed_once_at_attempt_2(&env, &ids).await?;
     settles_at(&env.topology().dead_queue(), 0).await?;
-    let db = sql(&env).await?;
+    let db = env.sql().await?;
     let row = db
         .query_one(
             "SELECT count(*) FILTER (WHERE replayed_at IS NOT NULL AND replay_count = 1), count(*) FROM dead_letters",
@@ -473,9 +452,9 @@ async fn a_replay_killed_half_way_loses_nothing_and_runs_nothing_twice() -> anyh
     let dispatcher = env.dispatcher().await?;
     recorded(&env, 200).await?;
     let dead = env.topology().dead_queue();
-    let db = sql(&env).await?;
+    let db = env.sql().await?;
 
-    let mut first = gantry(&env)
+    let mut first = gantry_command(&env)
         .args(["dlq", "replay", "--all", "--rate", "50", "--yes"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -508,7 +487,7 @@ async fn a_replay_killed_half_way_loses_nothing_and_runs_nothing_twice() -> anyh
     );
 
     let out = run(&env, &["dlq", "replay", "--all", "--yes", "--json"]).await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(summary["read"], left);
     assert_eq!(summary["failed"], json!([]));
@@ -544,7 +523,7 @@ async fn a_dry_run_changes_nothing_and_lists_what_it_would_replay() -> anyhow::R
     recorded(&env, 5).await?;
     dispatcher.stop().await?;
     let dead = env.topology().dead_queue();
-    let db = sql(&env).await?;
+    let db = env.sql().await?;
     let snapshot = || async {
         let tasks = db
             .query(
@@ -585,8 +564,8 @@ async fn a_dry_run_changes_nothing_and_lists_what_it_would_replay() -> anyhow::R
         .collect();
 
     let out = run(&env, &["dlq", "replay", "--all", "--dry-run"]).await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let printed = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let printed = stdout(&out);
     assert!(
         printed.contains("dry run: would replay 5 of 5 messages"),
         "{printed}"
@@ -698,7 +677,7 @@ async fn filters_select_exactly_what_they_say() -> anyhow::Result<()> {
         ),
     ];
     let recent: HashSet<Uuid> = {
-        let db = sql(&env).await?;
+        let db = env.sql().await?;
         db.query(
             "SELECT id FROM dead_letters WHERE dead_at >= $1",
             &[&two_hours_ago],
@@ -743,14 +722,14 @@ async fn filters_select_exactly_what_they_say() -> anyhow::Result<()> {
 
     settles_at(&env.topology().dead_queue(), 8).await?;
     let out = run(&env, &["dlq", "replay", "--executor", "other", "--yes"]).await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        text(&out.stdout).contains("replayed 3 of 3 matching dead letters"),
+        stdout(&out).contains("replayed 3 of 3 matching dead letters"),
         "{}",
-        text(&out.stdout)
+        stdout(&out)
     );
     settles_at(&env.topology().dead_queue(), 5).await?;
-    let db = sql(&env).await?;
+    let db = env.sql().await?;
     for (id, _, executor, _) in &letters {
         let replayed: Option<DateTime<Utc>> = db
             .query_one("SELECT replayed_at FROM dead_letters WHERE id = $1", &[id])
@@ -820,7 +799,7 @@ async fn purge_removes_what_it_is_told_and_never_without_confirmation() -> anyho
     recorded(&env, 5).await?;
     dispatcher.stop().await?;
     let dead = env.topology().dead_queue();
-    let db = sql(&env).await?;
+    let db = env.sql().await?;
     let purged = || async {
         let ids: HashSet<Uuid> = db
             .query(
@@ -839,7 +818,7 @@ async fn purge_removes_what_it_is_told_and_never_without_confirmation() -> anyho
         &["dlq", "purge", "--id", &old[0].to_string(), "--yes"],
     )
     .await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     settles_at(&dead, 4).await?;
     assert_eq!(purged().await?, HashSet::from([old[0]]));
 
@@ -849,22 +828,18 @@ async fn purge_removes_what_it_is_told_and_never_without_confirmation() -> anyho
         Some(2),
         "no terminal and no --yes: refused"
     );
-    assert!(
-        text(&out.stderr).contains("pass --yes"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(stderr(&out).contains("pass --yes"), "{}", stderr(&out));
     let out = run(&env, &["dlq", "purge"]).await?;
     assert_eq!(out.status.code(), Some(2), "nothing selected: refused");
     settles_at(&dead, 4).await?;
     assert_eq!(purged().await?.len(), 1, "nothing more was purged");
 
     let out = run(&env, &["dlq", "purge", "--older-than", "7d", "--yes"]).await?;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        text(&out.stdout).contains("purged 2 of 2 matching"),
+        stdout(&out).contains("purged 2 of 2 matching"),
         "{}",
-        text(&out.stdout)
+        stdout(&out)
     );
     settles_at(&dead, 2).await?;
     assert_eq!(purged().await?, old.iter().copied().collect());
