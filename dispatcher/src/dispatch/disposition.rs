@@ -36,9 +36,9 @@ pub(crate) enum Disposition {
     Return(&'static str),
     /// Refused: dead-lettered with the reason (confirmed), then acked; counted by `label`.
     DeadLetter { reason: String, label: &'static str },
-    /// The attempt failed before its job could run: a failure result is published on its
-    /// behalf (the recorder retries it if `error.retryable` and the class allows), then
-    /// acked.
+    /// The attempt failed before its job could run: a failure of `kind` is published on
+    /// its behalf (the recorder retries it if `retryable` and the class allows), then
+    /// acked; counted by kind.
     Fail {
         task: Box<Task>,
         job: JobName,
@@ -147,7 +147,7 @@ async fn carry_out<R: Runtime>(
             retryable,
             evidence,
         } => {
-            let reason = kind.to_string();
+            let (reason, label) = (kind.to_string(), kind.label());
             let error = TaskError {
                 kind,
                 message,
@@ -164,7 +164,7 @@ async fn carry_out<R: Runtime>(
             ctx.publish_result(&result).await?;
             role.runtime.mark_handled(&job);
             ack(delivery).await;
-            Handled::Failed("dispatch_failed")
+            Handled::Failed(label)
         }
     })
 }

@@ -92,32 +92,19 @@ impl ErrorKind {
     /// The name, as results and Postgres carry it.
     pub fn as_str(&self) -> &str {
         match self {
-            ErrorKind::CommandFailed => "command_failed",
-            ErrorKind::BadOutput => "bad_output",
-            ErrorKind::OutputTooLarge => "output_too_large",
-            ErrorKind::SpawnFailed => "spawn_failed",
-            ErrorKind::EchoFailed => "echo_failed",
-            ErrorKind::InvalidPayload => "invalid_payload",
-            ErrorKind::DeadlineExceeded => "deadline_exceeded",
-            ErrorKind::Terminated => "terminated",
-            ErrorKind::ExecutorCrashed => "executor_crashed",
-            ErrorKind::DispatchFailed => "dispatch_failed",
-            ErrorKind::JobLost => "job_lost",
-            ErrorKind::Oom => "oom",
-            ErrorKind::Evicted => "evicted",
-            ErrorKind::NodeLost => "node_lost",
-            ErrorKind::ImagePull => "image_pull",
-            ErrorKind::Unschedulable => "unschedulable",
-            ErrorKind::ResultUnrecordable => "result_unrecordable",
-            ErrorKind::RetryImpossible => "retry_impossible",
-            ErrorKind::Cancelled => "cancelled",
-            ErrorKind::Invalid => "invalid",
-            ErrorKind::Expired => "expired",
-            ErrorKind::DeliveryLimit => "delivery_limit",
-            ErrorKind::MaxAttempts => "max_attempts",
-            ErrorKind::Image => "image",
             ErrorKind::Other(name) => name,
+            named => named.label(),
         }
+    }
+
+    /// A label for counting by kind: the name of a named kind, `other` for the rest (whose
+    /// names are not bounded).
+    pub fn label(&self) -> &'static str {
+        ErrorKind::NAMED
+            .iter()
+            .zip(NAMES)
+            .find(|(k, _)| *k == self)
+            .map_or("other", |(_, name)| name)
     }
 
     /// The kind named `name`: one of the named kinds, else [`ErrorKind::Other`].
@@ -128,6 +115,34 @@ impl ErrorKind {
             .unwrap_or_else(|| ErrorKind::Other(name.to_owned()))
     }
 }
+
+/// The names of [`ErrorKind::NAMED`], in its order.
+const NAMES: [&str; 24] = [
+    "command_failed",
+    "bad_output",
+    "output_too_large",
+    "spawn_failed",
+    "echo_failed",
+    "invalid_payload",
+    "deadline_exceeded",
+    "terminated",
+    "executor_crashed",
+    "dispatch_failed",
+    "job_lost",
+    "oom",
+    "evicted",
+    "node_lost",
+    "image_pull",
+    "unschedulable",
+    "result_unrecordable",
+    "retry_impossible",
+    "cancelled",
+    "invalid",
+    "expired",
+    "delivery_limit",
+    "max_attempts",
+    "image",
+];
 
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -189,7 +204,12 @@ mod tests {
             let text = serde_json::to_string(&kind).unwrap();
             assert_eq!(serde_json::from_str::<ErrorKind>(&text).unwrap(), kind);
         }
+        for (kind, name) in ErrorKind::NAMED.iter().zip(super::NAMES) {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(kind.label(), name);
+        }
         let other: ErrorKind = serde_json::from_str("\"gpu_fell_off_the_bus\"").unwrap();
+        assert_eq!(other.label(), "other");
         assert_eq!(other, ErrorKind::Other("gpu_fell_off_the_bus".into()));
         assert_eq!(other.to_string(), "gpu_fell_off_the_bus");
     }
