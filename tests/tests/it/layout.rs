@@ -8,7 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The crates whose sources are checked, by their `src` directory.
-const CRATES: [&str; 6] = ["shared", "producer", "cli", "dispatcher", "executor", "tests"];
+const CRATES: [&str; 6] = [
+    "shared",
+    "producer",
+    "cli",
+    "dispatcher",
+    "executor",
+    "tests",
+];
 
 #[test]
 fn no_file_of_any_crate_imports_a_file_that_imports_it_back() -> anyhow::Result<()> {
