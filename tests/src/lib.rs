@@ -25,6 +25,7 @@
 pub mod by_hand;
 pub mod duplicate;
 pub mod executions;
+pub mod llm;
 pub mod services;
 
 mod dispatchers;

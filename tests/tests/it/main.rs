@@ -17,6 +17,7 @@ mod dlq;
 mod forward;
 mod layout;
 mod lifecycle;
+mod llm_server;
 mod manifests;
 mod migrations;
 mod restart;
