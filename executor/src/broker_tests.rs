@@ -63,7 +63,7 @@ fn settings_from_flags(dir: &Path, extra: &[&str]) -> Settings {
         &termination_log,
     ];
     argv.extend_from_slice(extra);
-    Args::try_parse_from(argv).unwrap().into_settings()
+    Args::try_parse_from(argv).unwrap().into_settings().unwrap()
 }
 
 fn read_json(path: &Path) -> Value {

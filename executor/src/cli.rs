@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Parser, ValueEnum};
+use gantry_shared::catalog::OpenAiEngine;
 use gantry_shared::cli::GlobalArgs;
 use gantry_shared::message::Evidence;
 
@@ -58,7 +59,8 @@ pub(crate) struct Args {
 
     /// How to do the work: `echo` returns the task's payload (for tests; the payload may
     /// carry the knobs sleep_ms, exit_code, fail, retryable and stderr); `command` runs
-    /// --command.
+    /// --command; `openai` sends the payload (a chat or completion request) to the model
+    /// server that --openai describes.
     #[arg(long, env = "GANTRY_ENGINE", value_enum, default_value_t = EngineKind::Echo)]
     engine: EngineKind,
 
@@ -75,6 +77,26 @@ pub(crate) struct Args {
         required_if_eq("engine", "command")
     )]
     command: Option<Argv>,
+
+    /// The `openai` engine's settings, as the class's `engine` in the catalog (JSON):
+    /// '{"model":"Qwen/Qwen2.5-7B-Instruct"}' starts `vllm serve {model} --host 127.0.0.1
+    /// --port {port}`; "server" gives another command ({model} and {port} are filled in),
+    /// "endpoint" (http://host:port) uses a running server instead; "startup_timeout"
+    /// (default 10m), "ready_path" (default /v1/models), "stop_grace" (default 10s).
+    /// Required with --engine openai.
+    #[arg(
+        long,
+        env = "GANTRY_OPENAI",
+        value_name = "JSON",
+        value_parser = parse_openai,
+        required_if_eq("engine", "openai")
+    )]
+    openai: Option<OpenAiEngine>,
+
+    /// A queue that also gets the task's progress messages (the task's AMQP reply-to; the
+    /// dispatcher sets it). Progress always goes to the <prefix>.progress exchange.
+    #[arg(long, env = "GANTRY_REPLY_TO", value_name = "QUEUE")]
+    reply_to: Option<String>,
 
     /// The `local` runtime's job directory: the executor writes `started` there before any
     /// work and `exit.json` (whether the result was published) when it is done.
@@ -115,6 +137,7 @@ const EVIDENCE: &str = "Runtime evidence (set by the dispatcher)";
 enum EngineKind {
     Echo,
     Command,
+    Openai,
 }
 
 /// A command line for the `command` engine, parsed from a JSON array.
@@ -143,18 +166,32 @@ fn parse_command(s: &str) -> Result<Argv, String> {
     Ok(Argv(argv))
 }
 
+/// Parses `--openai`: the class's engine settings as JSON.
+fn parse_openai(s: &str) -> Result<OpenAiEngine, String> {
+    serde_json::from_str(s).map_err(|e| {
+        format!("{s:?} is not the openai engine's settings ({e}); write it like '{{\"model\":\"Qwen/Qwen2.5-7B-Instruct\"}}'")
+    })
+}
+
 impl Args {
     /// The settings of one run. Empty values count as unset, as in the shared
     /// configuration.
-    pub(crate) fn into_settings(self) -> Settings {
+    ///
+    /// # Errors
+    /// A flag that clap cannot check alone is missing (it says which).
+    pub(crate) fn into_settings(self) -> Result<Settings, String> {
         let engine = match self.engine {
             // An empty or missing command fails at spawn with a message that says so.
             EngineKind::Command => Engine::Command(self.command.map(|a| a.0).unwrap_or_default()),
             EngineKind::Echo => Engine::Echo,
+            EngineKind::Openai => match self.openai {
+                Some(openai) => Engine::Openai(Box::new(openai)),
+                None => return Err("--engine openai needs --openai (GANTRY_OPENAI)".into()),
+            },
         };
         let path = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         let text = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
-        Settings {
+        Ok(Settings {
             task_file: self.task_file,
             engine,
             job_dir: path(self.job_dir).map(JobDir::new),
@@ -167,7 +204,8 @@ impl Args {
                 terminal_reason: None,
             },
             traceparent: text(self.traceparent),
-        }
+            reply_to: text(self.reply_to),
+        })
     }
 }
 
@@ -204,7 +242,8 @@ mod tests {
             "--termination-log=",
         ])
         .unwrap()
-        .into_settings();
+        .into_settings()
+        .unwrap();
         assert_eq!(settings.engine, Engine::Echo);
         assert_eq!(settings.job_dir, None);
         assert_eq!(settings.evidence.job_name, None);
@@ -226,6 +265,37 @@ mod tests {
         let help = Args::command().render_long_help().to_string();
         assert!(help.contains("--amqp-url"), "{help}");
         assert!(!help.contains("--database-url"), "{help}");
+    }
+
+    #[test]
+    fn the_openai_engine_takes_its_settings_as_json() {
+        let settings = Args::try_parse_from([
+            "gantry-executor",
+            "--task-file=t.json",
+            "--engine=openai",
+            r#"--openai={"model":"tiny","endpoint":"http://127.0.0.1:9"}"#,
+            "--reply-to=amq.gen-x",
+        ])
+        .unwrap()
+        .into_settings()
+        .unwrap();
+        let Engine::Openai(engine) = &settings.engine else {
+            panic!("{:?}", settings.engine);
+        };
+        assert_eq!(engine.model, "tiny");
+        assert_eq!(engine.endpoint.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(settings.reply_to.as_deref(), Some("amq.gen-x"));
+        let err = Args::try_parse_from([
+            "gantry-executor",
+            "--task-file=t.json",
+            "--engine=openai",
+            "--openai=vllm",
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("openai engine's settings"),
+            "{err}"
+        );
     }
 
     #[test]

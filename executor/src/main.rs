@@ -9,7 +9,8 @@
 //!
 //! - [`cli`]: the flags and their environment variables, turned into [`run::Settings`].
 //! - [`run`]: one attempt from task file to published result, and the exit code it earns.
-//! - [`engine`]: the engines (`echo`, `command`) and how they stop at the deadline.
+//! - [`engine`]: the engines (`echo`, `command`, `openai`) and how they stop at the deadline.
+//! - [`progress`]: a streamed answer's pieces, published as they come.
 //! - [`publish`]: publishing the result with confirms and retries.
 //! - [`job_dir`]: the `local` runtime's job directory (`started`, `exit.json`).
 //! - [`report`]: the final status written to `exit.json` and the termination log.
@@ -17,6 +18,7 @@
 mod cli;
 mod engine;
 mod job_dir;
+mod progress;
 mod publish;
 mod report;
 mod run;
@@ -39,7 +41,10 @@ async fn main() -> ExitCode {
     let args = cli::Args::parse();
     let config = args.global.load();
     telemetry::init(config.as_ref().map_or(LogFormat::Text, |c| c.log_format));
-    let settings = args.into_settings();
+    let settings = match args.into_settings() {
+        Ok(settings) => settings,
+        Err(e) => clap::Error::raw(clap::error::ErrorKind::MissingRequiredArgument, e).exit(),
+    };
 
     let config = match config {
         Ok(config) => config,

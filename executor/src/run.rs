@@ -11,13 +11,15 @@ use chrono::Utc;
 use gantry_shared::config::Config;
 use gantry_shared::message::{
     Attempt, ErrorKind, Evidence, ReportedBy, ResultStatus, TaskEnvelope, TaskError, TaskResult,
+    Usage,
 };
 use gantry_shared::telemetry::chain;
 use serde_json::Value;
 use tracing::{Span, error, field, info, instrument, warn};
 
-use crate::engine::{Engine, Finished, StopReason};
+use crate::engine::{Deltas, Engine, Finished, StopReason};
 use crate::job_dir::JobDir;
+use crate::progress::ProgressPublisher;
 use crate::publish::publish_result;
 use crate::report::{ExitReport, write_termination_log};
 
@@ -36,6 +38,8 @@ pub(crate) struct Settings {
     /// Where the attempt runs; `terminal_reason` is filled in by the run.
     pub(crate) evidence: Evidence,
     pub(crate) traceparent: Option<String>,
+    /// The task's reply-to queue, which also gets its progress.
+    pub(crate) reply_to: Option<String>,
 }
 
 /// How a run ended.
@@ -123,7 +127,23 @@ pub(crate) async fn run(
 
     let started_at = Utc::now();
     let group_file = settings.job_dir.as_ref().map(JobDir::engine_group_file);
-    let verdict = match execute(&settings.engine, &task, group_file.as_deref(), shutdown).await {
+    let progress = task.stream.then(|| {
+        ProgressPublisher::start(config, task.task_id, attempt, settings.reply_to.clone())
+    });
+    let deltas = progress.as_ref().map(ProgressPublisher::deltas);
+    let execution = execute(
+        &settings.engine,
+        &task,
+        group_file.as_deref(),
+        deltas,
+        shutdown,
+    )
+    .await;
+    // Every piece leaves before the result, so a reader sees them first.
+    if let Some(progress) = progress {
+        progress.finish().await;
+    }
+    let verdict = match execution {
         Execution::Done(verdict) => verdict,
         Execution::Exit(code) => return Outcome::Crash(code),
     };
@@ -139,7 +159,7 @@ pub(crate) async fn run(
         },
         started_at: Some(started_at),
         finished_at: Utc::now(),
-        usage: None,
+        usage: verdict.usage,
         reported_by: ReportedBy::Executor,
     };
     match &result.error {
@@ -226,6 +246,7 @@ pub(crate) struct Verdict {
     pub(crate) output: Option<Value>,
     pub(crate) error: Option<TaskError>,
     pub(crate) terminal_reason: String,
+    pub(crate) usage: Option<Usage>,
 }
 
 impl Verdict {
@@ -235,6 +256,7 @@ impl Verdict {
             terminal_reason: error.kind.to_string(),
             output: None,
             error: Some(error),
+            usage: None,
         }
     }
 
@@ -248,6 +270,7 @@ impl Verdict {
                 message,
                 retryable,
             }),
+            usage: None,
         }
     }
 }
@@ -257,6 +280,7 @@ pub(crate) async fn execute(
     engine: &Engine,
     task: &TaskEnvelope,
     group_file: Option<&std::path::Path>,
+    deltas: Option<&Deltas>,
     shutdown: impl Future<Output = ()>,
 ) -> Execution {
     let expired = |message: String| {
@@ -279,12 +303,13 @@ pub(crate) async fn execute(
             () = shutdown => StopReason::Signal,
         }
     };
-    match engine.run(task, group_file, stop).await {
-        Finished::Output(output) => Execution::Done(Verdict {
+    match engine.run(task, group_file, deltas, stop).await {
+        Finished::Output { output, usage } => Execution::Done(Verdict {
             status: ResultStatus::Succeeded,
             output: Some(output),
             error: None,
             terminal_reason: "completed".into(),
+            usage,
         }),
         Finished::Failed(error) => Execution::Done(Verdict::failed(error)),
         Finished::Exit(code) => Execution::Exit(code),

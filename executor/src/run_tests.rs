@@ -31,7 +31,7 @@ async fn the_deadline_kills_the_command_group_and_expires_the_task() {
     ));
     let task = task_due(Value::Null, Utc::now() + Duration::from_millis(500));
     let began = Instant::now();
-    let verdict = verdict(execute(&engine, &task, None, pending()).await);
+    let verdict = verdict(execute(&engine, &task, None, None, pending()).await);
     assert!(
         began.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -53,8 +53,16 @@ async fn the_deadline_kills_the_command_group_and_expires_the_task() {
 async fn a_signal_before_the_deadline_fails_the_attempt_as_retryable() {
     let shutdown = tokio::time::sleep(Duration::from_millis(200));
     let began = Instant::now();
-    let verdict =
-        verdict(execute(&sh("sleep 30".into()), &task(Value::Null), None, shutdown).await);
+    let verdict = verdict(
+        execute(
+            &sh("sleep 30".into()),
+            &task(Value::Null),
+            None,
+            None,
+            shutdown,
+        )
+        .await,
+    );
     assert!(began.elapsed() < Duration::from_secs(5));
     assert_eq!(verdict.status, ResultStatus::Failed);
     assert_eq!(verdict.terminal_reason, "terminated");
@@ -69,7 +77,7 @@ async fn a_task_past_its_deadline_expires_without_running() {
     let marker = dir.path().join("ran");
     let engine = sh(format!("touch {}; echo 1", marker.display()));
     let task = task_due(Value::Null, Utc::now() - Duration::from_secs(1));
-    let verdict = verdict(execute(&engine, &task, None, pending()).await);
+    let verdict = verdict(execute(&engine, &task, None, None, pending()).await);
     assert_eq!(verdict.status, ResultStatus::Expired);
     assert_eq!(verdict.error.unwrap().kind, ErrorKind::DeadlineExceeded);
     assert!(!marker.exists(), "the engine ran");
@@ -77,7 +85,8 @@ async fn a_task_past_its_deadline_expires_without_running() {
 
 #[tokio::test]
 async fn a_finished_engine_succeeds_with_its_output() {
-    let verdict = verdict(execute(&Engine::Echo, &task(json!({"a": 1})), None, pending()).await);
+    let verdict =
+        verdict(execute(&Engine::Echo, &task(json!({"a": 1})), None, None, pending()).await);
     assert_eq!(verdict.status, ResultStatus::Succeeded);
     assert_eq!(verdict.output, Some(json!({"a": 1})));
     assert_eq!(verdict.terminal_reason, "completed");
@@ -92,6 +101,7 @@ fn settings(dir: &std::path::Path, engine: Engine) -> Settings {
         termination_log: Some(dir.join("termination-log")),
         evidence: Evidence::default(),
         traceparent: None,
+        reply_to: None,
     }
 }
 

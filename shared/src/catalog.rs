@@ -13,6 +13,14 @@
 //!     max_active_jobs: 2
 //!     image: registry.example.com/executor-summarize@sha256:…
 //!     resources: { gpu_count: 1, gpu_type: nvidia-l4 }
+//!   chat:
+//!     engine:
+//!       kind: openai
+//!       model: Qwen/Qwen2.5-7B-Instruct
+//!       # server: ["vllm", "serve", "{model}", "--host", "127.0.0.1", "--port", "{port}"]
+//!       # endpoint: http://127.0.0.1:8000      (instead of server: one already running)
+//!       startup_timeout: 10m
+//!     resources: { gpu_count: 1 }
 //! ```
 
 use std::collections::BTreeMap;
@@ -32,6 +40,140 @@ pub enum Engine {
     Echo,
     /// Runs a command: task JSON on stdin, result JSON on stdout.
     Command { command: Vec<String> },
+    /// Sends the task's chat or completion request to an OpenAI-compatible model server
+    /// (vLLM in production) that the executor starts inside its job, or to `endpoint`.
+    Openai(OpenAiEngine),
+}
+
+impl Engine {
+    /// The environment that tells an executor which engine to run, as both runtimes set
+    /// it: `GANTRY_ENGINE`, and `GANTRY_COMMAND` or `GANTRY_OPENAI` (JSON) for the engines
+    /// that have settings.
+    pub fn executor_env(&self) -> Vec<(&'static str, String)> {
+        // Serializing a list of strings or a struct of strings and numbers cannot fail.
+        let json = |value: serde_json::Result<String>| value.unwrap_or_default();
+        match self {
+            Engine::Echo => vec![("GANTRY_ENGINE", "echo".into())],
+            Engine::Command { command } => vec![
+                ("GANTRY_ENGINE", "command".into()),
+                ("GANTRY_COMMAND", json(serde_json::to_string(command))),
+            ],
+            Engine::Openai(openai) => vec![
+                ("GANTRY_ENGINE", "openai".into()),
+                ("GANTRY_OPENAI", json(serde_json::to_string(openai))),
+            ],
+        }
+    }
+}
+
+/// The `openai` engine of a class: which model, and which server serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiEngine {
+    /// The model the server serves; every task of the class uses it.
+    pub model: String,
+    /// The server's command line. `{model}` and `{port}` are replaced by the model and a
+    /// free local port. Default: `vllm serve {model} --host 127.0.0.1 --port {port}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<Vec<String>>,
+    /// A server that is already running (a sidecar or a shared server), instead of
+    /// starting one: `http://host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Longest wait for the server to answer `ready_path` after it starts.
+    #[serde(
+        default = "default_startup_timeout",
+        with = "crate::config::humantime_serde_compat"
+    )]
+    pub startup_timeout: Duration,
+    /// The path that answers 200 once the server is ready: `/v1/models` works with vLLM
+    /// and llama.cpp's servers; vLLM also has `/health`.
+    #[serde(default = "default_ready_path")]
+    pub ready_path: String,
+    /// How long the server gets to exit after SIGTERM before it is killed.
+    #[serde(
+        default = "default_stop_grace",
+        with = "crate::config::humantime_serde_compat"
+    )]
+    pub stop_grace: Duration,
+}
+
+impl OpenAiEngine {
+    /// The server's command line with `{model}` and `{port}` filled in.
+    pub fn server_argv(&self, port: u16) -> Vec<String> {
+        let template = self.server.clone().unwrap_or_else(|| {
+            [
+                "vllm",
+                "serve",
+                "{model}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+            ]
+            .map(String::from)
+            .to_vec()
+        });
+        template
+            .iter()
+            .map(|arg| {
+                arg.replace("{model}", &self.model)
+                    .replace("{port}", &port.to_string())
+            })
+            .collect()
+    }
+
+    /// What is wrong with this engine's settings, if anything.
+    fn problem(&self) -> Option<String> {
+        if self.model.trim().is_empty() {
+            return Some("engine.model must name the model the server serves".into());
+        }
+        if self.server.is_some() && self.endpoint.is_some() {
+            return Some(
+                "engine has both `server` and `endpoint`: give `server` to start one in each job, or `endpoint` to use a running one".into(),
+            );
+        }
+        if let Some(server) = &self.server {
+            if server.first().is_none_or(|program| program.is_empty()) {
+                return Some("engine.server must name a program".into());
+            }
+            if !server.iter().any(|arg| arg.contains("{port}")) {
+                return Some(
+                    "engine.server must take the port the executor picks: put \"{port}\" in its arguments".into(),
+                );
+            }
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let rest = endpoint.strip_prefix("http://");
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                return Some(format!(
+                    "engine.endpoint {endpoint:?} must be http://host:port (no path; plain HTTP to a server in the pod or the cluster)"
+                ));
+            }
+        }
+        if !self.ready_path.starts_with('/') {
+            return Some(format!(
+                "engine.ready_path {:?} must be a path such as /v1/models",
+                self.ready_path
+            ));
+        }
+        if self.startup_timeout.is_zero() {
+            return Some("engine.startup_timeout must be more than zero".into());
+        }
+        None
+    }
+}
+
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_ready_path() -> String {
+    "/v1/models".into()
+}
+
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// One executor class.
@@ -216,13 +358,39 @@ impl Catalog {
                     "{class}: retry.max_attempts must be at least 1"
                 )));
             }
-            if let Engine::Command { command } = &spec.engine
-                && command.first().is_none_or(|c| c.is_empty())
-            {
-                return Err(err(format!("{class}: command must name a program")));
+            match &spec.engine {
+                Engine::Command { command } if command.first().is_none_or(|c| c.is_empty()) => {
+                    return Err(err(format!("{class}: command must name a program")));
+                }
+                Engine::Openai(openai) => {
+                    if let Some(problem) = openai.problem() {
+                        return Err(err(format!("{class}: {problem}")));
+                    }
+                }
+                Engine::Echo | Engine::Command { .. } => {}
             }
         }
         Ok(catalog)
+    }
+
+    /// Checks a task's payload against its class's engine, before any job starts: an
+    /// `openai` class takes only an OpenAI-shaped request. Other engines take any payload.
+    ///
+    /// # Errors
+    /// [`crate::message::Rejection::BadPayload`] naming the field; `UnknownExecutor` for a
+    /// class this catalog does not have.
+    pub fn check_payload(
+        &self,
+        class: &ExecutorClass,
+        payload: &serde_json::Value,
+    ) -> std::result::Result<(), crate::message::Rejection> {
+        let spec = self
+            .get(class)
+            .ok_or_else(|| crate::message::Rejection::UnknownExecutor(class.to_string()))?;
+        if let Engine::Openai(openai) = &spec.engine {
+            crate::llm::LlmRequest::from_payload(payload, &openai.model)?;
+        }
+        Ok(())
     }
 
     pub fn get(&self, class: &ExecutorClass) -> Option<&ExecutorSpec> {
@@ -291,5 +459,58 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn an_openai_class_is_checked_and_fills_its_server_command() {
+        let c = Catalog::parse(
+            "executors:\n  chat:\n    engine: { kind: openai, model: tiny, startup_timeout: 30s }\n",
+            "t",
+        )
+        .unwrap();
+        let chat = ExecutorClass::parse("chat").unwrap();
+        let Engine::Openai(engine) = &c.get(&chat).unwrap().engine else {
+            panic!("not openai");
+        };
+        assert_eq!(engine.startup_timeout, Duration::from_secs(30));
+        assert_eq!(engine.ready_path, "/v1/models");
+        assert_eq!(
+            engine.server_argv(8123).join(" "),
+            "vllm serve tiny --host 127.0.0.1 --port 8123"
+        );
+        assert!(
+            c.check_payload(&chat, &serde_json::json!({"prompt": "x"}))
+                .is_ok()
+        );
+        let bad = c
+            .check_payload(&chat, &serde_json::json!({"prompt": 1}))
+            .unwrap_err();
+        assert!(bad.to_string().contains("payload.prompt"), "{bad}");
+
+        for (engine, expected) in [
+            ("{ kind: openai, model: \"\" }", "engine.model"),
+            (
+                "{ kind: openai, model: m, server: [x, \"{port}\"], endpoint: \"http://a:1\" }",
+                "both",
+            ),
+            ("{ kind: openai, model: m, server: [x] }", "{port}"),
+            (
+                "{ kind: openai, model: m, endpoint: \"https://a\" }",
+                "http://host:port",
+            ),
+            (
+                "{ kind: openai, model: m, ready_path: health }",
+                "ready_path",
+            ),
+            (
+                "{ kind: openai, model: m, startup_timeout: 0s }",
+                "startup_timeout",
+            ),
+            ("{ kind: openai, model: m, modle: x }", "modle"),
+        ] {
+            let text = format!("executors:\n  c:\n    engine: {engine}\n");
+            let e = Catalog::parse(&text, "t").unwrap_err().to_string();
+            assert!(e.contains(expected), "{engine}: {e}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`config`]: layered configuration (defaults → file → `GANTRY_*` environment).
 //! - `cli` (feature `cli`): the flags every binary shares (`--config`, `--amqp-url`,
 //!   `--database-url`, `--prefix`), the configuration's last layer.
+//! - [`llm`]: the payload of a task for the `openai` engine, checked before any job starts.
 //! - [`dead_letter`]: reading a dead letter out of its message, for the recorder and the CLI.
 //! - [`store`]: the Postgres schema, its embedded migrations, the task state machine, and
 //!   Gantry's types as Postgres columns.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 mod error;
+pub mod llm;
 pub mod message;
 pub mod retry;
 pub mod store;

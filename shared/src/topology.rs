@@ -138,6 +138,13 @@ impl Topology {
         format!("{}.results", self.prefix)
     }
 
+    /// Topic exchange of `gantry.progress/v1` messages (an LLM's tokens as they come);
+    /// routing key = task id. Nothing is queued here by Gantry: a caller that wants a task's
+    /// progress binds a queue of its own before it submits.
+    pub fn progress_exchange(&self) -> String {
+        format!("{}.progress", self.prefix)
+    }
+
     /// Fanout dead-letter exchange.
     pub fn dlx(&self) -> String {
         format!("{}.dlx", self.prefix)
@@ -173,6 +180,8 @@ impl Topology {
         self.exchange(channel, &self.results_exchange(), ExchangeKind::Fanout)
             .await?;
         self.exchange(channel, &dlx, ExchangeKind::Fanout).await?;
+        self.exchange(channel, &self.progress_exchange(), ExchangeKind::Topic)
+            .await?;
 
         let mut task_args = quorum_args();
         task_args.insert(

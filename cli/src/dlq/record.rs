@@ -90,6 +90,7 @@ fn task_of(props: &BasicProperties, data: &[u8]) -> Option<Task> {
         priority: envelope.priority,
         submitted_at: envelope.submitted_at,
         attempt: Attempt::new(envelope.attempt).unwrap_or(Attempt::FIRST),
+        stream: envelope.stream,
         reply_to: props.reply_to().as_ref().map(|r| r.to_string()),
         traceparent: header(headers::TRACEPARENT),
         tracestate: header(headers::TRACESTATE),

@@ -179,5 +179,6 @@ fn parse<R: Runtime>(
             ),
         });
     }
+    ctx.catalog().check_payload(&task.executor, &task.payload)?;
     Ok(task)
 }

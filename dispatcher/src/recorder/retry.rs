@@ -267,6 +267,7 @@ async fn stored_task(ctx: &Ctx, result: &TaskResult) -> Result<Option<Task>> {
         priority: env.priority,
         submitted_at: env.submitted_at,
         attempt: result.attempt,
+        stream: env.stream,
         reply_to: record.reply_to,
         traceparent,
         tracestate: None,

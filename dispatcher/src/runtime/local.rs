@@ -26,7 +26,7 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use gantry_shared::catalog::{Engine, ExecutorSpec};
+use gantry_shared::catalog::ExecutorSpec;
 use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskEnvelope, TaskId};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -243,21 +243,12 @@ impl LocalRuntime {
             .env("GANTRY_JOB_NAME", name.as_str())
             .env("GANTRY_POD_NAME", name.as_str())
             .env("GANTRY_NODE_NAME", &self.node);
-        match &spec.engine {
-            Engine::Echo => {
-                cmd.env("GANTRY_ENGINE", "echo");
-            }
-            Engine::Command { command } => {
-                let argv = serde_json::to_string(command).map_err(|e| Error::Job {
-                    job: name.to_string(),
-                    message: e.to_string(),
-                })?;
-                cmd.env("GANTRY_ENGINE", "command")
-                    .env("GANTRY_COMMAND", argv);
-            }
-        }
+        cmd.envs(spec.engine.executor_env());
         if let Some(tp) = &task.traceparent {
             cmd.env("GANTRY_TRACEPARENT", tp);
+        }
+        if let Some(reply_to) = &task.reply_to {
+            cmd.env("GANTRY_REPLY_TO", reply_to);
         }
         cmd.stdin(Stdio::from(lock))
             .stdout(Stdio::from(log.try_clone().map_err(job_err)?))

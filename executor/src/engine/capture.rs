@@ -52,7 +52,7 @@ pub(super) async fn tail_and_forward(mut reader: impl AsyncRead + Unpin, keep: u
 }
 
 /// The last `keep` bytes of a stream.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Tail {
     keep: usize,
     bytes: Vec<u8>,
@@ -82,6 +82,11 @@ impl Tail {
             self.bytes.drain(..excess);
             self.truncated = true;
         }
+    }
+
+    /// The tail so far as text, leaving it to grow.
+    pub(super) fn snapshot(&self) -> String {
+        self.clone().text()
     }
 
     /// The tail as trimmed text (invalid UTF-8 replaced), with `…` when earlier output was

@@ -10,18 +10,15 @@
 use std::os::unix::process::ExitStatusExt;
 use std::pin::pin;
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
 
 use gantry_shared::message::{ErrorKind, TaskEnvelope, TaskError};
-use nix::errno::Errno;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tracing::{debug, info, instrument, warn};
 
 use super::capture::{Captured, read_capped, tail_and_forward};
 use super::finished::{Finished, StopReason, permanent};
+use super::group::Group;
 
 /// Most stdout accepted from the program.
 const MAX_STDOUT: usize = 4 * 1024 * 1024;
@@ -184,7 +181,7 @@ fn conclude(status: ExitStatus, stdout: &[u8], stderr_tail: &str) -> Finished {
     };
     match (status.code(), status.signal()) {
         (Some(0), _) => match serde_json::from_slice(stdout) {
-            Ok(output) => Finished::Output(output),
+            Ok(output) => Finished::output(output),
             Err(e) => {
                 let head = String::from_utf8_lossy(&stdout[..stdout.len().min(200)]);
                 Finished::Failed(permanent(
@@ -208,57 +205,6 @@ fn conclude(status: ExitStatus, stdout: &[u8], stderr_tail: &str) -> Finished {
             ErrorKind::CommandFailed,
             format!("command ended with {status}{stderr}"),
         )),
-    }
-}
-
-/// The program, leader of its own process group.
-struct Group {
-    child: Child,
-    pid: Pid,
-    reaped: bool,
-}
-
-impl Group {
-    fn new(child: Child) -> Option<Group> {
-        let pid = Pid::from_raw(i32::try_from(child.id()?).ok()?);
-        Some(Group {
-            child,
-            pid,
-            reaped: false,
-        })
-    }
-
-    /// SIGKILLs every process left in the group.
-    fn kill(&self) {
-        match killpg(self.pid, Signal::SIGKILL) {
-            Ok(()) | Err(Errno::ESRCH) => {}
-            Err(e) => {
-                warn!(pgid = self.pid.as_raw(), error = %e, "cannot kill the command's process group")
-            }
-        }
-    }
-
-    /// Kills the group and waits for the leader to exit.
-    async fn kill_and_reap(&mut self) {
-        self.kill();
-        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(error = %e, "cannot reap the command"),
-            Err(_) => warn!(
-                pid = self.pid.as_raw(),
-                "the command did not die within 10s of SIGKILL"
-            ),
-        }
-        self.reaped = true;
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // Only reached without kill_and_reap when the attempt itself is abandoned.
-        if !self.reaped {
-            self.kill();
-        }
     }
 }
 

@@ -27,13 +27,13 @@ fn failure(finished: Finished) -> TaskError {
 #[tokio::test]
 async fn json_on_stdout_is_the_output() {
     let finished = run_sh(r#"cat >/dev/null; echo '{"ok":1}'"#).await;
-    assert_eq!(finished, Finished::Output(json!({"ok": 1})));
+    assert_eq!(finished, Finished::output(json!({"ok": 1})));
 }
 
 #[tokio::test]
 async fn the_task_envelope_arrives_on_stdin() {
     let task = task(json!({"n": 1}));
-    let Finished::Output(output) = run(&sh("cat"), &task, None, pending()).await else {
+    let Finished::Output { output, .. } = run(&sh("cat"), &task, None, pending()).await else {
         panic!("cat should echo the task");
     };
     assert_eq!(output, serde_json::to_value(&task).unwrap());
@@ -105,7 +105,7 @@ async fn background_processes_do_not_outlive_the_command() {
     let script = format!("sleep 30 & echo $! > {}; echo '{{}}'", pids.display());
     let started = Instant::now();
     let finished = run_sh(&script).await;
-    assert_eq!(finished, Finished::Output(json!({})));
+    assert_eq!(finished, Finished::output(json!({})));
     assert!(started.elapsed() < Duration::from_secs(10));
     for pid in wait_for_pids(Path::new(&pids)).await {
         assert!(is_gone(pid).await, "background sleep {pid} still runs");

@@ -103,7 +103,7 @@ pub(super) async fn run(task: &TaskEnvelope, stop: impl Future<Output = StopReas
     }
     match knobs.fail {
         Some(error) => Finished::Failed(error),
-        None => Finished::Output(task.payload.clone()),
+        None => Finished::output(task.payload.clone()),
     }
 }
 
@@ -131,8 +131,8 @@ mod tests {
     #[tokio::test]
     async fn the_output_is_the_whole_payload() {
         let payload = json!({"prompt": "hi", "n": [1, 2]});
-        assert_eq!(echo(payload.clone()).await, Finished::Output(payload));
-        assert_eq!(echo(json!("text")).await, Finished::Output(json!("text")));
+        assert_eq!(echo(payload.clone()).await, Finished::output(payload));
+        assert_eq!(echo(json!("text")).await, Finished::output(json!("text")));
     }
 
     #[tokio::test]
@@ -153,7 +153,7 @@ mod tests {
         assert_eq!(error.message, "failed on request");
         assert!(error.retryable);
         let payload = json!({"fail": false});
-        assert_eq!(echo(payload.clone()).await, Finished::Output(payload));
+        assert_eq!(echo(payload.clone()).await, Finished::output(payload));
     }
 
     #[tokio::test]

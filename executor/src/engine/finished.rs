@@ -1,6 +1,6 @@
 //! How an engine run ends: the one answer every engine gives.
 
-use gantry_shared::message::{ErrorKind, TaskError};
+use gantry_shared::message::{ErrorKind, TaskError, Usage};
 use serde_json::Value;
 
 /// Why the engine was asked to stop before it finished.
@@ -15,8 +15,8 @@ pub(crate) enum StopReason {
 /// How an engine run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Finished {
-    /// The work succeeded with this output.
-    Output(Value),
+    /// The work succeeded with this output, and the usage the engine knows (tokens).
+    Output { output: Value, usage: Option<Usage> },
     /// The work failed.
     Failed(TaskError),
     /// The engine was stopped; nothing it started is still running.
@@ -31,5 +31,15 @@ pub(super) fn permanent(kind: ErrorKind, message: impl Into<String>) -> TaskErro
         kind,
         message: message.into(),
         retryable: false,
+    }
+}
+
+impl Finished {
+    /// Success with `output` and no usage to report.
+    pub(crate) fn output(output: Value) -> Finished {
+        Finished::Output {
+            output,
+            usage: None,
+        }
     }
 }

@@ -25,6 +25,7 @@ pub(crate) fn task_due(payload: Value, deadline: DateTime<Utc>) -> TaskEnvelope 
         priority: None,
         submitted_at: Utc::now(),
         attempt: 1,
+        stream: false,
     }
 }
 

@@ -57,12 +57,18 @@ pub enum ErrorKind {
     MaxAttempts,
     /// A task for which no image could be used.
     Image,
+    /// The model server did not get ready (it exited, or `startup_timeout` passed).
+    EngineStartFailed,
+    /// The model server refused the request (HTTP 4xx: e.g. a prompt over the context).
+    EngineRefused,
+    /// The model server failed the request or died while answering it.
+    EngineFailed,
     /// A kind this version does not name: a user program's, or a newer executor's.
     Other(String),
 }
 
 impl ErrorKind {
-    const NAMED: [ErrorKind; 24] = [
+    const NAMED: [ErrorKind; 27] = [
         ErrorKind::CommandFailed,
         ErrorKind::BadOutput,
         ErrorKind::OutputTooLarge,
@@ -87,6 +93,9 @@ impl ErrorKind {
         ErrorKind::DeliveryLimit,
         ErrorKind::MaxAttempts,
         ErrorKind::Image,
+        ErrorKind::EngineStartFailed,
+        ErrorKind::EngineRefused,
+        ErrorKind::EngineFailed,
     ];
 
     /// The name, as results and Postgres carry it.
@@ -117,7 +126,7 @@ impl ErrorKind {
 }
 
 /// The names of [`ErrorKind::NAMED`], in its order.
-const NAMES: [&str; 24] = [
+const NAMES: [&str; 27] = [
     "command_failed",
     "bad_output",
     "output_too_large",
@@ -142,6 +151,9 @@ const NAMES: [&str; 24] = [
     "delivery_limit",
     "max_attempts",
     "image",
+    "engine_start_failed",
+    "engine_refused",
+    "engine_failed",
 ];
 
 impl fmt::Display for ErrorKind {

@@ -24,6 +24,10 @@ pub enum Rejection {
     },
     #[error("invalid: {field}: {detail}")]
     BadField { field: &'static str, detail: String },
+    /// A payload that its class's engine cannot take; `field` is a path such as
+    /// `payload.messages[1].role`.
+    #[error("invalid: {field}: {detail}")]
+    BadPayload { field: String, detail: String },
     #[error("invalid: payload is {size} bytes, over the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
     #[error("invalid: unknown executor {0:?}")]
@@ -49,6 +53,7 @@ impl Rejection {
             Rejection::MissingCorrelationId => "missing_correlation_id",
             Rejection::IdMismatch { .. } => "id_mismatch",
             Rejection::BadField { .. } => "bad_field",
+            Rejection::BadPayload { .. } => "bad_payload",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::UnknownExecutor(_) => "unknown_executor",
             Rejection::DeadlinePassed(_) => "deadline_passed",

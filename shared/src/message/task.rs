@@ -33,6 +33,10 @@ pub struct TaskEnvelope {
     pub submitted_at: DateTime<Utc>,
     #[serde(default = "first_attempt")]
     pub attempt: u32,
+    /// The caller wants the work's progress (an LLM's tokens) as it is made, as
+    /// `gantry.progress/v1` messages; see [`super::Progress`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 fn first_attempt() -> u32 {
@@ -99,6 +103,8 @@ pub struct Task {
     pub priority: Option<u8>,
     pub submitted_at: DateTime<Utc>,
     pub attempt: Attempt,
+    /// Whether progress is published while the work runs (see [`TaskEnvelope::stream`]).
+    pub stream: bool,
     pub reply_to: Option<String>,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
@@ -132,6 +138,7 @@ impl Task {
             priority: spec.priority,
             submitted_at: now,
             attempt: Attempt::FIRST,
+            stream: false,
             reply_to: spec.reply_to,
             traceparent: Some(traceparent::generate()),
             tracestate: None,
@@ -153,6 +160,7 @@ impl Task {
             priority: self.priority,
             submitted_at: self.submitted_at,
             attempt: self.attempt.get(),
+            stream: self.stream,
         }
     }
 
@@ -290,6 +298,7 @@ impl Task {
             submitted_at: envelope.submitted_at,
             attempt: Attempt::new(envelope.attempt)
                 .ok_or_else(|| bad("attempt")(InvalidName("must be 1 or more".into())))?,
+            stream: envelope.stream,
             reply_to: None,
             traceparent: None,
             tracestate: None,

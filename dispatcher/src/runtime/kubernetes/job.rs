@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use gantry_shared::catalog::{Engine, ExecutorSpec};
+use gantry_shared::catalog::ExecutorSpec;
 use gantry_shared::message::{JobName, Task};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
@@ -373,18 +373,17 @@ fn env(
         field("GANTRY_NODE_NAME", "spec.nodeName"),
         value("GANTRY_TERMINATION_LOG", "/dev/termination-log".into()),
     ];
-    match &spec.engine {
-        Engine::Echo => env.push(value("GANTRY_ENGINE", "echo".into())),
-        Engine::Command { command } => {
-            env.push(value("GANTRY_ENGINE", "command".into()));
-            env.push(value(
-                "GANTRY_COMMAND",
-                serde_json::to_string(command).unwrap_or_default(),
-            ));
-        }
-    }
+    env.extend(
+        spec.engine
+            .executor_env()
+            .into_iter()
+            .map(|(name, v)| value(name, v)),
+    );
     if let Some(tp) = &task.traceparent {
         env.push(value("GANTRY_TRACEPARENT", tp.clone()));
+    }
+    if let Some(reply_to) = &task.reply_to {
+        env.push(value("GANTRY_REPLY_TO", reply_to.clone()));
     }
     env
 }
