@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: setup test demo fmt lint deny bench bench-kube faults
+.PHONY: setup test demo fmt lint deny bench bench-kube faults images images-dry-run executor-base
 
 setup:
 	bash scripts/setup.sh
@@ -38,3 +38,18 @@ bench-kube: setup
 faults: setup
 	cargo build --locked --bins
 	target/debug/gantry-faults
+
+# Images (docs/docker.md): the dispatcher and the executor, tagged latest and the git SHA, the
+# executor on the existing executor-base:latest. Flags of scripts/build-images.sh go in
+# IMAGES_ARGS, e.g. make images IMAGES_ARGS="--engine podman --base-tag 0123456789ab".
+images:
+	bash scripts/build-images.sh $(IMAGES_ARGS)
+
+# The commands `make images` would run, without running them (no docker or podman needed).
+images-dry-run:
+	bash scripts/build-images.sh --dry-run $(IMAGES_ARGS)
+
+# Rebuilds and pushes the executor base (CUDA + vLLM). Manual only: nothing runs it on a
+# schedule; rebuild the executor on it afterwards (make images).
+executor-base:
+	bash scripts/build-images.sh $(IMAGES_ARGS) executor-base

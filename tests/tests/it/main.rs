@@ -15,6 +15,7 @@ mod contract;
 mod deploy;
 mod dlq;
 mod forward;
+mod images;
 mod layout;
 mod lifecycle;
 mod llm_server;
