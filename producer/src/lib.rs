@@ -29,19 +29,28 @@
 //!
 //! # Layout
 //!
-//! - [`Producer`]: publishes tasks with confirms; follows them through its tracker.
+//! - [`Producer`]: publishes tasks with confirms, checked against the executor catalog when
+//!   given one; follows them through its tracker.
 //! - [`Tracker`]: reads a task's state and history from Postgres and waits for its end.
+//! - [`TaskStream`]: a task submitted with streaming on, followed as it is made (an LLM's
+//!   tokens, as [`StreamEvent::Progress`]) to its end ([`StreamEvent::Finished`]).
 //! - [`Error`]: everything that can go wrong here, each variant saying what to do.
 
 mod error;
 mod producer;
+mod stream;
 mod tracker;
 
 pub use error::{Error, Result, human_duration};
 pub use producer::Producer;
+pub use stream::{StreamEvent, TaskStream};
 pub use tracker::{TaskEvent, Tracker};
 
-// A library user names these in `submit` and `wait`; re-exported so one import suffices.
+// A library user names these in `submit`, `wait` and streams; re-exported so one import
+// suffices.
+pub use gantry_shared::catalog::Catalog;
 pub use gantry_shared::config::Config;
-pub use gantry_shared::message::{Attempt, ExecutorClass, Task, TaskId, TaskName, TaskSpec};
+pub use gantry_shared::message::{
+    Attempt, ExecutorClass, Progress, Task, TaskId, TaskName, TaskSpec,
+};
 pub use gantry_shared::store::{TaskRecord, TaskState};
