@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use gantry_shared::cli::GlobalArgs;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName};
 
@@ -39,6 +39,7 @@ Examples:
   gantry topology apply
   gantry submit --executor echo --task demo.echo --payload '{\"hello\":\"world\"}'
   gantry submit --executor echo --task demo.echo --payload @request.json --wait --json
+  gantry submit --executor chat --task llm.chat --payload @chat.json --stream
   gantry status 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90
   gantry wait 5b0e7a64-3d8c-4f0e-9a51-8f4e2c1d7b90 --timeout 5m
   gantry dlq list --reason expired --since 2h
@@ -101,14 +102,31 @@ when it succeeded, 1 when it failed, expired, was cancelled or dead-lettered, 3 
 With --json, prints one JSON object instead: {task_id, task, executor, submitted_at,
 deadline}, or with --wait the task as `gantry status --json` shows it.
 
+--stream submits the task with streaming on and implies --wait: the answer's pieces (an LLM's
+tokens, from a class whose engine is `openai`) are printed on stdout as they are made, then a
+newline and the result as --wait prints it. With --json the pieces go to stderr instead, so
+that stdout stays one JSON object. The pieces are best effort, the result is not: a note on
+stderr says when pieces were lost on the way, or when a failed attempt's text is followed by
+a retry that starts over (\"attempt 2 starts over\"); the result printed at the end is whole.
+
+With --catalog (or GANTRY_CATALOG), the task is checked against the executor catalog before
+it is published, as the dispatcher would check it: a class the catalog lacks, or a payload its
+engine cannot take, is refused with the field named (payload.messages[0].role), exit 2.
+Without it, such a task is published and dead-lettered by the dispatcher.
+
 Examples:
   gantry submit --executor echo --task demo.echo --payload '{\"hello\":\"world\"}'
   gantry submit --executor vllm --task llm.chat --payload @chat.json --ttl 15m --wait
+  gantry submit --executor chat --task llm.chat --catalog catalog.yaml --stream \\
+    --payload '{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":64}'
   generate-request | gantry submit --executor embed --task embed.text --payload @- --json";
 
 /// `gantry submit`.
 #[derive(Debug, Args)]
-#[command(after_help = SUBMIT_AFTER_HELP)]
+#[command(
+    after_help = SUBMIT_AFTER_HELP,
+    group(ArgGroup::new("waiting").args(["wait", "stream"]).multiple(true))
+)]
 pub(crate) struct SubmitArgs {
     #[arg(
         long,
@@ -146,9 +164,24 @@ pub(crate) struct SubmitArgs {
     #[arg(long)]
     pub(crate) wait: bool,
 
-    /// How long --wait waits [default: until the task's deadline, plus 30s]
-    #[arg(long, value_name = "DURATION", requires = "wait", value_parser = humantime::parse_duration)]
+    /// Print the answer's pieces as they are made (an LLM's tokens), then the result;
+    /// implies --wait
+    #[arg(long)]
+    pub(crate) stream: bool,
+
+    /// How long --wait or --stream waits [default: until the task's deadline, plus 30s]
+    #[arg(long, value_name = "DURATION", requires = "waiting", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Option<Duration>,
+
+    /// Executor catalog (YAML) to check the task against before it is published
+    /// [default: no check]
+    #[arg(
+        long,
+        env = "GANTRY_CATALOG",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    pub(crate) catalog: Option<PathBuf>,
 
     /// Print one JSON object on stdout instead of text
     #[arg(long)]
@@ -302,6 +335,27 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn stream_waits_and_takes_a_timeout_without_wait() {
+        let cli = Cli::try_parse_from([
+            "gantry",
+            "submit",
+            "--executor",
+            "chat",
+            "--task",
+            "llm.chat",
+            "--stream",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap();
+        let Command::Submit(args) = cli.command else {
+            panic!("not a submit: {:?}", cli.command);
+        };
+        assert!(args.stream && !args.wait);
+        assert_eq!(args.timeout, Some(Duration::from_secs(5)));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::args::{
     ApplyArgs, CancelArgs, Command, DbCommand, StatusArgs, SubmitArgs, TopologyCommand, WaitArgs,
 };
 use crate::exit::Exit;
+use crate::follow::follow;
 use crate::payload;
 use crate::view::TaskView;
 
@@ -43,8 +44,15 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
     let payload = tokio::task::spawn_blocking(move || payload::load(&arg, std::io::stdin().lock()))
         .await
         .context("reading the payload")??;
-    // Checked before connecting: an invalid task needs no broker to be refused.
-    let task = Task::new(
+    let catalog = args
+        .catalog
+        .as_deref()
+        .map(|path| Catalog::load(Some(path)))
+        .transpose()
+        .context("loading the executor catalog (--catalog or GANTRY_CATALOG)")?;
+    // Checked before connecting: an invalid task needs no broker to be refused. The
+    // catalog's check is the producer's, before anything is published.
+    let mut task = Task::new(
         TaskSpec {
             executor: args.executor.clone(),
             name: args.task.clone(),
@@ -58,7 +66,11 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
         &config.limits,
     )
     .map_err(gantry_producer::Error::from)?;
-    let producer = Producer::connect(config).await?;
+    task.stream = args.stream;
+    let mut producer = Producer::connect(config).await?;
+    if let Some(catalog) = catalog {
+        producer = producer.with_catalog(catalog);
+    }
     let outcome = publish_and_wait(&producer, &task, &args).await;
     producer.close().await;
     match outcome? {
@@ -91,31 +103,44 @@ struct Submitted<'a> {
     deadline: DateTime<Utc>,
 }
 
-/// Publishes the task and, with `--wait`, waits for its end.
+/// Publishes the task and, with `--wait` or `--stream`, waits for its end (printing its
+/// pieces as they come with `--stream`).
 async fn publish_and_wait(
     producer: &Producer,
     task: &Task,
     args: &SubmitArgs,
 ) -> Result<Option<TaskRecord>> {
-    if args.wait {
-        // Fail on a wrong database URL before the task goes out, not after.
-        producer.tracker().store().await?;
-    }
-    producer.submit_task(task).await?;
-    if !args.wait {
+    // A payload the catalog refuses is refused before Postgres is asked anything.
+    producer.check_task(task)?;
+    let wait = args.wait || args.stream;
+    if !wait {
+        producer.submit_task(task).await?;
         return Ok(None);
     }
     let timeout = args.timeout.unwrap_or_else(|| {
         let left = (task.deadline - Utc::now()).to_std().unwrap_or_default();
         left + DEADLINE_GRACE
     });
-    if !args.json {
-        eprintln!(
-            "submitted {}; waiting up to {} for it to finish",
-            task.id,
-            human_duration(timeout)
-        );
+    let waiting = || {
+        if !args.json {
+            eprintln!(
+                "submitted {}; waiting up to {} for it to finish",
+                task.id,
+                human_duration(timeout)
+            );
+        }
+    };
+    if args.stream {
+        // Listens to the task's progress before publishing it, and fails on a wrong
+        // database URL before the task goes out.
+        let stream = producer.submit_task_streaming(task, timeout).await?;
+        waiting();
+        return Ok(Some(follow(stream, args.json).await?));
     }
+    // Fail on a wrong database URL before the task goes out, not after.
+    producer.tracker().store().await?;
+    producer.submit_task(task).await?;
+    waiting();
     Ok(Some(producer.wait(task.id, timeout).await?))
 }
 

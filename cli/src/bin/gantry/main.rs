@@ -11,6 +11,7 @@
 //! - [`args`]: the command line and its help.
 //! - [`commands`]: what each subcommand does.
 //! - [`dlq`]: `gantry dlq …`, its arguments and what it does; [`dlq_view`] prints it.
+//! - [`follow`]: `submit --stream`, the answer's pieces printed as they come.
 //! - [`payload`]: reading `--payload` (inline JSON, `@FILE`, `@-`).
 //! - [`view`]: how a task is printed.
 //! - [`exit`]: exit codes.
@@ -20,6 +21,7 @@ mod commands;
 mod dlq;
 mod dlq_view;
 mod exit;
+mod follow;
 mod payload;
 mod view;
 
