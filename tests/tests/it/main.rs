@@ -19,6 +19,7 @@ mod images;
 mod layout;
 mod lifecycle;
 mod llm_server;
+mod llm_stream;
 mod manifests;
 mod migrations;
 mod restart;
