@@ -18,6 +18,7 @@ mod forward;
 mod images;
 mod layout;
 mod lifecycle;
+mod llm;
 mod llm_server;
 mod llm_stream;
 mod manifests;

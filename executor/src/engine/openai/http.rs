@@ -38,17 +38,15 @@ impl Http {
         &self.base
     }
 
-    /// Whether `GET path` answers 2xx within `timeout`.
-    pub(super) async fn is_ready(&self, path: &str, timeout: Duration) -> bool {
+    /// What `GET path` answers within `timeout`: its status, or why there is none.
+    pub(super) async fn probe(&self, path: &str, timeout: Duration) -> Result<StatusCode, String> {
         let request = Request::get(format!("{}{path}", self.base))
             .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string());
-        let Ok(request) = request else {
-            return false;
-        };
+            .map_err(|e| e.to_string())?;
         match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => response.status().is_success(),
-            _ => false,
+            Ok(Ok(response)) => Ok(response.status()),
+            Ok(Err(e)) => Err(error_chain(&e)),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
         }
     }
 

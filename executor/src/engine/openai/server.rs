@@ -19,9 +19,11 @@ use super::super::group::Group;
 use super::http::Http;
 
 /// How much of the server's output is kept for error messages.
-const LOG_TAIL: usize = 8 * 1024;
+const LOG_TAIL: usize = 4 * 1024;
 /// How often readiness is asked while the server starts.
 const READY_POLL: Duration = Duration::from_millis(200);
+/// Longest wait for one readiness answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a server writes when a GPU (or the host) runs out of memory.
 const OOM_MARKERS: [&str; 4] = [
     "CUDA out of memory",
@@ -129,14 +131,14 @@ impl Server {
     ) -> Result<(), TaskError> {
         let began = Instant::now();
         loop {
-            if self
-                .http
-                .is_ready(ready_path, READY_POLL.max(Duration::from_secs(2)))
-                .await
-            {
-                info!(elapsed = ?began.elapsed(), "model server ready");
-                return Ok(());
-            }
+            let last = match self.http.probe(ready_path, PROBE_TIMEOUT).await {
+                Ok(status) if status.is_success() => {
+                    info!(elapsed = ?began.elapsed(), "model server ready");
+                    return Ok(());
+                }
+                Ok(status) => format!("HTTP {}", status.as_u16()),
+                Err(e) => e,
+            };
             if let Some(status) = self.exited() {
                 return Err(self.failure(
                     ErrorKind::EngineStartFailed,
@@ -147,7 +149,7 @@ impl Server {
                 return Err(self.failure(
                     ErrorKind::EngineStartFailed,
                     format!(
-                        "the model server was not ready within its startup_timeout of {timeout:?}: GET {}{ready_path} never answered 200",
+                        "the model server was not ready within its startup_timeout of {timeout:?}: GET {}{ready_path} never answered 200 (the last answer: {last})",
                         self.http.base()
                     ),
                 ));
