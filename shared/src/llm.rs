@@ -5,7 +5,7 @@
 //! a completion, with `max_tokens`, `temperature`, `top_p`, `stop`, `seed` and
 //! `response_format` passed through. The model is the class's, never the payload's: a
 //! payload may name it only if it names the same one. Streaming is the task's flag
-//! (`gantry submit --stream`), not a payload field.
+//! (`gantry submit --stream`, `Producer::submit_streaming`), not a payload field.
 
 use serde_json::{Map, Value, json};
 
@@ -109,7 +109,7 @@ impl LlmRequest {
                 "stream" => {
                     return Err(bad(
                         "payload.stream",
-                        "streaming is the task's flag, not the payload's: submit with --stream (TaskSpec.stream)",
+                        "streaming is the task's flag, not the payload's: submit with `gantry submit --stream` or Producer::submit_streaming",
                     ));
                 }
                 name if PARAMETERS.contains(&name) => check_parameter(name, value)?,

@@ -261,6 +261,7 @@ async fn remove_world(prefix: &str, catalog: &Catalog, database: &str) -> Result
         t.tasks_exchange(),
         t.retry_exchange(),
         t.results_exchange(),
+        t.progress_exchange(),
         t.dlx(),
     ] {
         channel

@@ -6,11 +6,13 @@
 //! - [`openai`]: asks an OpenAI-compatible model server (started in the job, or at an
 //!   endpoint) and streams its text to the progress publisher.
 //! - `finished`: how a run ends, which every engine returns.
-//! - `capture`: reading a program's output within limits. `group`: a program's process
+//! - `capture`: reading a program's output within limits. `deltas`: where pieces of an
+//!   answer go. `group`: a program's process
 //!   group, stopped as one.
 
 mod capture;
 mod command;
+mod deltas;
 mod echo;
 mod finished;
 mod group;
@@ -21,11 +23,8 @@ pub(crate) mod test_support;
 use gantry_shared::catalog::OpenAiEngine;
 use gantry_shared::message::TaskEnvelope;
 
+pub(crate) use deltas::Deltas;
 pub(crate) use finished::{Finished, StopReason};
-
-/// Where an engine sends pieces of its answer as it makes them (an LLM's tokens), for the
-/// progress publisher.
-pub(crate) type Deltas = tokio::sync::mpsc::UnboundedSender<String>;
 
 /// The engine named by the executor's flags.
 #[derive(Debug, Clone, PartialEq, Eq)]

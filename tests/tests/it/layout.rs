@@ -389,7 +389,9 @@ fn paths(code: &str) -> Vec<Vec<String>> {
                 .collect();
             // `crate::a::{…}` is a `use` statement's, expanded above.
             let grouped = tail.ends_with("::");
-            if before.is_none_or(|c| !c.is_alphanumeric() && c != '_') && !grouped {
+            // Inside a longer path (`super::super::x`) it is that path's, not one of its own.
+            let inside = before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+            if !inside && !grouped {
                 all.push(path);
             }
             rest = &rest[i + head.len()..];

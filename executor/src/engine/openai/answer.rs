@@ -7,8 +7,8 @@ use gantry_shared::llm::RequestKind;
 use gantry_shared::message::Usage;
 use serde_json::{Value, json};
 
-use super::super::Deltas;
 use super::http::{Event, Events, Http, error_message, read_body};
+use crate::engine::deltas::Deltas;
 
 /// Why there is no answer.
 #[derive(Debug)]

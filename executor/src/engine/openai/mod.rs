@@ -27,7 +27,7 @@ use tracing::{info, instrument};
 use self::answer::{Answer, Timings};
 use self::http::Http;
 use self::server::Server;
-use super::Deltas;
+use super::deltas::Deltas;
 use super::finished::{Finished, StopReason, permanent};
 
 /// Runs `task` on `engine` until it is answered or `stop` fires.

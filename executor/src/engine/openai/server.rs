@@ -14,9 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tracing::{info, warn};
 
-use super::super::capture::Tail;
-use super::super::group::Group;
 use super::http::Http;
+use crate::engine::capture::Tail;
+use crate::engine::group::Group;
 
 /// How much of the server's output is kept for error messages.
 const LOG_TAIL: usize = 4 * 1024;
