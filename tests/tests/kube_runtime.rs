@@ -789,3 +789,57 @@ async fn an_attempt_claimed_by_a_killed_dispatcher_without_its_job_is_failed_as_
     producer.close().await;
     env.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Result<()> {
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let c = cluster(&format!(
+        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n"
+    ))
+    .await?;
+    let producer = c.env.producer().await?;
+    let id = producer
+        .submit(TaskSpec {
+            executor: ExecutorClass::parse("chat")?,
+            name: TaskName::parse("llm.chat")?,
+            payload: json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}),
+            ttl: Duration::from_secs(300),
+            reply_to: None,
+            idempotency_key: None,
+            priority: None,
+            resources: None,
+        })
+        .await?;
+    let record = producer.wait(id, Duration::from_secs(180)).await?;
+    assert_eq!(
+        record.state,
+        TaskState::Succeeded,
+        "{:?}\n{}",
+        record.error,
+        c.dispatcher.log_text()
+    );
+    let output = &record.result.as_ref().expect("result")["output"];
+    assert_eq!(output["usage"]["completion_tokens"], 16, "{output}");
+    assert!(output["message"]["content"].as_str().is_some(), "{output}");
+    // The Job told its executor which engine to run, as the catalog says.
+    let job = c
+        .double
+        .job(&format!("gantry-{}-a1", id.as_uuid().simple()))
+        .expect("the job");
+    let env = job
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default();
+    let var = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(var("GANTRY_ENGINE").as_deref(), Some("openai"));
+    let openai: serde_json::Value =
+        serde_json::from_str(&var("GANTRY_OPENAI").expect("GANTRY_OPENAI"))?;
+    assert_eq!(openai["model"], "tiny");
+    producer.close().await;
+    c.env.cleanup().await
+}
