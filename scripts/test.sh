@@ -39,6 +39,11 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
 fi
 "${GANTRY_KUBERNETES_VALIDATE:-kubernetes-validate}" --version
 
+step "model server for the openai engine's tests (the first install compiles llama.cpp)"
+GANTRY_LLM_PYTHON="$(bash scripts/llm-server.sh | tail -n 1)"
+export GANTRY_LLM_PYTHON
+"$GANTRY_LLM_PYTHON" -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)'
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
