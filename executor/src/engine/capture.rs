@@ -2,6 +2,7 @@
 //! executor's own stderr while only its tail is kept for the error message.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -31,11 +32,18 @@ pub(super) async fn read_capped(
 
 /// Copies `reader` to this process's stderr as it arrives and returns the last `keep` bytes
 /// as text. A read error ends the copy; what was read so far still counts.
+pub(super) async fn tail_and_forward(reader: impl AsyncRead + Unpin, keep: usize) -> String {
+    let tail = Arc::new(Mutex::new(Tail::new(keep)));
+    forward_into(reader, Arc::clone(&tail)).await;
+    tail.lock().map(|t| t.snapshot()).unwrap_or_default()
+}
+
+/// Copies `reader` to this process's stderr as it arrives, keeping its tail in `tail`
+/// (which others may read meanwhile), until its end or a read error.
 ///
 /// The copy writes to the standard stderr handle directly: each chunk is one locked write,
 /// so it does not interleave mid-line with the executor's own log lines.
-pub(super) async fn tail_and_forward(mut reader: impl AsyncRead + Unpin, keep: usize) -> String {
-    let mut tail = Tail::new(keep);
+pub(super) async fn forward_into(mut reader: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
     let mut buf = vec![0u8; 8192];
     loop {
         match reader.read(&mut buf).await {
@@ -44,11 +52,12 @@ pub(super) async fn tail_and_forward(mut reader: impl AsyncRead + Unpin, keep: u
                 let chunk = &buf[..n];
                 // Losing the pass-through must not lose the result.
                 let _ = std::io::stderr().write_all(chunk);
-                tail.push(chunk);
+                if let Ok(mut tail) = tail.lock() {
+                    tail.push(chunk);
+                }
             }
         }
     }
-    tail.text()
 }
 
 /// The last `keep` bytes of a stream.

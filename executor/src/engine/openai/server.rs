@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use gantry_shared::catalog::OpenAiEngine;
 use gantry_shared::message::{ErrorKind, TaskError};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 use tokio::process::Command;
 use tracing::{info, warn};
 
 use super::http::Http;
-use crate::engine::capture::Tail;
+use crate::engine::capture::{Tail, forward_into};
 use crate::engine::group::Group;
 
 /// How much of the server's output is kept for error messages.
@@ -105,7 +105,7 @@ impl Server {
         .into_iter()
         .flatten()
         {
-            tokio::spawn(pass_through(output, Arc::clone(&log)));
+            tokio::spawn(forward_into(output, Arc::clone(&log)));
         }
         Ok(Server {
             group,
@@ -210,21 +210,4 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// Copies the server's output to the executor's stderr and keeps its tail.
-async fn pass_through(mut reader: Box<dyn AsyncRead + Unpin + Send>, log: Arc<Mutex<Tail>>) {
-    use std::io::Write;
-    let mut buf = vec![0u8; 8192];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let _ = std::io::stderr().write_all(&buf[..n]);
-                if let Ok(mut tail) = log.lock() {
-                    tail.push(&buf[..n]);
-                }
-            }
-        }
-    }
 }
