@@ -454,3 +454,42 @@ async fn a_bad_payload_for_an_openai_class_is_dead_lettered_naming_the_field() -
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_server_that_runs_out_of_memory_fails_the_task_as_oom() -> anyhow::Result<()> {
+    // The real server, under a memory limit its KV cache cannot fit in: llama.cpp fails
+    // to allocate it, as vLLM fails on a GPU too small for its cache.
+    let mut server = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        "ulimit -v 1000000; exec \"$0\" \"$@\"".to_owned(),
+    ];
+    server.extend(
+        llm::server_argv()?
+            .into_iter()
+            .map(|a| if a == "512" { "4000000".into() } else { a }),
+    );
+    let catalog = format!(
+        "executors:\n  chat:\n    engine: {{ kind: openai, model: tiny, server: {}, startup_timeout: 90s }}\n    retry: {{ max_attempts: 3, min_delay: 1s, max_delay: 1s }}\n",
+        serde_json::to_string(&server)?
+    );
+    let env = TestEnv::new(Some(&catalog)).await?;
+    let _dispatcher = env.dispatcher().await?;
+    let producer = env.producer().await?;
+    let id = producer
+        .submit(spec("chat", chat(4), Duration::from_secs(300))?)
+        .await?;
+    let record = producer.wait(id, Duration::from_secs(120)).await?;
+    assert_eq!(record.state, TaskState::Failed, "{record:?}");
+    // Not retried: the same request would run out again.
+    assert_eq!(record.attempt.get(), 1, "{record:?}");
+    let error = record
+        .error
+        .as_ref()
+        .context("a failed task has its error")?;
+    assert_eq!(error["kind"], "oom", "{error}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("exited"), "{message}");
+    assert!(message.contains("failed to allocate"), "{message}");
+    Ok(())
+}
