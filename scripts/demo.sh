@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end demo: applies the RabbitMQ topology, starts a dispatcher with the
 # local runtime, submits 20 echo tasks, waits for each to succeed, and prints
-# their timeline from PostgreSQL.
+# their timeline from PostgreSQL. Then LLM work: a chat task for the `openai`
+# engine, answered by a real model server on CPU (llama.cpp's, with a tiny
+# random model) that the executor starts inside its job, its tokens streamed to
+# the terminal as they are generated, then its result with usage.
 #
 #   bash scripts/demo.sh
 #
-# Runs scripts/setup.sh first (needs root or sudo).
+# Runs scripts/setup.sh first (needs root or sudo), and scripts/llm-server.sh,
+# whose first run compiles llama.cpp (10 to 20 minutes on two cores; later runs
+# reuse the build from $HOME/.cache).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,6 +25,9 @@ bash scripts/setup.sh
 
 say "building release binaries"
 cargo build --release --locked --bins
+
+say "installing the CPU model server (the first run compiles llama.cpp: 10 to 20 minutes)"
+LLM_PYTHON="$(bash scripts/llm-server.sh | tail -n 1)"
 
 export GANTRY_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
 export GANTRY_DATABASE_URL='postgres://gantry:gantry@127.0.0.1:5432/gantry'
@@ -73,6 +81,27 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# The catalog: `echo`, and `chat`, an openai class whose jobs each start the model server.
+model="$tmp/tiny.gguf"
+"$LLM_PYTHON" tests/llm/make_model.py "$model" >/dev/null
+export GANTRY_CATALOG="$tmp/catalog.yaml"
+cat >"$GANTRY_CATALOG" <<YAML
+executors:
+  echo:
+    engine: { kind: echo }
+    max_active_jobs: 8
+  chat:
+    engine:
+      kind: openai
+      model: tiny
+      server: ["$LLM_PYTHON", "-m", "llama_cpp.server", "--model", "$model",
+               "--model_alias", "{model}", "--host", "127.0.0.1", "--port", "{port}",
+               "--n_ctx", "512", "--interrupt_requests", "False"]
+      startup_timeout: 2m
+    max_active_jobs: 2
+YAML
+say "catalog: $GANTRY_CATALOG (classes echo and chat)"
 
 say "applying topology (prefix $GANTRY_PREFIX)"
 "$GANTRY" topology apply
@@ -136,6 +165,16 @@ if ((failed > 0)); then
     exit 1
 fi
 say "$succeeded/$TASKS succeeded"
+
+say "LLM work: a chat task, its tokens streamed as they come, then its result"
+chat_out="$tmp/chat.json"
+"$GANTRY" submit --executor chat --task llm.chat \
+    --payload '{"messages":[{"role":"user","content":"hi"}],"max_tokens":16}' \
+    --wait --stream --json >"$chat_out"
+chat_id="$(sed -n 's/.*"task_id": *"\([^"]*\)".*/\1/p' "$chat_out" | head -n 1)"
+say "the result, as stored:"
+sed 's/^/    /' "$chat_out"
+"$GANTRY" status "$chat_id"
 
 stop_dispatcher
 exit 0
