@@ -8,13 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The crates whose sources are checked, by their `src` directory.
-const CRATES: [&str; 6] = [
+const CRATES: [&str; 7] = [
     "shared",
     "producer",
     "cli",
     "dispatcher",
     "executor",
     "tests",
+    "registry",
 ];
 
 #[test]
