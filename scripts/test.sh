@@ -39,6 +39,18 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
 fi
 "${GANTRY_KUBERNETES_VALIDATE:-kubernetes-validate}" --version
 
+step "container registry and skopeo (the executor registry service's tests push real images)"
+# Each test starts its own registry on a free port; a service the package may start on
+# :5000 is never used.
+if ! command -v docker-registry >/dev/null 2>&1 || ! command -v skopeo >/dev/null 2>&1; then
+    echo "test: installing docker-registry and skopeo"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        docker-registry skopeo </dev/null >/dev/null
+fi
+docker-registry --version
+skopeo --version
+
 step "model server for the openai engine's tests (the first install compiles llama.cpp)"
 GANTRY_LLM_PYTHON="$(bash scripts/llm-server.sh | tail -n 1)"
 export GANTRY_LLM_PYTHON

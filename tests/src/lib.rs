@@ -18,11 +18,14 @@
 //!   (`gantry-kube-double`).
 //! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
 //! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
+//! - [`container_registry`]: a real container registry, images pushed to it, and the
+//!   executor registry service (`gantry-registry`) in front of it.
 //!
 //! They live in `world` (the test environment), `dispatchers`, `servers` (this machine's
 //! broker and Postgres, the built binaries) and `waiting` (for a condition).
 
 pub mod by_hand;
+pub mod container_registry;
 pub mod duplicate;
 pub mod executions;
 pub mod llm;
