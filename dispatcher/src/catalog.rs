@@ -23,7 +23,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::context::Ctx;
 use crate::images::ImagePolicy;
-use crate::metrics::inc;
 use crate::settings::{RuntimeKind, Settings, configmap_ref};
 use crate::{Error, Result};
 
@@ -127,14 +126,15 @@ fn from_configmap(namespace: &str, name: &str, map: &ConfigMap) -> Result<Catalo
     Ok(Catalog::parse(text, &origin)?)
 }
 
-/// Follows the source until shutdown, swapping in each valid new version. SIGHUP is
-/// listened for before this returns, so a signal sent once the dispatcher is ready reloads
-/// a catalog file instead of ending the process.
+/// Follows the source until shutdown, swapping in each valid new version; `None` when
+/// there is nothing to follow (the built-in catalog). SIGHUP is listened for before this
+/// returns, so a signal sent once the dispatcher is ready reloads a catalog file instead of
+/// ending the process.
 pub(crate) fn watch(
     ctx: Arc<Ctx>,
     source: Source,
     client: Option<Client>,
-) -> impl Future<Output = ()> + Send + 'static {
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let hangups = match &source {
         Source::File(Some(_)) => signal(SignalKind::hangup())
@@ -142,7 +142,11 @@ pub(crate) fn watch(
             .ok(),
         _ => None,
     };
-    async move {
+    let follows = matches!(
+        (&source, &client, &hangups),
+        (Source::ConfigMap { .. }, Some(_), _) | (Source::File(Some(_)), _, Some(_))
+    );
+    follows.then_some(async move {
         match (source, client, hangups) {
             (Source::ConfigMap { namespace, name }, Some(client), _) => {
                 watch_configmap(&ctx, client, &namespace, &name).await;
@@ -152,7 +156,7 @@ pub(crate) fn watch(
             }
             _ => {}
         }
-    }
+    })
 }
 
 async fn watch_configmap(ctx: &Ctx, client: Client, namespace: &str, name: &str) {
@@ -204,7 +208,7 @@ fn offer(ctx: &Ctx, parsed: Result<Catalog>) {
     let new = match checked {
         Ok(c) => c,
         Err(e) => {
-            inc(&ctx.metrics.catalog_refused);
+            ctx.metrics.catalog_refused.inc();
             error!(error = %chain(&e), "executor catalog refused; the previous one stays in force");
             return;
         }
@@ -227,6 +231,6 @@ fn offer(ctx: &Ctx, parsed: Result<Catalog>) {
         .map(|(class, _)| class.to_string())
         .collect();
     ctx.catalog.send_replace(Arc::new(new));
-    inc(&ctx.metrics.catalog_reloads);
+    ctx.metrics.catalog_reloads.inc();
     info!(?added, ?removed, ?changed, "executor catalog reloaded");
 }

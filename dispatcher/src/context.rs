@@ -29,7 +29,7 @@ pub(crate) struct Ctx {
     pub(crate) topology: Topology,
     pub(crate) store: Store,
     pub(crate) publisher: Publisher,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
     /// The executor catalog in force; replaced whole on reload (see `crate::catalog`).
     pub(crate) catalog: watch::Sender<Arc<Catalog>>,

@@ -26,6 +26,14 @@ pub enum Error {
         "the executor program {0} was not found; build it (cargo build --bins) or set --executor-bin / GANTRY_EXECUTOR_BIN"
     )]
     ExecutorMissing(String),
+    #[error(
+        "cannot serve HTTP on {addr} (http_addr, GANTRY_HTTP_ADDR): {source}; give it a free address of this machine, or \"off\""
+    )]
+    HttpAddr {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("shutting down")]
     ShuttingDown,
     #[error("the executor catalog {origin}: {message}")]
@@ -90,6 +98,7 @@ impl Error {
             Error::StateDir { .. } | Error::StateDirBusy(_) => "state_dir",
             Error::Job { .. } | Error::ExecutorMissing(_) => "job",
             Error::Unrunnable { .. } => "invalid",
+            Error::HttpAddr { .. } => "http",
             Error::ShuttingDown => "shutdown",
             Error::CatalogSource { .. } => "config",
             Error::Kube { .. } => "kubernetes",

@@ -23,7 +23,11 @@
 //! - `session`: the reconnecting consumer session every role's consumers use.
 //! - `lifecycle`: the dispatch role's Postgres writes, committed in groups.
 //! - `dead_letter`: publishing a refused message to the dead-letter exchange with a reason.
-//! - `metrics`: counters, logged periodically and at shutdown.
+//! - `metrics`: what the dispatcher counts, served on `/metrics` and logged periodically
+//!   and at shutdown.
+//! - `health`: what `/livez` and `/readyz` answer: the loops that must run, the checks of
+//!   the broker, Postgres and the API server.
+//! - `http`: the HTTP endpoint (`http_addr`) serving `/livez`, `/readyz` and `/metrics`.
 //! - `render`: [`render_job`], the Job and Secret a task would get, as YAML.
 //! - [`settings`]: the dispatcher's configuration (runtime, roles, state directory, …).
 
@@ -32,6 +36,8 @@ mod context;
 mod dead_letter;
 mod dispatch;
 mod error;
+mod health;
+mod http;
 pub mod images;
 mod lifecycle;
 mod metrics;
@@ -46,4 +52,4 @@ pub mod settings;
 pub use error::{Error, Result};
 pub use render::render_job;
 pub use service::run;
-pub use settings::{Role, RuntimeKind, Settings};
+pub use settings::{HttpAddr, Role, RuntimeKind, Settings};

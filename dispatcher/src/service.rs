@@ -1,7 +1,8 @@
-//! The service: [`run`] reads the catalog, connects, declares the topology, opens the
-//! runtime, starts the roles (record, dispatch) and what serves them all (the catalog's
-//! watch, the task queues in step with it, the counters), and drains them when `shutdown`
-//! resolves. It wires things up and starts them; nothing it starts imports it.
+//! The service: [`run`] opens the HTTP endpoint, reads the catalog, connects, declares the
+//! topology, opens the runtime, starts the roles (record, dispatch) and what serves them all
+//! (the catalog's watch, the task queues in step with it, the counters, the health checks),
+//! and drains them when `shutdown` resolves. It wires things up and starts them; nothing it
+//! starts imports it.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,9 +16,11 @@ use gantry_shared::topology::Topology;
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::context::Ctx;
+use crate::health::{self, Check, Health, Loops, Probes};
+use crate::http::Endpoint;
 use crate::metrics::Metrics;
 use crate::runtime::kubernetes::runtime::KubeRuntime;
 use crate::runtime::local::{LocalOptions, LocalRuntime};
@@ -25,12 +28,12 @@ use crate::settings::{Role, RuntimeKind, Settings};
 use crate::{Error, Result, catalog, dispatch, queues, recorder};
 
 /// Runs the dispatcher until `shutdown` resolves, then stops consuming, lets in-flight
-/// hand-offs and record batches finish, and returns. Running jobs keep running; the next
-/// start adopts them.
+/// hand-offs and record batches finish, stops serving HTTP, and returns. Running jobs keep
+/// running; the next start adopts them.
 ///
 /// # Errors
-/// Start-up failures: unreachable broker or database (after retries), a topology
-/// conflict, an unusable state directory.
+/// Start-up failures: an HTTP address that cannot be bound, unreachable broker or database
+/// (after retries), a topology conflict, an unusable state directory.
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -44,9 +47,22 @@ pub async fn run(
     });
     let common = &settings.common;
     let topology = Topology::new(&common.prefix)?;
-    info!(prefix = %common.prefix, amqp = %common.amqp_url_redacted(), roles = ?settings.dispatcher.roles, "starting dispatcher");
     let kube_runtime =
         settings.has_role(Role::Dispatch) && settings.dispatcher.runtime == RuntimeKind::Kubernetes;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(token.clone(), metrics.clone(), kube_runtime));
+    // Serving from the start: the probes answer while the dispatcher connects.
+    let server = match settings.dispatcher.http_addr.0 {
+        Some(addr) => Some(
+            Endpoint::bind(addr)
+                .await?
+                .serve(health.clone(), metrics.clone()),
+        ),
+        None => None,
+    };
+    let mut loops = Loops::new(health.clone());
+    loops.spawn("heartbeat", health::heartbeat(health.clone()));
+    info!(prefix = %common.prefix, amqp = %common.amqp_url_redacted(), roles = ?settings.dispatcher.roles, "starting dispatcher");
     let client = if kube_runtime || settings.dispatcher.catalog_configmap.is_some() {
         Some(kube_client().await?)
     } else {
@@ -55,6 +71,7 @@ pub async fn run(
     let source = catalog::Source::of(&settings, client.as_ref())?;
     let initial = catalog::initial(&settings, &source, client.as_ref()).await?;
     info!(source = ?source, classes = ?initial.classes(), "executor catalog loaded");
+    health.ok(Check::Catalog);
 
     let startup = retry::for_at_most(Duration::from_secs(120));
     let conn = amqp::connect_with_retry(
@@ -64,6 +81,7 @@ pub async fn run(
         startup,
     )
     .await?;
+    health.ok(Check::Broker);
     let channel = confirm_channel(&conn, common.broker_timeout).await?;
     topology
         .apply(&channel, &initial.classes(), &common.queues)
@@ -71,6 +89,7 @@ pub async fn run(
     let _ = conn.close(200, "topology applied".into()).await;
 
     let store = Store::connect(&common.database_url, common.db_pool_size, startup).await?;
+    health.ok(Check::Postgres);
     let publisher = Publisher::connect(
         &common.amqp_url,
         "gantry-dispatcher/publish",
@@ -81,22 +100,24 @@ pub async fn run(
         topology,
         store,
         publisher,
-        metrics: Metrics::default(),
+        metrics,
         shutdown: token.clone(),
         in_service: watch::Sender::new(initial.classes()),
         catalog: watch::Sender::new(Arc::new(initial)),
         settings,
     });
 
-    let mut roles = tokio::task::JoinSet::new();
     if ctx.settings.has_role(Role::Record) {
-        roles.spawn(recorder::run(ctx.clone(), recorder::Stream::Results));
-        roles.spawn(recorder::run(ctx.clone(), recorder::Stream::DeadLetters));
+        let results = recorder::run(ctx.clone(), recorder::Stream::Results);
+        loops.spawn("record/results", results);
+        let dead_letters = recorder::run(ctx.clone(), recorder::Stream::DeadLetters);
+        loops.spawn("record/dead_letters", dead_letters);
     }
+    let mut api = None;
     if ctx.settings.has_role(Role::Dispatch) {
         match ctx.settings.dispatcher.runtime {
             RuntimeKind::Local => {
-                dispatch::start(ctx.clone(), open_local(&ctx.settings)?, &mut roles).await?;
+                dispatch::start(ctx.clone(), open_local(&ctx.settings)?, &mut loops).await?;
             }
             RuntimeKind::Kubernetes => {
                 let client = match client.clone() {
@@ -104,36 +125,50 @@ pub async fn run(
                     None => kube_client().await?,
                 };
                 let kube = &ctx.settings.dispatcher.kubernetes;
+                let prefix = &ctx.settings.common.prefix;
+                let calls = ctx.metrics.api.clone();
                 let runtime =
-                    KubeRuntime::open(client, kube, &ctx.settings.common.prefix, token.clone())
-                        .await?;
-                dispatch::start(ctx.clone(), runtime, &mut roles).await?;
+                    KubeRuntime::open(client.clone(), kube, prefix, token.clone(), calls).await?;
+                health.ok(Check::KubernetesApi);
+                api = Some((client, runtime.namespace().to_owned()));
+                dispatch::start(ctx.clone(), runtime, &mut loops).await?;
             }
         }
     }
-    roles.spawn(queues::keep_in_step(ctx.clone()));
-    roles.spawn(catalog::watch(ctx.clone(), source, client));
-    let housekeeping = ctx.clone();
-    roles.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = housekeeping.shutdown.cancelled() => return,
-                _ = tick.tick() => housekeeping.metrics.log("periodic"),
-            }
-        }
-    });
+    loops.spawn("queues", queues::keep_in_step(ctx.clone()));
+    if let Some(watching) = catalog::watch(ctx.clone(), source, client) {
+        loops.spawn("catalog", watching);
+    }
+    loops.spawn("counters", log_counters(ctx.clone()));
+    let probes = Probes {
+        amqp_url: ctx.settings.common.amqp_url.clone(),
+        broker_timeout: ctx.settings.common.broker_timeout,
+        store: ctx.store.clone(),
+        kube: api,
+    };
+    loops.spawn("health", health::probe(health.clone(), probes));
+    health.ok(Check::Roles);
     info!("dispatcher ready");
-    while let Some(r) = roles.join_next().await {
-        if let Err(e) = r {
-            warn!(error = %e, "a role ended abnormally");
-        }
-    }
+    loops.drain().await;
     ctx.publisher.close().await;
     ctx.metrics.log("shutdown");
+    if let Some(server) = server {
+        server.stop().await;
+    }
     info!("dispatcher stopped");
     Ok(())
+}
+
+/// Logs the counters line every minute until shutdown.
+async fn log_counters(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => ctx.metrics.log("periodic"),
+        }
+    }
 }
 
 /// A Kubernetes client: the in-cluster configuration in a pod, else the kubeconfig.

@@ -8,8 +8,11 @@
 //!   roles: [dispatch, record]
 //!   catalog: /etc/gantry/catalog.yaml      # or catalog_configmap: gantry-catalog
 //!   state_dir: /var/lib/gantry
+//!   http_addr: 127.0.0.1:8380
 //! ```
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -66,6 +69,50 @@ impl FromStr for Role {
     }
 }
 
+/// Where the dispatcher serves `/livez`, `/readyz` and `/metrics`: an IP address and port,
+/// or nowhere (`off`). Port 0 takes any free port (the log says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HttpAddr(pub Option<SocketAddr>);
+
+impl HttpAddr {
+    /// `127.0.0.1:8380`: this machine only. In a cluster, set `0.0.0.0:8380` so that the
+    /// kubelet and Prometheus reach it.
+    pub const DEFAULT: HttpAddr = HttpAddr(Some(SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        8380,
+    )));
+}
+
+impl FromStr for HttpAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "off" => Ok(HttpAddr(None)),
+            addr => addr.parse().map(|a| HttpAddr(Some(a))).map_err(|_| {
+                "not an IP address and port such as 127.0.0.1:8380 or 0.0.0.0:8380, nor \"off\""
+                    .to_owned()
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for HttpAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for HttpAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
 /// The `dispatcher:` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -106,6 +153,8 @@ pub struct DispatcherSection {
     pub node_name: Option<String>,
     /// How the `kubernetes` runtime makes Jobs.
     pub kubernetes: KubernetesSection,
+    /// Where `/livez`, `/readyz` and `/metrics` are served.
+    pub http_addr: HttpAddr,
 }
 
 impl Default for DispatcherSection {
@@ -126,6 +175,7 @@ impl Default for DispatcherSection {
             job_retention: Duration::from_secs(600),
             node_name: None,
             kubernetes: KubernetesSection::default(),
+            http_addr: HttpAddr::DEFAULT,
         }
     }
 }
@@ -196,6 +246,7 @@ impl Settings {
             d.node_name = Some(v);
         }
         env_parse("GANTRY_RECORD_BATCH", &mut d.record_batch)?;
+        env_parse("GANTRY_HTTP_ADDR", &mut d.http_addr)?;
         env_parse("GANTRY_MAX_WAITING", &mut d.max_waiting)?;
         env_duration("GANTRY_MAX_HOLD", &mut d.max_hold)?;
         env_duration("GANTRY_RECORD_LINGER", &mut d.record_linger)?;
@@ -399,6 +450,24 @@ mod tests {
         for bad in ["", "/x", "ns/", "Gantry", "a/b/c", "-x"] {
             assert!(configmap_ref(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_http_address_is_an_ip_address_and_port_or_off() {
+        let any: HttpAddr = "0.0.0.0:8380".parse().unwrap();
+        assert_eq!(any.0, Some(SocketAddr::from(([0, 0, 0, 0], 8380))));
+        assert_eq!("off".parse::<HttpAddr>(), Ok(HttpAddr(None)));
+        let refused = "localhost:8380".parse::<HttpAddr>().unwrap_err();
+        assert!(refused.contains("127.0.0.1:8380"), "{refused}");
+        assert_eq!(
+            DispatcherSection::default().http_addr.to_string(),
+            "127.0.0.1:8380"
+        );
+        let d: DispatcherSection = serde_norway::from_str("http_addr: \"[::1]:0\"\n").unwrap();
+        assert_eq!(d.http_addr.to_string(), "[::1]:0");
+        let off: DispatcherSection = serde_norway::from_str("http_addr: \"off\"\n").unwrap();
+        assert_eq!(off.http_addr, HttpAddr(None));
+        assert!(serde_norway::from_str::<DispatcherSection>("http_addr: 8380\n").is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use gantry_dispatcher::settings::{DispatcherSection, RuntimeKind, Settings};
+use gantry_dispatcher::settings::{DispatcherSection, HttpAddr, RuntimeKind, Settings};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use secrecy::ExposeSecret;
@@ -53,6 +53,8 @@ impl InProcessDispatcher {
             state_dir: env.dir.path().join("state"),
             executor_bin: Some(bin_path("gantry-executor")),
             job_retention: Duration::from_secs(3600),
+            // Any free port: many tests run dispatchers side by side.
+            http_addr: HttpAddr(Some(([127, 0, 0, 1], 0).into())),
             ..DispatcherSection::default()
         };
         let settings = Settings::resolve(env.config(), dispatcher, None)
@@ -147,6 +149,8 @@ impl Dispatcher {
             .env("GANTRY_CATALOG", &env.catalog_path)
             .env("GANTRY_EXECUTOR_BIN", bin_path("gantry-executor"))
             .env("GANTRY_JOB_RETENTION", "1h")
+            // Any free port (the log says which): many tests run dispatchers side by side.
+            .env("GANTRY_HTTP_ADDR", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -51,15 +51,18 @@ impl<R: Runtime> Consumers<R> {
             .filter(|c| !in_service.contains(c))
             .cloned()
             .collect();
+        let metrics = self.role.ctx.metrics.clone();
         for class in leaving {
             if let Some(stop) = self.stops.remove(&class) {
                 stop.cancel();
             }
+            metrics.capacity_limit(class.as_str(), 0);
         }
         for class in in_service {
             let Some(spec) = catalog.get(class) else {
                 continue;
             };
+            metrics.capacity_limit(class.as_str(), spec.max_active_jobs);
             if self.capacity.contains_key(class) {
                 self.resize(class, spec.max_active_jobs);
             } else {

@@ -4,6 +4,7 @@
 //! task of its own. While the class is at `max_active_jobs`, the rest stays in RabbitMQ.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -38,6 +39,7 @@ pub(crate) async fn run_class<R: Runtime>(
         prefetch: ctx.settings.dispatcher.max_waiting,
         timeout: ctx.settings.common.broker_timeout,
     };
+    ctx.metrics.consumer(&source.name);
     while let Some(mut session) = open_until_shutdown(&source, &stop).await {
         let end = consume(
             &role,
@@ -53,6 +55,7 @@ pub(crate) async fn run_class<R: Runtime>(
         if stop {
             return;
         }
+        ctx.metrics.reconnected(&source.name);
     }
 }
 
@@ -60,8 +63,8 @@ pub(crate) async fn run_class<R: Runtime>(
 enum Step {
     /// Not a valid task.
     Refuse(Rejection),
-    /// A valid task with its unit of capacity.
-    HandOff(Box<Task>, OwnedSemaphorePermit),
+    /// A valid task with its unit of capacity, and when its delivery arrived.
+    HandOff(Box<Task>, OwnedSemaphorePermit, Instant),
     /// Held too long waiting for capacity: back to the end of the queue.
     Requeue(Box<Task>),
 }
@@ -89,6 +92,7 @@ async fn consume<R: Runtime>(
             }
             None => break SessionEnd::Broken,
         };
+        let arrived = Instant::now();
         let step = match parse(role, class, &delivery) {
             // A refusal needs no capacity.
             Err(rejection) => Step::Refuse(rejection),
@@ -97,7 +101,7 @@ async fn consume<R: Runtime>(
             Ok(task) => tokio::select! {
                 _ = stop.cancelled() => break SessionEnd::Shutdown,
                 p = capacity.clone().acquire_owned() => match p {
-                    Ok(permit) => Step::HandOff(Box::new(task), permit),
+                    Ok(permit) => Step::HandOff(Box::new(task), permit, arrived),
                     Err(_) => break SessionEnd::Shutdown,
                 },
                 _ = tokio::time::sleep(ctx.settings.dispatcher.max_hold) => Step::Requeue(Box::new(task)),
@@ -131,7 +135,9 @@ async fn handle<R: Runtime>(
     async {
         let decided = match step {
             Step::Refuse(rejection) => Ok(Disposition::refuse(&rejection)),
-            Step::HandOff(task, permit) => hand_off(&role, &class, *task, permit).await,
+            Step::HandOff(task, permit, arrived) => {
+                hand_off(&role, &class, *task, permit, arrived).await
+            }
             Step::Requeue(task) => Ok(Disposition::Requeue {
                 task,
                 reason: "capacity",
@@ -149,7 +155,7 @@ async fn handle<R: Runtime>(
                 settle(&role, &queue, &delivery, Disposition::Return("error")).await
             }
         };
-        role.ctx.metrics.deliveries.count(handled);
+        role.ctx.metrics.deliveries.count(class.as_str(), handled);
     }
     .instrument(span)
     .await;

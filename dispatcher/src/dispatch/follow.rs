@@ -1,9 +1,12 @@
 //! Following a job to its end, holding one unit of its class's capacity: `running` is
 //! recorded when the runtime says the job runs, and a job that ends without a result from
 //! its executor gets one published on its behalf, so every attempt reaches an outcome.
+//! While it follows a job, its unit of capacity counts as in use; the time to running and
+//! the run time are observed.
 
 use std::sync::Arc;
 
+use chrono::Utc;
 use gantry_shared::message::{ErrorKind, ResultStatus, TaskError, TaskResult};
 use gantry_shared::store::{Change, TaskState};
 use gantry_shared::telemetry::chain;
@@ -11,22 +14,34 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, warn};
 
 use super::role::Role;
-use crate::metrics::inc;
 use crate::runtime::{End, Job, JobEnd, Runtime};
+
+/// How the follower came by its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Its hand-off created it just now: its time to running is this dispatcher's to
+    /// observe.
+    Created,
+    /// Found: at start, or by a delivery whose attempt's Job existed already.
+    Found,
+}
 
 /// Follows `job` to its end.
 pub(crate) async fn follow<R: Runtime>(
     role: Arc<Role<R>>,
     job: R::Job,
     permit: Option<OwnedSemaphorePermit>,
+    origin: Origin,
 ) {
-    let _permit = permit;
     let (ctx, runtime) = (&role.ctx, &role.runtime);
     let (task_id, attempt, name) = (job.task_id(), job.attempt(), job.name().clone());
     // A duplicate delivery or a restart may find a job that is already followed.
     let Some(_following) = role.follow_guard(&name) else {
         return;
     };
+    let class = job.executor().to_owned();
+    let _in_use = permit.map(|p| (p, ctx.metrics.capacity_in_use(&class)));
+    let mut started = job.started_at();
     // The follower lives as long as its job, so its own state stays small: each step's
     // future is boxed, and only the one running takes memory.
     let running = tokio::select! {
@@ -34,6 +49,12 @@ pub(crate) async fn follow<R: Runtime>(
         _ = ctx.shutdown.cancelled() => return,
     };
     if let Some((evidence, started_at)) = running {
+        if let (Origin::Created, Some(created), Some(at)) = (origin, job.created_at(), started_at)
+            && let Ok(took) = (at - created).to_std()
+        {
+            ctx.metrics.job_to_running(&class, took);
+        }
+        started = started_at.or(Some(Utc::now()));
         let change = Change {
             evidence,
             started_at,
@@ -44,8 +65,12 @@ pub(crate) async fn follow<R: Runtime>(
                 .transition(task_id, attempt, TaskState::Running, &change)
         }))
         .await;
-        if recorded.is_err() {
-            return;
+        match recorded {
+            Ok(applied) if applied.changed() => {
+                ctx.metrics.task_entered(&class, TaskState::Running);
+            }
+            Ok(_) => {}
+            Err(_) => return,
         }
     }
     let end = tokio::select! {
@@ -53,6 +78,9 @@ pub(crate) async fn follow<R: Runtime>(
         // The job keeps running; a restarted dispatcher adopts it.
         _ = ctx.shutdown.cancelled() => return,
     };
+    if let Some(Ok(ran)) = started.map(|s| (Utc::now() - s).to_std()) {
+        ctx.metrics.job_ran(&class, end_label(&end.end), ran);
+    }
     let cancelled = || async {
         ctx.store
             .task(end.task_id)
@@ -68,9 +96,20 @@ pub(crate) async fn follow<R: Runtime>(
             error!(error = %chain(&e), job = %name, "could not publish the result on the job's behalf; it is retried at the next start");
             return;
         }
-        inc(&ctx.metrics.synthesized);
+        ctx.metrics.synthesized.inc();
     }
     runtime.mark_handled(&name);
+}
+
+/// How a job ended, in metrics: `reported` (its executor published its result),
+/// `deadline`, `crashed`, or the kind of failure the runtime saw (`oom`, `evicted`, …).
+fn end_label(end: &End) -> &'static str {
+    match end {
+        End::Published => "reported",
+        End::Deadline => "deadline",
+        End::Crashed => "crashed",
+        End::Failure { kind, .. } => kind.label(),
+    }
 }
 
 /// The result of a job whose executor did not report.

@@ -12,6 +12,7 @@
 //! Kubernetes Job was created without its Secret is completed by the redelivery.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use gantry_shared::message::{ErrorKind, Evidence, ExecutorClass, JobName, Task};
 use gantry_shared::store::{Applied, Change, TaskState};
@@ -21,13 +22,13 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::disposition::Disposition;
-use super::follow::follow;
+use super::follow::{Origin, follow};
 use super::role::Role;
 use crate::runtime::{Job, Runtime};
 use crate::{Error, Result};
 
-/// Hands `task` (holding one unit of its class's capacity) to the runtime and says what
-/// becomes of its delivery.
+/// Hands `task` (holding one unit of its class's capacity, its delivery `arrived` then) to
+/// the runtime and says what becomes of its delivery.
 ///
 /// # Errors
 /// A write that Postgres refuses, or [`Error::ShuttingDown`].
@@ -36,6 +37,7 @@ pub(crate) async fn hand_off<R: Runtime>(
     class: &ExecutorClass,
     task: Task,
     permit: OwnedSemaphorePermit,
+    arrived: Instant,
 ) -> Result<Disposition> {
     let ctx = &role.ctx;
     let (state, attempt) = ctx
@@ -113,6 +115,8 @@ pub(crate) async fn hand_off<R: Runtime>(
               "another delivery of this attempt claimed its Job; skipping the delivery");
         return Ok(Disposition::Skip(why));
     }
+    ctx.metrics
+        .task_entered(class.as_str(), TaskState::Dispatched);
     let (job, existed) = match runtime.start(&task, &spec, &dispatch_id).await {
         Ok(started) => started,
         Err(e) => {
@@ -132,6 +136,9 @@ pub(crate) async fn hand_off<R: Runtime>(
             });
         }
     };
+    if !existed {
+        ctx.metrics.task_to_job(class.as_str(), arrived.elapsed());
+    }
     if existed {
         warn!(task_id = %task.id, job = %name, "the attempt's Job existed before its claim (a dispatcher stopped between creating it and recording that); following it");
     }
@@ -140,12 +147,21 @@ pub(crate) async fn hand_off<R: Runtime>(
             started_at: job.started_at(),
             ..claim.clone()
         };
-        ctx.persist("record running", || {
-            role.lifecycle
-                .transition(task.id, task.attempt, TaskState::Running, &running)
-        })
-        .await?;
+        let recorded = ctx
+            .persist("record running", || {
+                role.lifecycle
+                    .transition(task.id, task.attempt, TaskState::Running, &running)
+            })
+            .await?;
+        if recorded.changed() {
+            ctx.metrics.task_entered(class.as_str(), TaskState::Running);
+        }
     }
-    tokio::spawn(follow(role.clone(), job, Some(permit)));
+    let origin = if existed {
+        Origin::Found
+    } else {
+        Origin::Created
+    };
+    tokio::spawn(follow(role.clone(), job, Some(permit), origin));
     Ok(Disposition::Started { adopted: existed })
 }

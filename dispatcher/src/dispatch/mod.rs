@@ -23,23 +23,19 @@ use std::time::Duration;
 
 use gantry_shared::message::ExecutorClass;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::Result;
 use crate::context::Ctx;
+use crate::health::Loops;
 use crate::runtime::Runtime;
 
 /// Starts the dispatch role on `runtime`: reconciles first (so a restart loses and
-/// duplicates nothing), then spawns into `roles` the class consumers, the cancellation
+/// duplicates nothing), then spawns into `loops` the class consumers, the cancellation
 /// listener and the runtime's housekeeping, all of which stop at shutdown.
 ///
 /// # Errors
 /// Reconciliation fails (the runtime's state or Postgres cannot be read).
-pub(crate) async fn start<R: Runtime>(
-    ctx: Arc<Ctx>,
-    runtime: R,
-    roles: &mut JoinSet<()>,
-) -> Result<()> {
+pub(crate) async fn start<R: Runtime>(ctx: Arc<Ctx>, runtime: R, loops: &mut Loops) -> Result<()> {
     let role = Arc::new(role::Role::new(ctx.clone(), runtime));
     let capacity: HashMap<ExecutorClass, Arc<Semaphore>> = ctx
         .catalog()
@@ -52,9 +48,15 @@ pub(crate) async fn start<R: Runtime>(
         })
         .collect();
     reconcile::reconcile(&role, &capacity).await?;
-    roles.spawn(cancel::watch_cancellations(role.clone()));
-    roles.spawn(classes::supervise(role.clone(), capacity));
-    roles.spawn(async move {
+    loops.spawn(
+        "dispatch/cancellations",
+        cancel::watch_cancellations(role.clone()),
+    );
+    loops.spawn(
+        "dispatch/consumers",
+        classes::supervise(role.clone(), capacity),
+    );
+    loops.spawn("dispatch/sweep", async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         tick.tick().await;
         loop {

@@ -14,10 +14,9 @@ use gantry_shared::store::TaskState;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use super::follow::{follow, on_behalf};
+use super::follow::{Origin, follow, on_behalf};
 use super::role::Role;
 use crate::Result;
-use crate::metrics::inc;
 use crate::runtime::{End, Job, JobEnd, Runtime};
 
 /// Reconciles the runtime with Postgres; the jobs followed take units of `capacity`.
@@ -36,8 +35,8 @@ pub(crate) async fn reconcile<R: Runtime>(
             .and_then(|c| capacity.get(&c).cloned())
             .and_then(|s| s.try_acquire_owned().ok());
         info!(job = %job.name(), running, "reconciling a job found at start");
-        inc(&ctx.metrics.reconciled);
-        tokio::spawn(follow(role.clone(), job, permit));
+        ctx.metrics.reconciled.inc();
+        tokio::spawn(follow(role.clone(), job, permit, Origin::Found));
     }
     let unfinished = ctx
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
@@ -81,7 +80,7 @@ pub(crate) async fn reconcile<R: Runtime>(
         };
         ctx.publish_result(&on_behalf(&end)).await?;
         runtime.mark_handled(&name);
-        inc(&ctx.metrics.synthesized);
+        ctx.metrics.synthesized.inc();
     }
     Ok(())
 }

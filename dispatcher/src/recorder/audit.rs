@@ -7,7 +7,6 @@ use tracing::info;
 
 use crate::Result;
 use crate::context::Ctx;
-use crate::metrics::inc;
 
 /// Records one batch of dead letters in one transaction.
 pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
@@ -22,7 +21,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
         .await?;
     for (DeadLetter { label: letter, .. }, outcome) in letters.iter().zip(outcomes) {
         if outcome != Applied::Duplicate {
-            inc(&ctx.metrics.dead_letters_recorded);
+            ctx.metrics.dead_letter_recorded(letter.reason_kind());
             info!(dead_letter_id = %letter.id, task_id = ?letter.task_id.map(|t| t.to_string()), reason = %letter.reason, "dead letter recorded");
         }
     }

@@ -28,6 +28,16 @@ pub(crate) enum Stream {
     DeadLetters,
 }
 
+impl Stream {
+    /// Its name in metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Stream::Results => "results",
+            Stream::DeadLetters => "dead_letters",
+        }
+    }
+}
+
 /// Consumes `stream` in batches until shutdown, reconnecting when the broker goes away.
 pub(crate) async fn run(ctx: Arc<Ctx>, stream: Stream) {
     let d = &ctx.settings.dispatcher;
@@ -45,6 +55,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, stream: Stream) {
         prefetch: u16::try_from(d.record_batch * 2).unwrap_or(u16::MAX),
         timeout: ctx.settings.common.broker_timeout,
     };
+    ctx.metrics.consumer(&source.name);
     while let Some(mut session) = open_until_shutdown(&source, &ctx.shutdown).await {
         let end = batches(&ctx, stream, &mut session.consumer).await;
         let stop = matches!(end, SessionEnd::Shutdown);
@@ -52,6 +63,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, stream: Stream) {
         if stop {
             return;
         }
+        ctx.metrics.reconnected(&source.name);
     }
 }
 
@@ -76,7 +88,10 @@ async fn batches(ctx: &Ctx, stream: Stream, consumer: &mut Consumer) -> SessionE
             Stream::DeadLetters => audit::record(ctx, &batch).await,
         };
         match recorded {
-            Ok(()) => ack_batch(&batch).await,
+            Ok(()) => {
+                ctx.metrics.batch_recorded(stream.label(), batch.len());
+                ack_batch(&batch).await;
+            }
             // Not acked: the batch comes back after the reconnect or restart.
             Err(e) => {
                 warn!(?stream, error = %chain(&e), "batch not recorded");

@@ -8,7 +8,6 @@ use tracing::{debug, error, info, warn};
 
 use super::retry::{self, Plan};
 use crate::context::Ctx;
-use crate::metrics::inc;
 use crate::{Error, Result, dead_letter};
 
 /// Records one batch of results, then publishes what follows from them.
@@ -69,7 +68,11 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
         let Some(outcome) = outcome else { continue };
         match outcome {
             Applied::Changed { reply_to } => {
-                inc(&ctx.metrics.results_recorded);
+                let class = executors
+                    .get(&result.task_id)
+                    .map_or("unknown", |c| c.as_str());
+                ctx.metrics.result_recorded(class, result.status.as_str());
+                ctx.metrics.task_entered(class, plan.state(result));
                 info!(task_id = %result.task_id, status = %result.status, attempt = %result.attempt, reported_by = %result.reported_by, "result recorded");
                 follow_plan(ctx, result, plan).await?;
                 if let Some(queue) = reply_to.filter(|_| plan.state(result).is_terminal()) {
@@ -77,7 +80,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
                 }
             }
             Applied::Duplicate => {
-                inc(&ctx.metrics.results_duplicate);
+                ctx.metrics.results_duplicate.inc();
                 debug!(task_id = %result.task_id, "duplicate result; nothing changed");
                 // A crash between commit and publish leaves the retry, dead letter or
                 // forward to the redelivery of the same result; each is safe to repeat. A
@@ -100,7 +103,7 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
                 }
             }
             Applied::Stale { current, attempt } => {
-                inc(&ctx.metrics.results_duplicate);
+                ctx.metrics.results_duplicate.inc();
                 info!(task_id = %result.task_id, status = %result.status, %current, %attempt, "late result ignored: the task is already {current}");
             }
             Applied::Unknown => {
@@ -207,7 +210,9 @@ async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
         )
         .await;
     match sent {
-        Ok(()) => inc(&ctx.metrics.forwarded),
+        Ok(()) => {
+            ctx.metrics.forwarded.inc();
+        }
         Err(gantry_shared::Error::Unroutable { .. }) => {
             warn!(task_id = %result.task_id, queue, "the caller's reply queue no longer exists; the result stays in Postgres");
         }

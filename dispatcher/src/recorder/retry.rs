@@ -135,6 +135,7 @@ pub(crate) async fn schedule(ctx: &Ctx, result: &TaskResult, delay: Duration) ->
     );
     let props = props.with_headers(table);
     publish(ctx, &ctx.topology.retry_exchange(), &task, &body, props).await?;
+    ctx.metrics.retry_scheduled(task.executor.as_str());
     info!(task_id = %task.id, next_attempt = %task.attempt, ?delay, tier = %tier_name(tier), "retry scheduled");
     Ok(())
 }

@@ -112,6 +112,10 @@ pub(crate) trait Job: Send + 'static {
     fn started_at(&self) -> Option<DateTime<Utc>> {
         None
     }
+    /// When it was created, where the runtime makes jobs that run later (a Job).
+    fn created_at(&self) -> Option<DateTime<Utc>> {
+        None
+    }
 }
 
 /// How a job ended, as far as the runtime can tell.

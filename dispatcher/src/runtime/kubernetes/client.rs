@@ -2,7 +2,8 @@
 //! delete a Job. Writes pass a client-side token bucket (so a burst of tasks does not flood
 //! the API server) and are retried with backoff on 5xx, 429 (after `Retry-After`, which kube's
 //! client honours itself) and transport failures. AlreadyExists on the Job means the attempt
-//! already has its Job (a redelivered message): success, never a second Job.
+//! already has its Job (a redelivered message): success, never a second Job. Each try is
+//! counted, and each failure by its HTTP code, in the dispatcher's metrics.
 
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::{debug, warn};
+
+use crate::metrics::ApiCalls;
 
 /// Errors of the runtime's API calls.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,35 @@ impl Created {
         }
     }
 }
+
+/// One kind of API call: its name in messages, and its verb and resource in metrics.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    what: &'static str,
+    verb: &'static str,
+    resource: &'static str,
+}
+
+const CREATE_JOB: Call = Call {
+    what: "create Job",
+    verb: "create",
+    resource: "jobs",
+};
+const READ_JOB: Call = Call {
+    what: "read Job",
+    verb: "get",
+    resource: "jobs",
+};
+const CREATE_SECRET: Call = Call {
+    what: "create Secret",
+    verb: "create",
+    resource: "secrets",
+};
+const DELETE_JOB: Call = Call {
+    what: "delete Job",
+    verb: "delete",
+    resource: "jobs",
+};
 
 /// A token bucket: `rate` writes per second, bursts up to `burst`.
 #[derive(Debug)]
@@ -92,6 +124,7 @@ pub struct JobClient {
     secrets: Api<Secret>,
     bucket: Bucket,
     retry: ExponentialBuilder,
+    calls: ApiCalls,
 }
 
 impl JobClient {
@@ -123,7 +156,14 @@ impl JobClient {
                 .with_max_delay(Duration::from_secs(10))
                 .with_jitter()
                 .with_max_times(8),
+            calls: ApiCalls::default(),
         }
+    }
+
+    /// Counts its calls in `calls` (the dispatcher's metrics).
+    pub(crate) fn with_metrics(self, calls: ApiCalls) -> JobClient {
+        calls.touch();
+        JobClient { calls, ..self }
     }
 
     /// A client from the in-cluster configuration or the local kubeconfig.
@@ -147,7 +187,7 @@ impl JobClient {
     pub async fn create(&self, job: &Job, secret: Secret) -> Result<Created, KubeError> {
         let name = job.metadata.name.clone().unwrap_or_default();
         let created = match self
-            .write("create Job", || self.create_object(&self.jobs, job))
+            .write(CREATE_JOB, || self.create_object(&self.jobs, job))
             .await
         {
             Ok(meta) => Created::New(Box::new(meta)),
@@ -157,7 +197,7 @@ impl JobClient {
             }) if status.is_already_exists() => {
                 debug!(job = %name, "job exists already; a redelivered task finds it");
                 let existing = self
-                    .write("read Job", || self.jobs.get_metadata(&name))
+                    .write(READ_JOB, || self.jobs.get_metadata(&name))
                     .await?;
                 Created::Existing(Box::new(existing.metadata))
             }
@@ -175,7 +215,7 @@ impl JobClient {
     /// The Job cannot be read (or is gone), or the API refused the Secret.
     pub async fn complete(&self, job_name: &str, secret: Secret) -> Result<(), KubeError> {
         let job = self
-            .write("read Job", || self.jobs.get_metadata(job_name))
+            .write(READ_JOB, || self.jobs.get_metadata(job_name))
             .await?;
         self.create_owned_secret(&job.metadata, secret).await
     }
@@ -197,9 +237,7 @@ impl JobClient {
             }]);
         }
         match self
-            .write("create Secret", || {
-                self.create_object(&self.secrets, &secret)
-            })
+            .write(CREATE_SECRET, || self.create_object(&self.secrets, &secret))
             .await
         {
             Ok(_) => Ok(()),
@@ -222,7 +260,7 @@ impl JobClient {
             ..DeleteParams::default()
         };
         match self
-            .write("delete Job", || self.jobs.delete(name, &params))
+            .write(DELETE_JOB, || self.jobs.delete(name, &params))
             .await
         {
             Ok(_) => Ok(()),
@@ -251,17 +289,21 @@ impl JobClient {
         Ok(created.metadata)
     }
 
-    async fn write<T, F, Fut>(&self, what: &str, call: F) -> Result<T, KubeError>
+    async fn write<T, F, Fut>(&self, kind: Call, call: F) -> Result<T, KubeError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
         let mut call = call;
+        let what = kind.what;
         let attempt = || {
             let fut = call();
             async {
                 self.bucket.take().await;
-                fut.await
+                self.calls.tried(kind.verb, kind.resource);
+                fut.await.inspect_err(|e| {
+                    self.calls.failed(kind.verb, kind.resource, http_code(e));
+                })
             }
         };
         attempt
@@ -275,6 +317,16 @@ impl JobClient {
                 what: what.to_owned(),
                 source,
             })
+    }
+}
+
+/// The HTTP code of a failed call, `transport` when no answer came, `other` when the
+/// answer could not be read.
+fn http_code(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => status.code.to_string(),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => "transport".into(),
+        _ => "other".into(),
     }
 }
 

@@ -30,6 +30,7 @@ use super::cache::{JobCache, PodView, to_chrono};
 use super::client::{Created, JobClient};
 use super::job::{self, keys};
 use crate::images::Resolver;
+use crate::metrics::ApiCalls;
 use crate::runtime::{End, Job, JobEnd, Runtime};
 use crate::settings::KubernetesSection;
 use crate::{Error, Result};
@@ -66,7 +67,7 @@ pub(crate) struct KubeRuntime {
 
 impl KubeRuntime {
     /// Starts the watches through `client` and waits for their first listing, and the image
-    /// resolver.
+    /// resolver; its API calls are counted in `api`.
     ///
     /// # Errors
     /// The API server cannot be listed, or the image settings cannot be served.
@@ -75,6 +76,7 @@ impl KubeRuntime {
         settings: &KubernetesSection,
         prefix: &str,
         shutdown: CancellationToken,
+        api: ApiCalls,
     ) -> Result<KubeRuntime> {
         let images = Resolver::open(settings, &client, shutdown.clone()).await?;
         let namespace = settings
@@ -101,7 +103,8 @@ impl KubeRuntime {
                 Some(&namespace),
                 settings.writes_per_second,
                 settings.write_burst,
-            ),
+            )
+            .with_metrics(api),
             instance: format!("k8s-{namespace}"),
             namespace,
             prefix: prefix.to_owned(),
@@ -109,6 +112,11 @@ impl KubeRuntime {
             cache,
             images,
         })
+    }
+
+    /// The namespace of its Jobs.
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     /// Deletes a Job (and with it its pod and Secret).
@@ -447,6 +455,10 @@ impl Job for KubeJob {
 
     fn executor(&self) -> &str {
         &self.executor
+    }
+
+    fn created_at(&self) -> Option<DateTime<Utc>> {
+        Some(self.created_at)
     }
 }
 

@@ -1,11 +1,13 @@
-//! Counters of what the dispatcher did, logged every minute and at shutdown.
+//! What became of each delivery from a task queue ([`Handled`]), counted by bucket and
+//! reason for the counters line and by class as well for `/metrics`.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use tracing::info;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// What became of one delivery from a task queue. Every delivery ends in exactly one of
 /// these, so the counts add up: deliveries = dispatched + adopted + skipped + requeued +
@@ -50,22 +52,42 @@ impl fmt::Display for Handled {
     }
 }
 
+/// The labels of `gantry_deliveries_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DeliveryLabels {
+    class: String,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
 /// Deliveries by what became of them.
 #[derive(Default)]
-pub(crate) struct Deliveries(Mutex<BTreeMap<Handled, u64>>);
+pub(crate) struct Deliveries {
+    buckets: Mutex<BTreeMap<Handled, u64>>,
+    pub(super) by_class: Family<DeliveryLabels, Counter>,
+}
 
 impl Deliveries {
-    pub(crate) fn count(&self, handled: Handled) {
+    /// Counts one delivery from the queue of `class`.
+    pub(crate) fn count(&self, class: &str, handled: Handled) {
         *self.lock().entry(handled).or_default() += 1;
+        let (outcome, reason) = handled.bucket();
+        self.by_class
+            .get_or_create(&DeliveryLabels {
+                class: class.to_owned(),
+                outcome,
+                reason,
+            })
+            .inc();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Handled, u64>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The count of each bucket, in [`BUCKETS`] order, and the reasons as
     /// `{bucket.reason: N, …}`.
-    fn summary(&self) -> ([u64; 6], String) {
+    pub(super) fn summary(&self) -> ([u64; 6], String) {
         let map = self.lock();
         let mut counts = [0; 6];
         let mut reasons = Vec::new();
@@ -92,99 +114,9 @@ const BUCKETS: [&str; 6] = [
     "failed",
 ];
 
-#[derive(Default)]
-pub(crate) struct Metrics {
-    /// What became of each delivery from the task queues.
-    pub(crate) deliveries: Deliveries,
-    /// Jobs found at start and followed from there.
-    pub(crate) reconciled: AtomicU64,
-    pub(crate) results_recorded: AtomicU64,
-    pub(crate) results_duplicate: AtomicU64,
-    pub(crate) synthesized: AtomicU64,
-    pub(crate) forwarded: AtomicU64,
-    pub(crate) dead_letters_recorded: AtomicU64,
-    /// Catalog versions swapped in, and refused as invalid.
-    pub(crate) catalog_reloads: AtomicU64,
-    pub(crate) catalog_refused: AtomicU64,
-    /// The lifecycle writer's: writes, and the transactions that committed them.
-    pub(crate) lifecycle: Arc<Groups>,
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
-}
-
-impl Metrics {
-    /// Counts one rejected message by its cause.
-    pub(crate) fn rejected(&self, label: &'static str) -> u64 {
-        let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(label).or_default();
-        *n += 1;
-        *n
-    }
-
-    pub(crate) fn log(&self, when: &str) {
-        let rejected = self
-            .rejected
-            .lock()
-            .map(|m| format!("{m:?}"))
-            .unwrap_or_default();
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let (
-            [
-                dispatched,
-                adopted,
-                skipped,
-                requeued,
-                dead_lettered,
-                failed,
-            ],
-            reasons,
-        ) = self.deliveries.summary();
-        info!(
-            when,
-            deliveries = dispatched + adopted + skipped + requeued + dead_lettered + failed,
-            dispatched,
-            adopted,
-            skipped,
-            requeued,
-            dead_lettered,
-            failed,
-            delivery_reasons = %reasons,
-            reconciled = get(&self.reconciled),
-            results_recorded = get(&self.results_recorded),
-            results_duplicate = get(&self.results_duplicate),
-            synthesized = get(&self.synthesized),
-            forwarded = get(&self.forwarded),
-            dead_letters_recorded = get(&self.dead_letters_recorded),
-            catalog_reloads = get(&self.catalog_reloads),
-            catalog_refused = get(&self.catalog_refused),
-            lifecycle_writes = get(&self.lifecycle.writes),
-            lifecycle_commits = get(&self.lifecycle.commits),
-            %rejected,
-            "dispatcher counters"
-        );
-    }
-}
-
-/// Writes committed in groups, and the groups' transactions.
-#[derive(Default)]
-pub(crate) struct Groups {
-    pub(crate) writes: AtomicU64,
-    pub(crate) commits: AtomicU64,
-}
-
-impl Groups {
-    pub(crate) fn committed(&self, writes: usize) {
-        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
-        inc(&self.commits);
-    }
-}
-
-pub(crate) fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Deliveries, Handled};
+    use super::{Deliveries, DeliveryLabels, Handled};
 
     #[test]
     fn each_delivery_is_counted_in_one_bucket_with_its_reason() {
@@ -197,7 +129,7 @@ mod tests {
             Handled::Skipped("claimed"),
             Handled::Requeued("capacity"),
         ] {
-            d.count(h);
+            d.count("echo", h);
         }
         let (counts, reasons) = d.summary();
         assert_eq!(counts, [2, 0, 3, 1, 0, 0]);
@@ -205,5 +137,11 @@ mod tests {
             reasons,
             "{skipped.claimed: 2, skipped.ended: 1, requeued.capacity: 1}"
         );
+        let claimed = DeliveryLabels {
+            class: "echo".into(),
+            outcome: "skipped",
+            reason: "claimed",
+        };
+        assert_eq!(d.by_class.get_or_create(&claimed).get(), 2);
     }
 }
