@@ -51,6 +51,15 @@ fi
 docker-registry --version
 skopeo --version
 
+step "prometheus (a test scrapes a running dispatcher with a Prometheus of its own)"
+if ! command -v prometheus >/dev/null 2>&1 && [[ -z "${GANTRY_PROMETHEUS:-}" ]]; then
+    # Debian's package; the test starts its own server on a free port, whatever the
+    # package's service does on :9090.
+    echo "test: installing prometheus"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null
+fi
+"${GANTRY_PROMETHEUS:-prometheus}" --version 2>&1 | head -n 1
+
 step "model server for the openai engine's tests (the first install compiles llama.cpp)"
 GANTRY_LLM_PYTHON="$(bash scripts/llm-server.sh | tail -n 1)"
 export GANTRY_LLM_PYTHON

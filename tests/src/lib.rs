@@ -29,6 +29,7 @@ pub mod container_registry;
 pub mod duplicate;
 pub mod executions;
 pub mod llm;
+pub mod observability;
 pub mod services;
 
 mod dispatchers;

@@ -23,6 +23,7 @@ mod llm_server;
 mod llm_stream;
 mod manifests;
 mod migrations;
+mod observability;
 mod restart;
 mod retries;
 mod store_batch;
