@@ -265,9 +265,62 @@ async fn prometheus_scrapes_the_dispatcher_and_reads_its_counters_rise_as_tasks_
         batches.is_some_and(|b| b >= 5.0),
         "five results at least, in batches of any size: {batches:?}"
     );
+    dashboard_queries_run_on(&prometheus, &names_served(dispatcher.http_addr()?).await?).await?;
     producer.close().await;
     drop(dispatcher);
     env.cleanup().await
+}
+
+/// The names of the metrics a dispatcher at `addr` serves now.
+async fn names_served(addr: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
+    let (_, text) = get(addr, "/metrics").await?;
+    Ok(names(&text).into_iter().map(str::to_owned).collect())
+}
+
+/// Every query of deploy/grafana-dashboard.json, its variables set to "all", is one that
+/// `prometheus` accepts, and names only metrics that are `served` (or the kubernetes
+/// runtime's API metrics, or Prometheus's `up`).
+async fn dashboard_queries_run_on(
+    prometheus: &Prometheus,
+    served: &[String],
+) -> anyhow::Result<()> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                exprs.push(expr.to_owned());
+            }
+        }
+    }
+    assert!(exprs.len() >= 10, "the dashboard has its panels: {exprs:?}");
+    for expr in &exprs {
+        let query = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$class", ".*")
+            .replace("$instance", ".*")
+            .replace("$job", ".*");
+        prometheus
+            .query(&query)
+            .await
+            .with_context(|| format!("the dashboard's query {expr}"))?;
+        for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("gantry_") {
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(word);
+            assert!(
+                served.iter().any(|n| n == family) || API_METRICS.contains(&family),
+                "the dashboard's {word} is not served: {served:?}"
+            );
+        }
+    }
+    Ok(())
 }
 
 // The API double serves from this process, while the dispatcher's start blocks a thread.
@@ -406,6 +459,34 @@ async fn sigterm_stops_the_endpoint_with_the_dispatcher_which_exits_0() -> anyho
         "nothing answers on {addr} once the dispatcher has exited"
     );
     env.cleanup().await
+}
+
+#[test]
+fn the_deployment_probes_and_exposes_the_port_the_dispatcher_listens_on() -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/deployment.yaml");
+    let deployment: serde_json::Value = gantry_shared::config::read_file(Some(&path))?;
+    let pod = &deployment["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    let env = container["env"].as_array().context("env")?;
+    let addr = env
+        .iter()
+        .find(|e| e["name"] == "GANTRY_HTTP_ADDR")
+        .and_then(|e| e["value"].as_str())
+        .context("GANTRY_HTTP_ADDR is set")?;
+    let addr: gantry_dispatcher::HttpAddr = addr.parse().map_err(anyhow::Error::msg)?;
+    let addr = addr.0.context("HTTP is on")?;
+    assert!(addr.ip().is_unspecified(), "every interface: {addr}");
+    let port = &container["ports"][0];
+    assert_eq!(port["name"], "http");
+    assert_eq!(port["containerPort"], addr.port());
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "http");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "http");
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], addr.port().to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    Ok(())
 }
 
 #[test]
