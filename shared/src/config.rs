@@ -1,8 +1,11 @@
 //! Configuration shared by every binary, layered: built-in defaults, then an optional YAML
 //! file (`--config` or `GANTRY_CONFIG`), then `GANTRY_*` environment variables, then flags
 //! (applied by each binary). Secrets are [`SecretString`]s: they never reach a log.
+//! [`tls`]: the TLS of the two connections.
 
-use std::path::Path;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -25,6 +28,11 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://gantry:gantry@127.0.0.1:5432/
 pub struct Config {
     pub amqp_url: SecretString,
     pub database_url: SecretString,
+    /// The CA certificates (PEM) that signed the servers' certificates, for an `amqps://`
+    /// URL and a Postgres URL with `sslmode=require`, `verify-ca` or `verify-full`. Written
+    /// into those URLs that name no CA of their own ([`Config::apply_tls_ca_file`]); without
+    /// it they trust the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
     pub limits: Limits,
@@ -46,6 +54,7 @@ impl Default for Config {
         Config {
             amqp_url: DEFAULT_AMQP_URL.into(),
             database_url: DEFAULT_DATABASE_URL.into(),
+            tls_ca_file: None,
             prefix: "gantry".into(),
             limits: Limits::default(),
             queues: QueueSettings::default(),
@@ -80,12 +89,37 @@ impl Config {
     /// Defaults, then the file (if any), then the environment.
     ///
     /// # Errors
-    /// The file cannot be read or parsed, or a `GANTRY_*` variable has a bad value.
+    /// The file cannot be read or parsed, a `GANTRY_*` variable has a bad value, or the CA
+    /// file (`tls_ca_file`) cannot be read.
     pub fn load(file: Option<&Path>) -> Result<Config> {
         let mut config: Config = read_file(file)?;
         config.apply_env()?;
         config.queues.validate()?;
+        config.apply_tls_ca_file()?;
         Ok(config)
+    }
+
+    /// Writes `tls_ca_file` into the URLs that ask for TLS and name no CA file of their own
+    /// (`cacertfile=` of `amqps://`, `sslrootcert=` of Postgres), having checked that it
+    /// holds certificates. The URLs carry it from there: to every connection, and to the
+    /// executors a dispatcher starts. [`Config::load`] does it; call it again after setting
+    /// a URL that may ask for TLS.
+    ///
+    /// # Errors
+    /// [`Error::TlsCaFile`] when the file cannot be read or holds no certificate;
+    /// [`Error::DatabaseUrl`] for a malformed Postgres URL.
+    pub fn apply_tls_ca_file(&mut self) -> Result<()> {
+        let Some(ca_file) = &self.tls_ca_file else {
+            return Ok(());
+        };
+        tls::read_ca_file(ca_file)?;
+        if let Some(url) = tls::amqp_with_ca_file(self.amqp_url.expose_secret(), ca_file) {
+            self.amqp_url = url.into();
+        }
+        if let Some(url) = tls::postgres_with_ca_file(self.database_url.expose_secret(), ca_file)? {
+            self.database_url = url.into();
+        }
+        Ok(())
     }
 
     fn apply_env(&mut self) -> Result<()> {
@@ -94,6 +128,9 @@ impl Config {
         }
         if let Some(v) = env("GANTRY_DATABASE_URL") {
             self.database_url = v.into();
+        }
+        if let Some(v) = env("GANTRY_TLS_CA_FILE") {
+            self.tls_ca_file = Some(v.into());
         }
         if let Some(v) = env("GANTRY_PREFIX") {
             self.prefix = v;
@@ -236,4 +273,53 @@ mod tests {
         assert!(typo.contains("prefixx"), "{typo}");
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn the_ca_file_goes_into_the_urls_that_ask_for_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let mut config = Config {
+            amqp_url: "amqps://u:p@broker:5671/%2f".into(),
+            database_url: "postgres://u:p@db/gantry?sslmode=verify-full".into(),
+            tls_ca_file: Some(ca.clone()),
+            ..Config::default()
+        };
+        let missing = config.apply_tls_ca_file().unwrap_err().to_string();
+        assert!(missing.contains("ca.pem"), "{missing}");
+
+        std::fs::write(&ca, CA_PEM).unwrap();
+        config.apply_tls_ca_file().unwrap();
+        let path = ca.display();
+        assert_eq!(
+            config.amqp_url.expose_secret(),
+            format!("amqps://u:p@broker:5671/%2f?cacertfile={path}")
+        );
+        assert_eq!(
+            config.database_url.expose_secret(),
+            format!("postgres://u:p@db/gantry?sslmode=verify-full&sslrootcert={path}")
+        );
+
+        let mut plain = Config {
+            tls_ca_file: Some(ca),
+            ..Config::default()
+        };
+        plain.apply_tls_ca_file().unwrap();
+        assert_eq!(plain.amqp_url.expose_secret(), DEFAULT_AMQP_URL);
+        assert_eq!(plain.database_url.expose_secret(), DEFAULT_DATABASE_URL);
+    }
+
+    /// A throwaway CA certificate (P-256), only ever read, never trusted by a connection.
+    const CA_PEM: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBkTCCATegAwIBAgIUSsQvCnCmEDFSYL7BlbZXOPAo1vwwCgYIKoZIzj0EAwIw
+HjEcMBoGA1UEAwwTR2FudHJ5IHVuaXQtdGVzdCBDQTAeFw0yNjEyMDQwNTI5Mzha
+Fw0zNjEyMDEwNTI5MzhaMB4xHDAaBgNVBAMME0dhbnRyeSB1bml0LXRlc3QgQ0Ew
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS/ECKLbDskvmNB0jAiNxI3WQJ9CpYn
+T00Z/VNqIrpjvUe+4/Eh9ZYKCPo/8UQpeXGGct1Vo3XcJV3ihLqkdRrVo1MwUTAd
+BgNVHQ4EFgQUNJvYATIIy9fk99ftGVoORqUck6IwHwYDVR0jBBgwFoAUNJvYATII
+y9fk99ftGVoORqUck6IwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF
+AiEA7ryiZCFKjtJVHUTs6SP2ZqB3n59AL41tVB0rr0/LCyACIEdsjj5N9mMNr6q1
+2YeGjN+eUrCA5BPBE2VuAnlH6HyX
+-----END CERTIFICATE-----
+";
 }

@@ -61,6 +61,17 @@ pub enum Error {
     },
     #[error("invalid database URL: {0}")]
     DatabaseUrl(String),
+    #[error(
+        "cannot use the CA file {path}: {problem}; check GANTRY_TLS_CA_FILE (or the URL's cacertfile= or sslrootcert=)"
+    )]
+    TlsCaFile { path: String, problem: String },
+    #[error(
+        "no trusted root certificates on this system to check a TLS server against ({0}); install them (Debian: ca-certificates), or name the server's CA with GANTRY_TLS_CA_FILE"
+    )]
+    TlsSystemRoots(String),
+    /// The server's certificate failed the check: `problem` says why and what to check.
+    #[error("the TLS certificate of {server} {problem}")]
+    TlsCertificate { server: String, problem: String },
     #[error("migration {version} ({name}) failed: {source}")]
     Migration {
         version: i32,
@@ -122,6 +133,9 @@ impl Error {
             Error::PublishNacked { .. } => "nacked",
             Error::TopologyConflict { .. } => "topology",
             Error::PostgresPool(_) | Error::Postgres { .. } | Error::DatabaseUrl(_) => "postgres",
+            Error::TlsCaFile { .. } | Error::TlsSystemRoots(_) | Error::TlsCertificate { .. } => {
+                "tls"
+            }
             Error::Migration { .. }
             | Error::SchemaTooNew { .. }
             | Error::SchemaMissing { .. }

@@ -1,16 +1,23 @@
 //! The pool of Postgres connections ([`Store`]) and the two ways to open it: migrating
-//! the schema, or requiring it in place and changing nothing.
+//! the schema, or requiring it in place and changing nothing. Connections use TLS when the
+//! URL's `sslmode` asks for it (see [`tls::postgres_tls`]).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use backon::Retryable;
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use secrecy::{ExposeSecret, SecretString};
-use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::warn;
 
 use super::migrate::{self, Migrated};
+use crate::config::tls::{self, PostgresTls};
 use crate::{Error, Result};
 
 /// A pool of Postgres connections with the schema in place.
@@ -18,7 +25,21 @@ use crate::{Error, Result};
 pub struct Store {
     pool: Pool,
     pub(super) config: tokio_postgres::Config,
+    /// How the connections use TLS, when they do.
+    tls: Option<StoreTls>,
 }
+
+#[derive(Clone)]
+struct StoreTls {
+    /// What the URL asked for: for the message of a refusal.
+    asked: PostgresTls,
+    connector: MakeRustlsConnect,
+}
+
+/// What a connection of its own sends besides answers (notifications, notices), until it
+/// closes. The connection does its work only while this is read.
+pub(crate) type Messages =
+    BoxStream<'static, std::result::Result<AsyncMessage, tokio_postgres::Error>>;
 
 impl Store {
     /// Connects, retrying with backoff for as long as `policy` allows, and applies the
@@ -78,15 +99,25 @@ impl Store {
 
     /// The pool, not connected yet.
     fn pool(url: &SecretString, pool_size: usize) -> Result<Store> {
-        let config = tokio_postgres::Config::from_str(url.expose_secret())
+        let (url, tls) = tls::postgres_tls(url.expose_secret())?;
+        let config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| Error::DatabaseUrl(e.to_string()))?;
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls = match tls {
+            None => None,
+            Some(asked) => Some(StoreTls {
+                connector: MakeRustlsConnect::new(asked.trust.client_config(asked.check)?),
+                asked,
+            }),
+        };
+        let manager = match &tls {
+            None => Manager::from_config(config.clone(), NoTls, manager_config),
+            Some(tls) => {
+                Manager::from_config(config.clone(), tls.connector.clone(), manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
             .post_create(Hook::async_fn(|client, _| {
                 Box::pin(async move { set_up_session(client).await.map_err(HookError::Backend) })
@@ -97,7 +128,7 @@ impl Store {
             .wait_timeout(Some(Duration::from_secs(30)))
             .build()
             .map_err(|e| Error::DatabaseUrl(e.to_string()))?;
-        Ok(Store { pool, config })
+        Ok(Store { pool, config, tls })
     }
 
     /// The database's name, for messages (its URL may carry a password; the name does
@@ -110,9 +141,76 @@ impl Store {
             .to_owned()
     }
 
-    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object> {
-        Ok(self.pool.get().await?)
+    /// A connection of its own, outside the pool, made as the pool's are (the URL's settings
+    /// and TLS): for `LISTEN`.
+    ///
+    /// # Errors
+    /// The server cannot be reached within 10 seconds, or its certificate is refused.
+    pub(crate) async fn dedicated_connection(&self) -> Result<(Client, Messages)> {
+        let mut config = self.config.clone();
+        config.connect_timeout(Duration::from_secs(10));
+        let connected = match &self.tls {
+            None => connect_apart(&config, NoTls).await,
+            Some(tls) => connect_apart(&config, tls.connector.clone()).await,
+        };
+        connected.map_err(|source| {
+            self.refusal(&source).unwrap_or(Error::Postgres {
+                operation: "connect",
+                source,
+            })
+        })
     }
+
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| self.refusal(&e).unwrap_or(Error::PostgresPool(e)))
+    }
+
+    /// The error that says the server's certificate was refused, when it was.
+    fn refusal(&self, e: &(dyn std::error::Error + 'static)) -> Option<Error> {
+        let tls = self.tls.as_ref()?;
+        tls::refusal(
+            e,
+            &self.server(),
+            &tls.asked.trust,
+            tls::POSTGRES_CA_SETTING,
+        )
+    }
+
+    /// `host:port` of the server (each, when the URL names several), for messages.
+    fn server(&self) -> String {
+        let ports = self.config.get_ports();
+        let servers: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let host = match host {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => path.display().to_string(),
+                };
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                format!("{host}:{port}")
+            })
+            .collect();
+        servers.join(",")
+    }
+}
+
+async fn connect_apart<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> std::result::Result<(Client, Messages), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await?;
+    let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    Ok((client, messages.boxed()))
 }
 
 /// Sets up a new connection for the store's statements: custom plans for every execution.

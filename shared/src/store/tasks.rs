@@ -1,12 +1,10 @@
 //! Task rows and their transitions.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
 use tracing::instrument;
 
 use super::batch::{self, Transition};
@@ -310,9 +308,7 @@ impl Store {
     pub async fn terminal_notifications(
         &self,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<TaskId>> {
-        let mut config = self.config.clone();
-        config.connect_timeout(Duration::from_secs(10));
-        let (client, mut connection) = config.connect(NoTls).await.map_err(pg("connect"))?;
+        let (client, mut messages) = self.dedicated_connection().await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (keep, kept) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -320,7 +316,6 @@ impl Store {
             // open for as long as notifications are read.
             let mut kept = kept;
             let mut _client = None;
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             loop {
                 tokio::select! {
                     c = &mut kept, if _client.is_none() => match c {
