@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: setup test demo fmt lint deny bench bench-kube faults images images-dry-run executor-base
+.PHONY: setup test demo fmt lint deny bench bench-kube faults images images-dry-run executor-base bench-llm
 
 setup:
 	bash scripts/setup.sh
@@ -53,3 +53,9 @@ images-dry-run:
 # schedule; rebuild the executor on it afterwards (make images).
 executor-base:
 	bash scripts/build-images.sh $(IMAGES_ARGS) executor-base
+
+# LLM requests straight to a llama.cpp server and through Gantry (docs/benchmarks.md); the
+# executor binary must be built too. The first run installs the server (scripts/llm-server.sh).
+bench-llm: setup
+	cargo build --release --locked --bins
+	target/release/gantry-bench-llm

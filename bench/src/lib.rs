@@ -13,7 +13,9 @@
 //! - The binaries (`src/bin/`): `gantry-bench` (the `local` runtime against the
 //!   baseline), `gantry-bench-replay` (`gantry dlq replay` against a bare move),
 //!   `gantry-bench-kube` (the `kubernetes` runtime against the double and two baselines),
-//!   `gantry-faults` (the fault suite: no task lost, no attempt run twice).
+//!   `gantry-bench-llm` (LLM requests through Gantry against the same requests sent straight
+//!   to the model server), `gantry-faults` (the fault suite: no task lost, no attempt run
+//!   twice).
 
 pub mod placement;
 
