@@ -1,15 +1,17 @@
-//! AMQP plumbing: connecting with backoff, publishing with confirms, and a [`Publisher`]
-//! that reconnects by itself.
+//! AMQP plumbing: connecting with backoff (over TLS for `amqps://`), publishing with
+//! confirms, and a [`Publisher`] that reconnects by itself.
 //!
 //! Publishing and consuming use separate connections: a memory or disk alarm blocks
 //! publishing connections only, and must not stall consumers that would free space.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Queue};
@@ -18,6 +20,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use crate::config::redact_url;
+use crate::config::tls::{self, Check, Trust};
 use crate::{Error, Result};
 
 /// The largest AMQP frame a connection asks for, unless its URL says (`?frame_max=`).
@@ -26,27 +29,36 @@ use crate::{Error, Result};
 /// A larger message only travels in more frames.
 pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
-/// Opens one connection, failing after `timeout`.
+/// Opens one connection, failing after `timeout`. An `amqps://` URL connects over TLS,
+/// trusting its `cacertfile=` or else the system's roots.
 ///
 /// # Errors
-/// [`Error::AmqpConnect`] or [`Error::AmqpTimeout`].
+/// [`Error::AmqpConnect`] or [`Error::AmqpTimeout`]; [`Error::AmqpUrl`] for a bad URL;
+/// [`Error::TlsCertificate`] when the broker's certificate fails the check,
+/// [`Error::TlsCaFile`] or [`Error::TlsSystemRoots`] when there is nothing to check it by.
 pub async fn connect(url: &SecretString, name: &str, timeout: Duration) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    let mut uri: AMQPUri = url
-        .expose_secret()
-        .parse()
-        .map_err(|message| Error::AmqpUrl {
-            url: redact_url(url.expose_secret()),
-            message,
-        })?;
+    let (mut uri, trust) = parse_url(url.expose_secret())?;
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
-    let connecting = Connection::connect_uri(uri, props);
+    let server = format!("{}:{}", uri.authority.host, uri.authority.port);
+    let tls = match &trust {
+        Some(trust) => Some(trust.client_config(Check::ChainAndName)?),
+        None => None,
+    };
+    let connecting = async {
+        match tls {
+            None => Connection::connect_uri(uri, props).await,
+            Some(config) => connect_tls(uri, props, config).await,
+        }
+    };
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(source)) => Err(Error::AmqpConnect {
-            url: redact_url(url.expose_secret()),
-            source,
-        }),
+        Ok(Err(source)) => Err(trust
+            .and_then(|trust| tls::refusal(&source, &server, &trust, tls::AMQP_CA_SETTING))
+            .unwrap_or_else(|| Error::AmqpConnect {
+                url: redact_url(url.expose_secret()),
+                source,
+            })),
         Err(_) => Err(Error::AmqpTimeout {
             operation: "connect",
             timeout,
@@ -54,10 +66,45 @@ pub async fn connect(url: &SecretString, name: &str, timeout: Duration) -> Resul
     }
 }
 
-/// Connects, retrying with backoff for as long as `policy` allows.
+/// The URL as lapin reads it, but with the host as written (lapin reads an IPv6 address as
+/// `localhost`), and what an `amqps://` URL trusts.
+fn parse_url(url: &str) -> Result<(AMQPUri, Option<Trust>)> {
+    let bad = |message: String| Error::AmqpUrl {
+        url: redact_url(url),
+        message,
+    };
+    let mut uri: AMQPUri = url.parse().map_err(bad)?;
+    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    if let Some(url::Host::Ipv6(ip)) = parsed.host() {
+        uri.authority.host = ip.to_string();
+    }
+    Ok((uri, tls::amqp_trust(&parsed)))
+}
+
+/// Connects over TLS, checking the broker's certificate by `config`.
+async fn connect_tls(
+    uri: AMQPUri,
+    props: ConnectionProperties,
+    config: rustls::ClientConfig,
+) -> lapin::Result<Connection> {
+    let connector = RustlsConnector::from(config);
+    let runtime = lapin::runtime::default_runtime()?;
+    let open = async move |uri: AMQPUri, runtime| {
+        let host = uri.authority.host.as_str();
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, uri.authority.port))
+            .await?
+            .collect();
+        let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
+        Ok(stream.into_rustls(&connector, host).await?)
+    };
+    Connection::connector(uri, runtime, open, props).await
+}
+
+/// Connects, retrying with backoff for as long as `policy` allows. What trying again cannot
+/// mend (a bad URL, a refused certificate, a missing CA file) fails at once.
 ///
 /// # Errors
-/// The last connection error once the policy gives up.
+/// The last connection error once the policy gives up, or the first that cannot pass.
 pub async fn connect_with_retry(
     url: &SecretString,
     name: &str,
@@ -66,6 +113,7 @@ pub async fn connect_with_retry(
 ) -> Result<Connection> {
     (|| connect(url, name, timeout))
         .retry(policy)
+        .when(Error::is_transient)
         .notify(|e, delay| warn!(error = %e, ?delay, "RabbitMQ unavailable; retrying"))
         .await
 }
@@ -291,5 +339,34 @@ impl Publisher {
         if let Some((conn, _)) = self.inner.channel.lock().await.take() {
             let _ = conn.close(200, "bye".into()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_named_by_its_ipv6_address_is_reached_there() {
+        let lapin_reads: AMQPUri = "amqp://u:p@[::1]:5672/%2f".parse().unwrap();
+        assert_eq!(lapin_reads.authority.host, "localhost");
+        for (url, host) in [
+            ("amqp://u:p@10.1.2.3:5672/%2f", "10.1.2.3"),
+            ("amqps://u:p@[::1]:5671/%2f", "::1"),
+            ("amqps://u:p@broker.example:5671/%2f", "broker.example"),
+        ] {
+            assert_eq!(parse_url(url).unwrap().0.authority.host, host, "{url}");
+        }
+    }
+
+    #[test]
+    fn amqps_trusts_its_cacertfile_else_the_system() {
+        let trust = |url| parse_url(url).unwrap().1;
+        assert_eq!(trust("amqp://h/%2f?cacertfile=/ca.pem"), None);
+        assert_eq!(trust("amqps://h/%2f"), Some(Trust::System));
+        assert_eq!(
+            trust("amqps://h/%2f?heartbeat=5&cacertfile=%2Fetc%2Fca.pem"),
+            Some(Trust::CaFile("/etc/ca.pem".into()))
+        );
     }
 }
