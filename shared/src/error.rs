@@ -62,7 +62,7 @@ pub enum Error {
     #[error("invalid database URL: {0}")]
     DatabaseUrl(String),
     #[error(
-        "cannot use the CA file {path}: {problem}; check GANTRY_TLS_CA_FILE (or the URL's cacertfile= or sslrootcert=)"
+        "the CA file {path} is not usable: {problem}; check GANTRY_TLS_CA_FILE (or the URL's cacertfile= or sslrootcert=)"
     )]
     TlsCaFile { path: String, problem: String },
     #[error(

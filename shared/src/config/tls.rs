@@ -329,7 +329,7 @@ pub fn postgres_tls(url: &str) -> Result<(String, Option<PostgresTls>)> {
     let trust = Trust::from_setting(root);
     if check == Check::Chain && trust == Trust::System {
         return Err(Error::DatabaseUrl(format!(
-            "sslmode={} checks the server's certificate against a CA file, and none is named: set GANTRY_TLS_CA_FILE or sslrootcert=, or use sslmode=verify-full to trust the system's roots",
+            "sslmode={} checks the server's certificate against a CA file, and none is named: set GANTRY_TLS_CA_FILE or sslrootcert=, or set sslmode=verify-full to trust the system's roots",
             mode.unwrap_or_default()
         )));
     }
