@@ -20,6 +20,8 @@
 //! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
 //! - [`container_registry`]: a real container registry, images pushed to it, and the
 //!   executor registry service (`gantry-registry`) in front of it.
+//! - [`tls`]: a throwaway CA, and a RabbitMQ node and a Postgres cluster of the test's own
+//!   with TLS listeners.
 //!
 //! They live in `world` (the test environment), `dispatchers`, `servers` (this machine's
 //! broker and Postgres, the built binaries) and `waiting` (for a condition).
@@ -31,6 +33,7 @@ pub mod executions;
 pub mod llm;
 pub mod observability;
 pub mod services;
+pub mod tls;
 
 mod dispatchers;
 mod servers;
