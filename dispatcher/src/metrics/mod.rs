@@ -8,15 +8,18 @@
 //! caller or an error message. docs/observability.md lists the metrics and what they mean.
 //!
 //! - `deliveries`: what became of each delivery from a task queue ([`Handled`]).
+//! - `labels`: the label sets, the histograms' bounds, the dead-letter reasons.
+//! - `handles`: what other modules hold to count with ([`Groups`], [`InUse`], [`ApiCalls`]).
 
 mod deliveries;
+mod handles;
+mod labels;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gantry_shared::store::TaskState;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -26,104 +29,14 @@ use prometheus_client::registry::Registry;
 use tracing::info;
 
 pub(crate) use deliveries::{Deliveries, Handled};
+pub(crate) use handles::{ApiCalls, Groups, InUse};
+use labels::{
+    CheckLabel, ClassEnd, ClassLabel, ClassState, ClassStatus, ConsumerLabel, DEAD_LETTER_REASONS,
+    Histograms, ReasonLabel, WriterLabel, batches, class_label, runs, waits,
+};
 
 /// The `Content-Type` of [`Metrics::encode`]'s text.
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// Bounds (seconds) of the waits before a job runs: from under 10 ms (a free class, a job
-/// made at once) to `max_hold` (10 minutes by default) and a slow image pull.
-const WAIT_BUCKETS: [f64; 16] = [
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
-];
-/// Bounds (seconds) of job run times: half a second (an echo) to a day.
-const RUN_BUCKETS: [f64; 14] = [
-    0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
-];
-/// Bounds of the recorder's batch sizes, up to well past `record_batch` (200 by default).
-const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
-
-type Histograms<S> = Family<S, Histogram, fn() -> Histogram>;
-
-fn waits() -> Histogram {
-    Histogram::new(WAIT_BUCKETS)
-}
-
-fn runs() -> Histogram {
-    Histogram::new(RUN_BUCKETS)
-}
-
-fn batches() -> Histogram {
-    Histogram::new(BATCH_BUCKETS)
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassLabel {
-    class: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassState {
-    class: String,
-    state: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassStatus {
-    class: String,
-    status: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassEnd {
-    class: String,
-    end: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WriterLabel {
-    writer: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ConsumerLabel {
-    consumer: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CheckLabel {
-    check: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ApiCall {
-    verb: &'static str,
-    resource: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ApiError {
-    verb: &'static str,
-    resource: &'static str,
-    code: String,
-}
-
-/// The reasons a dead letter is counted under: the kinds Gantry and RabbitMQ give, and
-/// `other` for anything else a message may say.
-const DEAD_LETTER_REASONS: [&str; 8] = [
-    "invalid",
-    "expired",
-    "image",
-    "delivery_limit",
-    "max_attempts",
-    "rejected",
-    "maxlen",
-    "unknown",
-];
 
 /// Everything the dispatcher counts, registered once in its registry.
 pub(crate) struct Metrics {
@@ -509,12 +422,6 @@ impl Metrics {
     }
 }
 
-fn class_label(class: &str) -> ClassLabel {
-    ClassLabel {
-        class: class.to_owned(),
-    }
-}
-
 fn counter(r: &mut Registry, name: &str, help: &str) -> Counter {
     let c = Counter::default();
     r.register(name, help, c.clone());
@@ -543,79 +450,6 @@ where
     let f = Histograms::<S>::new_with_constructor(buckets);
     r.register(name, help, f.clone());
     f
-}
-
-/// Writes committed in groups by one writer, and the groups' transactions.
-pub(crate) struct Groups {
-    pub(crate) writes: Counter,
-    pub(crate) commits: Counter,
-}
-
-impl Groups {
-    /// The counters of `writer` in the families `(commits, writes)`.
-    fn from(
-        (commits, writes): &(Family<WriterLabel, Counter>, Family<WriterLabel, Counter>),
-        writer: &'static str,
-    ) -> Groups {
-        let labels = WriterLabel { writer };
-        Groups {
-            writes: writes.get_or_create_owned(&labels),
-            commits: commits.get_or_create_owned(&labels),
-        }
-    }
-
-    pub(crate) fn committed(&self, writes: usize) {
-        self.writes.inc_by(writes as u64);
-        self.commits.inc();
-    }
-}
-
-/// A unit of an executor class's capacity in use, counted in `gantry_capacity_in_use` for
-/// as long as it lives.
-pub(crate) struct InUse(Gauge);
-
-impl Drop for InUse {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// The `kubernetes` runtime's API calls: writes by verb and resource, and failures by HTTP
-/// code as well.
-#[derive(Clone, Default)]
-pub(crate) struct ApiCalls {
-    writes: Family<ApiCall, Counter>,
-    errors: Family<ApiError, Counter>,
-}
-
-impl ApiCalls {
-    /// Gives each write of the runtime its counter, at zero.
-    pub(crate) fn touch(&self) {
-        for (verb, resource) in [
-            ("create", "jobs"),
-            ("create", "secrets"),
-            ("delete", "jobs"),
-        ] {
-            let _ = self.writes.get_or_create(&ApiCall { verb, resource });
-        }
-    }
-
-    /// Counts one try of a call; a `get` is not a write.
-    pub(crate) fn tried(&self, verb: &'static str, resource: &'static str) {
-        if verb != "get" {
-            self.writes.get_or_create(&ApiCall { verb, resource }).inc();
-        }
-    }
-
-    /// Counts one failed try, by the API server's HTTP code (`transport` when none came).
-    pub(crate) fn failed(&self, verb: &'static str, resource: &'static str, code: String) {
-        let labels = ApiError {
-            verb,
-            resource,
-            code,
-        };
-        self.errors.get_or_create(&labels).inc();
-    }
 }
 
 #[cfg(test)]
