@@ -86,6 +86,29 @@ async fn publish_garbage(env: &TestEnv) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `/metrics` text of the dispatcher at `addr` once it has every line of `lines`: the
+/// counts of a task rise a moment after the task's state is in Postgres (its result is
+/// counted once the commit returns, its run time once its job's end is seen).
+async fn metrics_with(addr: std::net::SocketAddr, lines: &[&str]) -> anyhow::Result<String> {
+    let has_all = |text: &str| lines.iter().all(|line| text.lines().any(|l| l == *line));
+    let last = std::cell::RefCell::new(String::new());
+    let found = eventually("the metrics", Duration::from_secs(30), || async {
+        let (status, text) = get(addr, "/metrics").await?;
+        anyhow::ensure!(status == 200, "{text}");
+        last.replace(text.clone());
+        Ok(has_all(&text).then_some(text))
+    })
+    .await;
+    found.with_context(|| {
+        let last = last.borrow();
+        let missing: Vec<&&str> = lines
+            .iter()
+            .filter(|line| !last.lines().any(|l| l == **line))
+            .collect();
+        format!("missing {missing:?} in:\n{last}")
+    })
+}
+
 /// The `# TYPE` lines' names of a `/metrics` text.
 fn names(text: &str) -> Vec<&str> {
     text.lines()
@@ -126,30 +149,12 @@ async fn livez_and_readyz_name_what_they_checked_and_metrics_names_every_metric(
     assert_eq!(record.state, TaskState::Succeeded);
     publish_garbage(&env).await?;
 
-    // The job's run time is observed when its follower sees it end, just after the result.
-    let text = eventually(
-        "the metrics of the task",
-        Duration::from_secs(30),
-        || async {
-            let (status, text) = get(addr, "/metrics").await?;
-            anyhow::ensure!(status == 200, "{text}");
-            let done = [
-                "gantry_job_run_seconds_count{class=\"echo\",end=\"reported\"} 1",
-                "gantry_dead_letters_total{reason=\"invalid\"} 1",
-            ];
-            Ok(done
-                .iter()
-                .all(|line| text.lines().any(|l| l == *line))
-                .then_some(text))
-        },
-    )
-    .await?;
-    let served = names(&text);
-    for name in METRICS {
-        assert!(served.contains(&name), "{name} in:\n{text}");
-    }
-    for line in [
-        "gantry_tasks_total{class=\"echo\",state=\"dispatched\"} 1",
+    let text = metrics_with(
+        addr,
+        &[
+            "gantry_job_run_seconds_count{class=\"echo\",end=\"reported\"} 1",
+            "gantry_dead_letters_total{reason=\"invalid\"} 1",
+            "gantry_tasks_total{class=\"echo\",state=\"dispatched\"} 1",
         "gantry_tasks_total{class=\"echo\",state=\"running\"} 1",
         "gantry_tasks_total{class=\"echo\",state=\"succeeded\"} 1",
         "gantry_results_recorded_total{class=\"echo\",status=\"succeeded\"} 1",
@@ -158,9 +163,13 @@ async fn livez_and_readyz_name_what_they_checked_and_metrics_names_every_metric(
         "gantry_task_to_job_seconds_count{class=\"echo\"} 1",
         "gantry_capacity_in_use{class=\"echo\"} 0",
         "gantry_capacity_limit{class=\"echo\"} 8",
-        "gantry_ready_check{check=\"postgres\"} 1",
-    ] {
-        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+            "gantry_ready_check{check=\"postgres\"} 1",
+        ],
+    )
+    .await?;
+    let served = names(&text);
+    for name in METRICS {
+        assert!(served.contains(&name), "{name} in:\n{text}");
     }
     assert!(
         !served.iter().any(|n| API_METRICS.contains(n)),
@@ -358,29 +367,23 @@ async fn on_the_kubernetes_runtime_readyz_checks_the_api_server_and_api_writes_a
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
 
-    let text = eventually(
-        "the job's end in the metrics",
-        Duration::from_secs(30),
-        || async {
-            let (_, text) = get(addr, "/metrics").await?;
-            let ended = "gantry_job_run_seconds_count{class=\"echo\",end=\"reported\"} 1";
-            Ok(text.lines().any(|l| l == ended).then_some(text))
-        },
+    let text = metrics_with(
+        addr,
+        &[
+            "gantry_job_run_seconds_count{class=\"echo\",end=\"reported\"} 1",
+            "gantry_results_recorded_total{class=\"echo\",status=\"succeeded\"} 1",
+            "gantry_kube_api_writes_total{verb=\"create\",resource=\"jobs\"} 2",
+            "gantry_kube_api_writes_total{verb=\"create\",resource=\"secrets\"} 1",
+            "gantry_kube_api_errors_total{verb=\"create\",resource=\"jobs\",code=\"500\"} 1",
+            "gantry_job_to_running_seconds_count{class=\"echo\"} 1",
+            "gantry_tasks_total{class=\"echo\",state=\"running\"} 1",
+            "gantry_ready_check{check=\"kubernetes_api\"} 1",
+        ],
     )
     .await?;
     let served = names(&text);
     for name in METRICS.iter().chain(&API_METRICS) {
         assert!(served.contains(name), "{name} in:\n{text}");
-    }
-    for line in [
-        "gantry_kube_api_writes_total{verb=\"create\",resource=\"jobs\"} 2",
-        "gantry_kube_api_writes_total{verb=\"create\",resource=\"secrets\"} 1",
-        "gantry_kube_api_errors_total{verb=\"create\",resource=\"jobs\",code=\"500\"} 1",
-        "gantry_job_to_running_seconds_count{class=\"echo\"} 1",
-        "gantry_tasks_total{class=\"echo\",state=\"running\"} 1",
-        "gantry_ready_check{check=\"kubernetes_api\"} 1",
-    ] {
-        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
     producer.close().await;
     drop(dispatcher);
