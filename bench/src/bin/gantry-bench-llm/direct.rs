@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::Sample;
+use crate::sample::Sample;
 
 /// Sends `body` (JSON, `stream` on or off) to `path` on 127.0.0.1:`port` and reads the
 /// whole answer. Latency runs from the connect to the answer's last byte; the first token

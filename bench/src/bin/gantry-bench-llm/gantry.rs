@@ -12,7 +12,7 @@ use gantry_producer::{
 };
 use serde_json::Value;
 
-use crate::{STAGES, Sample, Timings};
+use crate::sample::{STAGES, Sample, Timings};
 
 /// Longest a task may take: queued behind the others, then a server start at most.
 const PATIENCE: Duration = Duration::from_secs(600);

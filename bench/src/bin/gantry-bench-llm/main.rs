@@ -26,6 +26,7 @@
 
 mod direct;
 mod gantry;
+mod sample;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,8 @@ use gantry_tests::TestEnv;
 use gantry_tests::llm::{self, LlmServer, MODEL_NAME};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
+
+use crate::sample::{STAGE_NAMES, Sample};
 
 /// Measures LLM requests through Gantry against the same requests sent straight to the
 /// model server.
@@ -69,41 +72,6 @@ struct Args {
 const SHARED: &str = "chat";
 /// The class whose executor starts a server of its own for each task.
 const OWN_SERVER: &str = "chat-own-server";
-
-/// One request's times, whichever way it went.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    /// From the send (the submit, through Gantry) to the whole answer (stored in Postgres).
-    latency: Duration,
-    /// From the send (the submit) to the first piece of text, when streaming.
-    first_token: Option<Duration>,
-    completion_tokens: u64,
-    /// Where a task's time went, through Gantry: see [`STAGE_NAMES`].
-    stages: Option<[Duration; STAGES]>,
-    /// What the executor measured, through Gantry.
-    executor: Option<Timings>,
-}
-
-/// The stages of a task's way through Gantry, as its record in Postgres times them.
-const STAGES: usize = 5;
-const STAGE_NAMES: [&str; STAGES] = [
-    "  submit → received by the dispatcher",
-    "  → dispatched",
-    "  → the executor running it (process started)",
-    "  → its engine done (the request included)",
-    "  → the result read from Postgres",
-];
-
-/// The executor's own timings, from the task's output (`timings`).
-#[derive(Debug, Clone, Copy)]
-struct Timings {
-    /// Until the server was ready (about 0 with a running server).
-    server_start: Duration,
-    /// From its request to the first piece of text, when streaming.
-    first_token: Option<Duration>,
-    /// From its request to the whole answer: the server's time, its queue included.
-    generation: Duration,
-}
 
 /// One measured batch: every request's sample, how long the batch took, and the CPU time
 /// it cost (µs, by process group; the model server is the watched process).
