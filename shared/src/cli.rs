@@ -87,6 +87,8 @@ impl GlobalArgs {
     pub fn load(&self) -> Result<Config> {
         let mut config = Config::load(self.config_file())?;
         self.apply_to(&mut config);
+        // A URL given by flag gets the CA file too, as one from the file or environment does.
+        config.apply_tls_ca_file()?;
         Ok(config)
     }
 }
