@@ -4,82 +4,7 @@
 //! ignored. Tags that are not versions (`latest`, `dev`, `main-3f2a1c`) and pre-releases
 //! (`2.0.0-rc.1`) are never chosen: pushing one changes nothing that runs.
 
-use std::cmp::Ordering;
-
-/// A tag read as a version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Version {
-    core: Vec<u64>,
-    pre: Vec<String>,
-}
-
-impl Version {
-    /// `None` for tags that are not versions.
-    pub(crate) fn parse(tag: &str) -> Option<Version> {
-        let tag = tag.strip_prefix('v').unwrap_or(tag);
-        let tag = tag.split_once('+').map_or(tag, |(t, _)| t);
-        let (core, pre) = match tag.split_once('-') {
-            Some((core, pre)) => (core, Some(pre)),
-            None => (tag, None),
-        };
-        let core: Vec<u64> = core
-            .split('.')
-            .map(|p| {
-                (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| p.parse().ok())
-                    .flatten()
-            })
-            .collect::<Option<_>>()?;
-        if core.is_empty() || core.len() > 4 {
-            return None;
-        }
-        let pre = match pre {
-            Some(p) if p.is_empty() || p.split('.').any(str::is_empty) => return None,
-            Some(p) => p.split('.').map(str::to_owned).collect(),
-            None => Vec::new(),
-        };
-        Some(Version { core, pre })
-    }
-}
-
-impl Ord for Version {
-    fn cmp(&self, other: &Self) -> Ordering {
-        let len = self.core.len().max(other.core.len());
-        let part = |v: &Version, i: usize| v.core.get(i).copied().unwrap_or(0);
-        (0..len)
-            .map(|i| part(self, i).cmp(&part(other, i)))
-            .find(|o| o.is_ne())
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| match (self.pre.is_empty(), other.pre.is_empty()) {
-                (true, true) => Ordering::Equal,
-                (true, false) => Ordering::Greater,
-                (false, true) => Ordering::Less,
-                (false, false) => pre_cmp(&self.pre, &other.pre),
-            })
-    }
-}
-
-impl PartialOrd for Version {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-/// Semantic versioning's pre-release order.
-fn pre_cmp(a: &[String], b: &[String]) -> Ordering {
-    for (x, y) in a.iter().zip(b) {
-        let order = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            (Ok(_), Err(_)) => Ordering::Less,
-            (Err(_), Ok(_)) => Ordering::Greater,
-            (Err(_), Err(_)) => x.cmp(y),
-        };
-        if order.is_ne() {
-            return order;
-        }
-    }
-    a.len().cmp(&b.len())
-}
+use gantry_shared::version::Version;
 
 /// The release tags of `tags`, newest first (equal versions by tag text, so the order never
 /// depends on the registry's), and the other tags (not versions, or pre-releases).
@@ -87,7 +12,7 @@ pub(crate) fn newest_first(tags: &[String]) -> (Vec<String>, Vec<String>) {
     let (mut versions, mut others) = (Vec::new(), Vec::new());
     for tag in tags {
         match Version::parse(tag) {
-            Some(v) if v.pre.is_empty() => versions.push((v, tag.clone())),
+            Some(v) if v.is_release() => versions.push((v, tag.clone())),
             _ => others.push(tag.clone()),
         }
     }
@@ -98,20 +23,6 @@ pub(crate) fn newest_first(tags: &[String]) -> (Vec<String>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_order_numerically_with_pre_releases_first() {
-        let v = |s: &str| Version::parse(s).unwrap();
-        assert!(v("1.10.0") > v("1.9.3"));
-        assert!(v("v2") > v("1.99"));
-        assert_eq!(v("1.4").cmp(&v("1.4.0")), Ordering::Equal);
-        assert!(v("2.0.0") > v("2.0.0-rc.2"));
-        assert!(v("2.0.0-rc.10") > v("2.0.0-rc.2"));
-        assert_eq!(v("1.2.3+build.7").cmp(&v("1.2.3")), Ordering::Equal);
-        for not_a_version in ["latest", "dev", "main-3f2a1c", "1.x", "", "1..2", "1.2-"] {
-            assert!(Version::parse(not_a_version).is_none(), "{not_a_version}");
-        }
-    }
 
     #[test]
     fn tags_sort_newest_first_and_the_others_are_set_aside() {

@@ -16,6 +16,7 @@
 //!   Gantry's types as Postgres columns.
 //! - [`amqp`]: connections with backoff, a publisher with confirms that survives reconnects.
 //! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`version`]: image tags read as versions, and their order.
 //! - [`retry`]: the backoff policy used for every reconnect.
 
 pub mod amqp;
@@ -31,5 +32,6 @@ pub mod retry;
 pub mod store;
 pub mod telemetry;
 pub mod topology;
+pub mod version;
 
 pub use error::{Error, Result};

@@ -25,7 +25,9 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::reference::{Reference, Version};
+use gantry_shared::version::Version;
+
+use super::reference::Reference;
 use crate::{Error, Result};
 
 /// A cache of every node, kept by a watch (restarted with backoff) until shutdown.
