@@ -18,7 +18,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::capture::{Captured, read_capped, tail_and_forward};
 use super::finished::{Finished, StopReason, permanent};
-use super::group::Group;
+use super::group::{Group, HIDDEN_ENV};
 
 /// Most stdout accepted from the program.
 const MAX_STDOUT: usize = 4 * 1024 * 1024;
@@ -26,8 +26,6 @@ const MAX_STDOUT: usize = 4 * 1024 * 1024;
 const STDERR_TAIL: usize = 4 * 1024;
 /// sysexits.h `EX_TEMPFAIL`: the program says another attempt may succeed.
 const EX_TEMPFAIL: i32 = 75;
-/// Secrets of the executor that the program has no use for.
-const HIDDEN_ENV: [&str; 2] = ["GANTRY_AMQP_URL", "GANTRY_DATABASE_URL"];
 
 /// Runs `argv` for `task` until it exits or `stop` fires.
 #[instrument(skip_all, fields(program = argv.first().map(String::as_str)))]

@@ -9,6 +9,10 @@ use nix::unistd::Pid;
 use tokio::process::Child;
 use tracing::warn;
 
+/// Secrets of the executor that a program it starts has no use for: removed from its
+/// environment.
+pub(super) const HIDDEN_ENV: [&str; 2] = ["GANTRY_AMQP_URL", "GANTRY_DATABASE_URL"];
+
 /// The program, leader of its own process group.
 pub(super) struct Group {
     pub(super) child: Child,

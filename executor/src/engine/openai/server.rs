@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::http::Http;
 use crate::engine::capture::{Tail, forward_into};
-use crate::engine::group::Group;
+use crate::engine::group::{Group, HIDDEN_ENV};
 
 /// How much of the server's output is kept for error messages.
 const LOG_TAIL: usize = 4 * 1024;
@@ -31,8 +31,6 @@ const OOM_MARKERS: [&str; 4] = [
     "CUDA error: out of memory",
     "failed to allocate",
 ];
-/// Secrets of the executor that the server has no use for.
-const HIDDEN_ENV: [&str; 2] = ["GANTRY_AMQP_URL", "GANTRY_DATABASE_URL"];
 
 /// A running model server.
 pub(super) struct Server {
