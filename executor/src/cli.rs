@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Parser, ValueEnum};
-use gantry_shared::catalog::OpenAiEngine;
+use gantry_shared::catalog::{OpenAiEngine, WarmSpec};
 use gantry_shared::cli::GlobalArgs;
 use gantry_shared::message::Evidence;
 
@@ -14,6 +14,7 @@ use crate::engine::Engine;
 use crate::job_dir::JobDir;
 use crate::report;
 use crate::run::Settings;
+use crate::warm::WarmSettings;
 
 const ABOUT: &str = "\
 Runs one Gantry task inside its job and publishes its result.
@@ -54,8 +55,29 @@ pub(crate) struct Args {
 
     /// The task to run: a JSON task message body (gantry.task/v1), e.g. the file the
     /// dispatcher mounts from the job's Secret.
-    #[arg(long, env = "GANTRY_TASK_FILE", value_name = "PATH")]
-    task_file: PathBuf,
+    /// The task to run (a gantry.task/v1 JSON body). Not used by a warm executor.
+    #[arg(
+        long,
+        env = "GANTRY_TASK_FILE",
+        value_name = "PATH",
+        required_unless_present = "warm_queue"
+    )]
+    task_file: Option<PathBuf>,
+
+    /// Serve the tasks the dispatcher hands over on this queue, many on one engine, instead
+    /// of one task file (a warm executor). Its orders come on `<QUEUE>.control`.
+    #[arg(long, env = "GANTRY_WARM_QUEUE", value_name = "QUEUE", help_heading = WARM)]
+    warm_queue: Option<String>,
+
+    /// The class's warm settings, as JSON: max_concurrency, max_tasks_per_job, idle_timeout,
+    /// max_job_lifetime.
+    #[arg(long, env = "GANTRY_WARM", value_name = "JSON", value_parser = parse_warm, help_heading = WARM)]
+    warm: Option<WarmSpec>,
+
+    /// Wait this long before the engine starts, as loading a model would (for benchmarks
+    /// and tests of what a slow start costs), e.g. 20s.
+    #[arg(long, env = "GANTRY_ENGINE_START_DELAY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    start_delay: Option<std::time::Duration>,
 
     /// How to do the work: `echo` returns the task's payload (for tests; the payload may
     /// carry the knobs sleep_ms, exit_code, fail, retryable and stderr); `command` runs
@@ -131,6 +153,15 @@ pub(crate) struct Args {
 }
 
 const EVIDENCE: &str = "Runtime evidence (set by the dispatcher)";
+const WARM: &str = "Warm executor (set by the dispatcher)";
+
+fn parse_warm(s: &str) -> Result<WarmSpec, String> {
+    serde_json::from_str(s).map_err(|e| {
+        format!(
+            "{s:?} is not a class's warm settings ({e}); write it like '{{\"max_concurrency\":8}}'"
+        )
+    })
+}
 
 /// The engine named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -191,8 +222,18 @@ impl Args {
         };
         let path = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         let text = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+        let warm = self
+            .warm_queue
+            .filter(|q| !q.trim().is_empty())
+            .map(|queue| WarmSettings {
+                control: format!("{queue}.control"),
+                queue,
+                spec: self.warm.unwrap_or_default(),
+            });
         Ok(Settings {
-            task_file: self.task_file,
+            task_file: self.task_file.unwrap_or_default(),
+            start_delay: self.start_delay,
+            warm,
             engine,
             job_dir: path(self.job_dir).map(JobDir::new),
             termination_log: report::termination_log_path(path(self.termination_log)),
@@ -202,6 +243,7 @@ impl Args {
                 pod_name: text(self.pod_name),
                 node: text(self.node_name),
                 terminal_reason: None,
+                warm_seq: None,
             },
             traceparent: text(self.traceparent),
             reply_to: text(self.reply_to),

@@ -9,6 +9,7 @@
 //!
 //! - [`cli`]: the flags and their environment variables, turned into [`run::Settings`].
 //! - [`run`]: one attempt from task file to published result, and the exit code it earns.
+//! - [`warm`]: a warm executor, serving the tasks the dispatcher hands it on one engine.
 //! - [`engine`]: the engines (`echo`, `command`, `openai`) and how they stop at the deadline.
 //! - [`progress`]: a streamed answer's pieces, published as they come.
 //! - [`publish`]: publishing the result with confirms and retries.
@@ -22,6 +23,7 @@ mod progress;
 mod publish;
 mod report;
 mod run;
+mod warm;
 
 #[cfg(test)]
 mod broker_tests;
@@ -66,6 +68,11 @@ async fn main() -> ExitCode {
         }
     };
 
+    if let Some(warm) = &settings.warm {
+        let code = warm::serve(&settings, warm, &config, shutdown).await;
+        info!(exit_code = code, "warm executor ended");
+        return ExitCode::from(code);
+    }
     finish(run::run(&settings, &config, shutdown).await)
 }
 

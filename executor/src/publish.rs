@@ -43,23 +43,55 @@ pub(crate) async fn publish_result(
         .when(Error::is_transient)
         .notify(|e, delay| warn!(error = %e, ?delay, "RabbitMQ unavailable; retrying"))
         .await?;
-    let left = PUBLISH_BUDGET
-        .saturating_sub(began.elapsed())
-        .max(Duration::from_secs(1));
-    let published = publisher
-        .publish(
-            &exchange,
-            executor,
-            &body,
-            props,
-            true,
-            retry::for_at_most(left),
-        )
-        .await;
+    let left = PUBLISH_BUDGET.saturating_sub(began.elapsed());
+    let published = send(&publisher, &exchange, executor, &body, props, left).await;
     publisher.close().await;
     published?;
     info!(elapsed = ?began.elapsed(), "result published and confirmed");
     Ok(())
+}
+
+/// Publishes `result` as [`publish_result`] does, on a connection that stays open for the
+/// next one (a warm executor's).
+///
+/// # Errors
+/// As [`publish_result`].
+#[instrument(skip_all, fields(task_id = %result.task_id, status = %result.status))]
+pub(crate) async fn publish_result_on(
+    publisher: &Publisher,
+    config: &Config,
+    executor: &str,
+    result: &TaskResult,
+    trace: Option<&str>,
+) -> Result<()> {
+    let exchange = Topology::new(&config.prefix)?.results_exchange();
+    let (body, props) = result.to_amqp()?;
+    let props = with_trace_context(props, trace);
+    send(publisher, &exchange, executor, &body, props, PUBLISH_BUDGET).await?;
+    debug!("result published and confirmed");
+    Ok(())
+}
+
+/// Publishes `mandatory` and waits for the confirm, retrying broker failures for `left`.
+async fn send(
+    publisher: &Publisher,
+    exchange: &str,
+    executor: &str,
+    body: &[u8],
+    props: BasicProperties,
+    left: Duration,
+) -> Result<()> {
+    let left = left.max(Duration::from_secs(1));
+    publisher
+        .publish(
+            exchange,
+            executor,
+            body,
+            props,
+            true,
+            retry::for_at_most(left),
+        )
+        .await
 }
 
 /// Carries the task's trace context on the result, when it is well formed.

@@ -40,6 +40,10 @@ pub(crate) struct Settings {
     pub(crate) traceparent: Option<String>,
     /// The task's reply-to queue, which also gets its progress.
     pub(crate) reply_to: Option<String>,
+    /// Waited before the engine starts, as a model load would take (benchmarks).
+    pub(crate) start_delay: Option<std::time::Duration>,
+    /// Set for a warm executor, which serves many tasks instead of `task_file`'s one.
+    pub(crate) warm: Option<crate::warm::WarmSettings>,
 }
 
 /// How a run ended.
@@ -98,7 +102,7 @@ impl Outcome {
 pub(crate) async fn run(
     settings: &Settings,
     config: &Config,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send,
 ) -> Outcome {
     if let Some(job_dir) = &settings.job_dir
         && let Err(e) = job_dir.write_started().await
@@ -131,6 +135,13 @@ pub(crate) async fn run(
         ProgressPublisher::start(config, task.task_id, attempt, settings.reply_to.clone())
     });
     let deltas = progress.as_ref().map(ProgressPublisher::deltas);
+    if let Some(delay) = settings.start_delay {
+        info!(
+            ?delay,
+            "waiting GANTRY_ENGINE_START_DELAY before the engine starts"
+        );
+        tokio::time::sleep(delay).await;
+    }
     let execution = execute(
         &settings.engine,
         &task,
@@ -147,27 +158,7 @@ pub(crate) async fn run(
         Execution::Done(verdict) => verdict,
         Execution::Exit(code) => return Outcome::Crash(code),
     };
-    let result = TaskResult {
-        task_id: task.task_id,
-        status: verdict.status,
-        output: verdict.output,
-        error: verdict.error,
-        attempt,
-        evidence: Evidence {
-            terminal_reason: Some(verdict.terminal_reason),
-            ..settings.evidence.clone()
-        },
-        started_at: Some(started_at),
-        finished_at: Utc::now(),
-        usage: verdict.usage,
-        reported_by: ReportedBy::Executor,
-    };
-    match &result.error {
-        None => info!(status = %result.status, "task finished"),
-        Some(e) => warn!(status = %result.status, kind = %e.kind, retryable = e.retryable,
-                         error = e.message, "task finished without output"),
-    }
-
+    let result = result_of(&task, attempt, verdict, &settings.evidence, started_at);
     let published = publish_result(
         config,
         &task.executor,
@@ -191,6 +182,37 @@ pub(crate) async fn run(
     outcome
 }
 
+/// The result of an attempt that ran from `started_at` to now, as the engine decided it.
+pub(crate) fn result_of(
+    task: &TaskEnvelope,
+    attempt: Attempt,
+    verdict: Verdict,
+    evidence: &Evidence,
+    started_at: chrono::DateTime<Utc>,
+) -> TaskResult {
+    let result = TaskResult {
+        task_id: task.task_id,
+        status: verdict.status,
+        output: verdict.output,
+        error: verdict.error,
+        attempt,
+        evidence: Evidence {
+            terminal_reason: Some(verdict.terminal_reason),
+            ..evidence.clone()
+        },
+        started_at: Some(started_at),
+        finished_at: Utc::now(),
+        usage: verdict.usage,
+        reported_by: ReportedBy::Executor,
+    };
+    match &result.error {
+        None => info!(status = %result.status, "task finished"),
+        Some(e) => warn!(status = %result.status, kind = %e.kind, retryable = e.retryable,
+                         error = e.message, "task finished without output"),
+    }
+    result
+}
+
 /// Gives up before any work: logs `reason`, reports it as a failure that was not published
 /// and returns [`Outcome::Refused`].
 pub(crate) async fn refuse(settings: &Settings, reason: String) -> Outcome {
@@ -201,7 +223,7 @@ pub(crate) async fn refuse(settings: &Settings, reason: String) -> Outcome {
 }
 
 /// Writes `exit.json` (with a job directory) and the termination log (when there is one).
-async fn write_reports(settings: &Settings, report: &ExitReport) {
+pub(crate) async fn write_reports(settings: &Settings, report: &ExitReport) {
     if let Some(job_dir) = &settings.job_dir
         && let Err(e) = job_dir.write_exit(report).await
     {
@@ -275,14 +297,38 @@ impl Verdict {
     }
 }
 
+/// How an engine's stop future is passed on: boxed, so one judge serves every engine.
+pub(crate) type Stop<'a> = std::pin::Pin<Box<dyn Future<Output = StopReason> + Send + 'a>>;
+
 /// Runs the engine until it finishes, the deadline passes or `shutdown` completes.
 pub(crate) async fn execute(
     engine: &Engine,
     task: &TaskEnvelope,
     group_file: Option<&std::path::Path>,
     deltas: Option<&Deltas>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send,
 ) -> Execution {
+    let interrupt = async {
+        shutdown.await;
+        StopReason::Signal
+    };
+    judge(task, interrupt, |stop| {
+        engine.run(task, group_file, deltas, stop)
+    })
+    .await
+}
+
+/// Runs `work` until it finishes, the task's deadline passes or `interrupt` completes (with
+/// the reason it gives), and says what the attempt amounts to.
+pub(crate) async fn judge<'a, Work, Fut>(
+    task: &TaskEnvelope,
+    interrupt: impl Future<Output = StopReason> + Send + 'a,
+    work: Work,
+) -> Execution
+where
+    Work: FnOnce(Stop<'a>) -> Fut,
+    Fut: Future<Output = Finished>,
+{
     let expired = |message: String| {
         Execution::Done(Verdict::stopped(
             ResultStatus::Expired,
@@ -297,13 +343,13 @@ pub(crate) async fn execute(
             task.deadline
         ));
     };
-    let stop = async {
+    let stop: Stop<'a> = Box::pin(async move {
         tokio::select! {
             () = tokio::time::sleep(time_left) => StopReason::Deadline,
-            () = shutdown => StopReason::Signal,
+            reason = interrupt => reason,
         }
-    };
-    match engine.run(task, group_file, deltas, stop).await {
+    });
+    match work(stop).await {
         Finished::Output { output, usage } => Execution::Done(Verdict {
             status: ResultStatus::Succeeded,
             output: Some(output),
@@ -330,6 +376,14 @@ pub(crate) async fn execute(
             ErrorKind::Terminated,
             "the executor was terminated (SIGTERM or SIGINT) before the engine finished; it was stopped".into(),
             true,
+        )),
+        // Recorded `cancelled` already; this result only tells the story.
+        Finished::Stopped(StopReason::Cancelled) => Execution::Done(Verdict::stopped(
+            ResultStatus::Cancelled,
+            ErrorKind::Cancelled,
+            "the task was cancelled while its warm executor ran it; its request was aborted"
+                .into(),
+            false,
         )),
     }
 }

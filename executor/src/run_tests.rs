@@ -102,6 +102,8 @@ fn settings(dir: &std::path::Path, engine: Engine) -> Settings {
         evidence: Evidence::default(),
         traceparent: None,
         reply_to: None,
+        start_delay: None,
+        warm: None,
     }
 }
 

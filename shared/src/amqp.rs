@@ -279,8 +279,12 @@ impl Publisher {
         Ok(publisher)
     }
 
-    /// The open channel, reconnecting if the last one broke.
-    async fn channel(&self) -> Result<Channel> {
+    /// The open channel (in confirm mode), reconnecting if the last one broke; for
+    /// declaring or deleting queues beside the publishing.
+    ///
+    /// # Errors
+    /// The broker cannot be reached within the timeout.
+    pub async fn channel(&self) -> Result<Channel> {
         let mut slot = self.inner.channel.lock().await;
         if let Some((conn, channel)) = slot.as_ref()
             && conn.status().connected()

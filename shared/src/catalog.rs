@@ -202,6 +202,80 @@ pub struct ExecutorSpec {
     /// CPU and memory of a job's container, as Kubernetes quantities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ContainerLimits>,
+    /// Warm executors: each job loads its engine once and serves many tasks of the class
+    /// (see [`WarmSpec`]); `max_active_jobs` then counts warm executors. Absent: one job
+    /// per task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmSpec>,
+}
+
+impl ExecutorSpec {
+    /// Most tasks of the class running at once: `max_active_jobs`, times each warm
+    /// executor's `max_concurrency` for a warm class.
+    pub fn task_capacity(&self) -> u32 {
+        let per_job = self.warm.map_or(1, |w| u32::from(w.max_concurrency));
+        self.max_active_jobs.saturating_mul(per_job)
+    }
+}
+
+/// How the warm executors of a class serve tasks, and when each one ends.
+///
+/// ```yaml
+/// warm: { max_concurrency: 8, max_tasks_per_job: 1000, idle_timeout: 2m, max_job_lifetime: 6h }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WarmSpec {
+    /// Tasks one warm executor runs at once.
+    pub max_concurrency: u16,
+    /// Tasks one warm executor is handed in its life; then it finishes them and ends.
+    pub max_tasks_per_job: u32,
+    /// A warm executor with nothing to do for this long ends.
+    #[serde(with = "crate::config::humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// A warm executor is handed no new task after this long and ends once its tasks are
+    /// done; its job's deadline is this plus the longest task deadline it may still hold.
+    #[serde(with = "crate::config::humantime_serde_compat")]
+    pub max_job_lifetime: Duration,
+}
+
+impl Default for WarmSpec {
+    fn default() -> Self {
+        WarmSpec {
+            max_concurrency: 8,
+            max_tasks_per_job: 1000,
+            idle_timeout: Duration::from_secs(120),
+            max_job_lifetime: Duration::from_secs(6 * 3600),
+        }
+    }
+}
+
+impl WarmSpec {
+    /// What is wrong with these settings, if anything.
+    fn problem(&self) -> Option<&'static str> {
+        if self.max_concurrency == 0 || self.max_concurrency > 1000 {
+            return Some("warm.max_concurrency must be 1 to 1000");
+        }
+        if self.max_tasks_per_job == 0 {
+            return Some("warm.max_tasks_per_job must be at least 1");
+        }
+        if self.idle_timeout.is_zero() {
+            return Some("warm.idle_timeout must be more than zero, e.g. 2m");
+        }
+        if self.max_job_lifetime.is_zero() {
+            return Some("warm.max_job_lifetime must be more than zero, e.g. 6h");
+        }
+        None
+    }
+
+    /// The settings as the executor reads them (`GANTRY_WARM`, JSON).
+    pub fn executor_env(&self) -> (&'static str, String) {
+        // A struct of numbers and durations always serializes.
+        (
+            "GANTRY_WARM",
+            serde_json::to_string(self).unwrap_or_default(),
+        )
+    }
 }
 
 /// A Kubernetes toleration, as written in a pod spec.
@@ -315,6 +389,7 @@ impl Catalog {
                 node_selector: BTreeMap::new(),
                 tolerations: Vec::new(),
                 limits: None,
+                warm: None,
             },
         );
         Catalog { executors }
@@ -352,6 +427,9 @@ impl Catalog {
         for (class, spec) in &catalog.executors {
             if spec.max_active_jobs == 0 {
                 return Err(err(format!("{class}: max_active_jobs must be at least 1")));
+            }
+            if let Some(problem) = spec.warm.as_ref().and_then(WarmSpec::problem) {
+                return Err(err(format!("{class}: {problem}")));
             }
             if spec.retry.max_attempts == 0 {
                 return Err(err(format!(

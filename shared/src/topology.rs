@@ -119,6 +119,48 @@ impl Topology {
         format!("{}.tasks.{class}", self.prefix)
     }
 
+    /// Task queue of one warm executor (job `job`): only the dispatcher publishes to it.
+    pub fn warm_queue(&self, job: &str) -> String {
+        format!("{}.warm.{job}", self.prefix)
+    }
+
+    /// Control queue of one warm executor: the dispatcher's orders (cancel, drain).
+    pub fn warm_control_queue(&self, job: &str) -> String {
+        format!("{}.warm.{job}.control", self.prefix)
+    }
+
+    /// Declares the two queues of a warm executor: durable classic queues, kept until the
+    /// dispatcher has dealt with the executor's end (so a task it never took is found there).
+    ///
+    /// # Errors
+    /// The broker refuses.
+    pub async fn declare_warm(&self, channel: &Channel, job: &str) -> Result<()> {
+        for queue in [self.warm_queue(job), self.warm_control_queue(job)] {
+            self.queue(channel, &queue, FieldTable::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the two queues of a warm executor whose end was dealt with.
+    ///
+    /// # Errors
+    /// The broker refuses.
+    pub async fn delete_warm(&self, channel: &Channel, job: &str) -> Result<()> {
+        for queue in [self.warm_queue(job), self.warm_control_queue(job)] {
+            channel
+                .queue_delete(
+                    ShortString::from(queue.as_str()),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await
+                .map_err(|source| Error::Amqp {
+                    operation: "queue.delete",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Headers exchange that routes a retry to the delay queue named by its tier header.
     pub fn retry_exchange(&self) -> String {
         format!("{}.retry", self.prefix)

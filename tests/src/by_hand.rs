@@ -38,6 +38,7 @@ pub fn result(task: &Task, status: ResultStatus) -> TaskResult {
             pod_name: Some("test-pod".into()),
             node: Some("test-node".into()),
             terminal_reason: failed.then(|| "Failed".to_owned()),
+            warm_seq: None,
         },
         started_at: Some(Utc::now()),
         finished_at: Utc::now(),

@@ -43,4 +43,4 @@ mod world;
 pub use dispatchers::{Dispatcher, InProcessDispatcher, counters_in};
 pub use servers::{PATIENCE, admin_database_url, amqp_url, bin_path, queue_state};
 pub use waiting::{eventually, process_gone};
-pub use world::{TestEnv, echo_spec, point_at_double};
+pub use world::{TestEnv, echo_spec, point_at_double, task_spec};

@@ -26,6 +26,23 @@ use crate::servers::{admin_database_url, amqp_url, queue_state, with_database};
 ///
 /// # Errors
 /// `name` is not a valid task name.
+/// A task of `class` named `test.task` with `payload`, to end within `ttl`.
+///
+/// # Panics
+/// `class` is not a valid class name (a test's own constant).
+pub fn task_spec(class: &str, payload: Value, ttl: Duration) -> TaskSpec {
+    TaskSpec {
+        executor: ExecutorClass::parse(class).expect("a valid class name"),
+        name: TaskName::parse("test.task").expect("a valid task name"),
+        payload,
+        ttl,
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    }
+}
+
 pub fn echo_spec(name: &str, payload: Value) -> Result<TaskSpec> {
     Ok(TaskSpec {
         executor: ExecutorClass::parse("echo")?,

@@ -1,15 +1,18 @@
 //! Cancellation: stops the jobs of tasks cancelled while this dispatcher follows them
 //! (`gantry cancel` records `cancelled`; the store announces it on its `LISTEN` channel).
 //! A cancelled task still in its queue is skipped when it arrives (its attempt is over).
+//! The same announcements free the slots of warm executors as their attempts end; a
+//! cancelled task in hand on one is aborted by an order to that executor.
 
 use std::sync::Arc;
 
-use gantry_shared::message::JobName;
+use gantry_shared::message::{JobName, WarmOrder};
 use gantry_shared::store::TaskState;
 use gantry_shared::telemetry::chain;
 use tracing::{info, warn};
 
 use super::role::Role;
+use super::warm;
 use crate::runtime::Runtime;
 
 /// Listens for cancellations until shutdown, listening again after a lost connection.
@@ -22,7 +25,10 @@ pub(crate) async fn watch_cancellations<R: Runtime>(role: Arc<Role<R>>) {
             l = ctx.store.terminal_notifications() => l,
         };
         let mut ids = match listening {
-            Ok(rx) => rx,
+            Ok(rx) => {
+                release_ended(&role).await;
+                rx
+            }
             Err(e) => {
                 let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
                 warn!(error = %chain(&e), ?delay, "cannot listen for cancellations; retrying");
@@ -40,9 +46,18 @@ pub(crate) async fn watch_cancellations<R: Runtime>(role: Arc<Role<R>>) {
                     None => break,
                 },
             };
+            // A warm executor's slot frees as the attempt ends, whatever ended it.
+            let warm_job = role.warm.release(id);
             let Ok(Some(record)) = ctx.store.task(id).await else {
                 continue;
             };
+            if let Some(job) = warm_job {
+                if record.state == TaskState::Cancelled {
+                    info!(task_id = %id, job = %job, "task cancelled; telling its warm executor");
+                    warm::order(&role, &job, &WarmOrder::Cancel { task_id: id }).await;
+                }
+                continue;
+            }
             let name = JobName::for_task(id, record.attempt);
             if record.state != TaskState::Cancelled || !role.is_following(&name) {
                 continue;
@@ -51,6 +66,18 @@ pub(crate) async fn watch_cancellations<R: Runtime>(role: Arc<Role<R>>) {
             if let Err(e) = role.runtime.cancel(&name).await {
                 warn!(task_id = %id, error = %chain(&e), "cannot stop the cancelled task's job");
             }
+        }
+    }
+}
+
+/// Frees the warm slots of attempts that ended while nothing listened (at start, or after
+/// the listening connection was lost).
+async fn release_ended<R: Runtime>(role: &Role<R>) {
+    for (id, attempt) in role.warm.held() {
+        if let Ok(Some(record)) = role.ctx.store.task(id).await
+            && record.state.has_ended(record.attempt, attempt)
+        {
+            role.warm.release(id);
         }
     }
 }

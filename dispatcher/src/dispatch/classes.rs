@@ -64,10 +64,10 @@ impl<R: Runtime> Consumers<R> {
             };
             metrics.capacity_limit(class.as_str(), spec.max_active_jobs);
             if self.capacity.contains_key(class) {
-                self.resize(class, spec.max_active_jobs);
+                self.resize(class, spec.task_capacity());
             } else {
-                let semaphore = Arc::new(Semaphore::new(spec.max_active_jobs as usize));
-                let size = spec.max_active_jobs;
+                let semaphore = Arc::new(Semaphore::new(spec.task_capacity() as usize));
+                let size = spec.task_capacity();
                 self.capacity
                     .insert(class.clone(), Capacity { semaphore, size });
             }
@@ -124,7 +124,7 @@ pub(crate) async fn supervise<R: Runtime>(
         capacity: semaphores
             .into_iter()
             .filter_map(|(class, semaphore)| {
-                let size = catalog.get(&class)?.max_active_jobs;
+                let size = catalog.get(&class)?.task_capacity();
                 Some((class, Capacity { semaphore, size }))
             })
             .collect(),

@@ -85,6 +85,9 @@ pub(crate) async fn hand_off<R: Runtime>(
             label: "invalid",
         });
     }
+    if let Some(warm) = spec.warm {
+        return super::warm::hand_off(role, class, task, &spec, warm, permit, arrived).await;
+    }
     let name = JobName::for_task(task.id, task.attempt);
     let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
     let claim = Change {
@@ -94,12 +97,7 @@ pub(crate) async fn hand_off<R: Runtime>(
         },
         ..Change::default()
     };
-    let claimed = ctx
-        .persist("record dispatched", || {
-            role.lifecycle
-                .transition(task.id, task.attempt, TaskState::Dispatched, &claim)
-        })
-        .await?;
+    let claimed = record(role, class, &task, TaskState::Dispatched, &claim).await?;
     if !claimed.changed() {
         if claimed == Applied::Duplicate
             && let Err(e) = runtime.complete(&task, &spec).await
@@ -115,8 +113,6 @@ pub(crate) async fn hand_off<R: Runtime>(
               "another delivery of this attempt claimed its Job; skipping the delivery");
         return Ok(Disposition::Skip(why));
     }
-    ctx.metrics
-        .task_entered(class.as_str(), TaskState::Dispatched);
     let (job, existed) = match runtime.start(&task, &spec, &dispatch_id).await {
         Ok(started) => started,
         Err(e) => {
@@ -147,15 +143,7 @@ pub(crate) async fn hand_off<R: Runtime>(
             started_at: job.started_at(),
             ..claim.clone()
         };
-        let recorded = ctx
-            .persist("record running", || {
-                role.lifecycle
-                    .transition(task.id, task.attempt, TaskState::Running, &running)
-            })
-            .await?;
-        if recorded.changed() {
-            ctx.metrics.task_entered(class.as_str(), TaskState::Running);
-        }
+        record(role, class, &task, TaskState::Running, &running).await?;
     }
     let origin = if existed {
         Origin::Found
@@ -164,4 +152,33 @@ pub(crate) async fn hand_off<R: Runtime>(
     };
     tokio::spawn(follow(role.clone(), job, Some(permit), origin));
     Ok(Disposition::Started { adopted: existed })
+}
+
+/// Records that the task's attempt entered `state` with `change`, counting it when it did
+/// (not when another delivery had recorded it already).
+///
+/// # Errors
+/// A write that Postgres refuses, or [`Error::ShuttingDown`].
+pub(super) async fn record<R: Runtime>(
+    role: &Role<R>,
+    class: &ExecutorClass,
+    task: &Task,
+    state: TaskState,
+    change: &Change,
+) -> Result<Applied> {
+    let what = match state {
+        TaskState::Dispatched => "record dispatched",
+        _ => "record running",
+    };
+    let applied = role
+        .ctx
+        .persist(what, || {
+            role.lifecycle
+                .transition(task.id, task.attempt, state, change)
+        })
+        .await?;
+    if applied.changed() {
+        role.ctx.metrics.task_entered(class.as_str(), state);
+    }
+    Ok(applied)
 }

@@ -5,7 +5,8 @@
 //! service → `consume` takes a delivery and waits for capacity → `handoff` decides what
 //! becomes of it (a [`Disposition`](disposition::Disposition)) and starts the job →
 //! `disposition` carries that out (ack, return, requeue, dead-letter, fail the attempt) →
-//! `follow` follows the job to its end. `reconcile` runs once at start, before any
+//! `follow` follows the job to its end; `warm` hands the tasks of a warm class to
+//! executors that serve many. `reconcile` runs once at start, before any
 //! delivery; `cancel` listens for cancellations; `role` holds what they share.
 
 mod cancel;
@@ -16,6 +17,7 @@ mod follow;
 mod handoff;
 mod reconcile;
 mod role;
+mod warm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,7 +45,7 @@ pub(crate) async fn start<R: Runtime>(ctx: Arc<Ctx>, runtime: R, loops: &mut Loo
         .map(|(class, spec)| {
             (
                 class.clone(),
-                Arc::new(Semaphore::new(spec.max_active_jobs as usize)),
+                Arc::new(Semaphore::new(spec.task_capacity() as usize)),
             )
         })
         .collect();
@@ -52,6 +54,7 @@ pub(crate) async fn start<R: Runtime>(ctx: Arc<Ctx>, runtime: R, loops: &mut Loo
         "dispatch/cancellations",
         cancel::watch_cancellations(role.clone()),
     );
+    loops.spawn("dispatch/warm", warm::retire(role.clone()));
     loops.spawn(
         "dispatch/consumers",
         classes::supervise(role.clone(), capacity),

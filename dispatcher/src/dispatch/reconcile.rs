@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::follow::{Origin, follow, on_behalf};
 use super::role::Role;
+use super::warm;
 use crate::Result;
 use crate::runtime::{End, Job, JobEnd, Runtime};
 
@@ -29,7 +30,12 @@ pub(crate) async fn reconcile<R: Runtime>(
 ) -> Result<()> {
     let (ctx, runtime) = (&role.ctx, &role.runtime);
     runtime.sweep();
+    let mut warm_jobs = Vec::new();
     for (job, running) in runtime.scan()? {
+        if job.is_warm() {
+            warm_jobs.push((job, running));
+            continue;
+        }
         let permit = ExecutorClass::parse(job.executor())
             .ok()
             .and_then(|c| capacity.get(&c).cloned())
@@ -41,6 +47,13 @@ pub(crate) async fn reconcile<R: Runtime>(
     let unfinished = ctx
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
         .await?;
+    for (job, running) in warm_jobs {
+        ctx.metrics.reconciled.inc();
+        let semaphore = ExecutorClass::parse(job.executor())
+            .ok()
+            .and_then(|c| capacity.get(&c));
+        warm::adopt(role, job, running, &unfinished, semaphore);
+    }
     // Only tasks whose job should exist: a `retrying` task waits in a delay queue.
     let running = [TaskState::Dispatched.as_str(), TaskState::Running.as_str()];
     let ours = format!("{}.", runtime.instance());
@@ -57,7 +70,11 @@ pub(crate) async fn reconcile<R: Runtime>(
             continue;
         };
         let attempt = record.attempt;
-        let name = JobName::for_task(record.task_id, attempt);
+        let name = if JobName::names_warm(job_name) {
+            JobName::recorded(job_name)
+        } else {
+            JobName::for_task(record.task_id, attempt)
+        };
         if name.as_str() != job_name || runtime.knows(&name) {
             continue;
         }
@@ -79,7 +96,9 @@ pub(crate) async fn reconcile<R: Runtime>(
             evidence: runtime.evidence(&name),
         };
         ctx.publish_result(&on_behalf(&end)).await?;
-        runtime.mark_handled(&name);
+        if !name.is_warm() {
+            runtime.mark_handled(&name);
+        }
         ctx.metrics.synthesized.inc();
     }
     Ok(())

@@ -17,6 +17,8 @@ pub(crate) struct Role<R: Runtime> {
     /// The hand-offs' Postgres writes, committed in groups.
     pub(crate) lifecycle: Lifecycle,
     following: Mutex<HashSet<JobName>>,
+    /// The warm executors and the tasks in hand on each.
+    pub(crate) warm: super::warm::Pools,
 }
 
 impl<R: Runtime> Role<R> {
@@ -27,6 +29,7 @@ impl<R: Runtime> Role<R> {
             runtime,
             lifecycle,
             following: Mutex::new(HashSet::new()),
+            warm: super::warm::Pools::default(),
         }
     }
 

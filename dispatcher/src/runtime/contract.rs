@@ -2,8 +2,8 @@
 //! ([`Job`]), and how a job ended ([`JobEnd`]).
 
 use chrono::{DateTime, Utc};
-use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Attempt, ErrorKind, Evidence, JobName, Task, TaskId};
+use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
+use gantry_shared::message::{Attempt, ErrorKind, Evidence, ExecutorClass, JobName, Task, TaskId};
 
 use crate::Result;
 
@@ -46,6 +46,20 @@ pub(crate) trait Runtime: Send + Sync + 'static {
         spec: &ExecutorSpec,
         dispatch_id: &str,
     ) -> impl Future<Output = Result<(Self::Job, bool)>> + Send;
+
+    /// Starts a warm executor of `spec`'s class named `name`, serving the tasks handed to it
+    /// on `queue` (and its orders on `<queue>.control`) until it drains or idles out.
+    ///
+    /// # Errors
+    /// The runtime has no warm executors, or the executor cannot be started.
+    fn start_warm(
+        &self,
+        name: &JobName,
+        class: &ExecutorClass,
+        spec: &ExecutorSpec,
+        warm: &WarmSpec,
+        queue: &str,
+    ) -> impl Future<Output = Result<Self::Job>> + Send;
 
     /// Finishes what a start left undone for an attempt whose job exists (a Kubernetes
     /// Job's Secret); never starts a job.
@@ -115,6 +129,11 @@ pub(crate) trait Job: Send + 'static {
     /// When it was created, where the runtime makes jobs that run later (a Job).
     fn created_at(&self) -> Option<DateTime<Utc>> {
         None
+    }
+    /// Whether it is a warm executor, serving many tasks (then `task_id` and `attempt`
+    /// mean nothing).
+    fn is_warm(&self) -> bool {
+        self.name().is_warm()
     }
 }
 

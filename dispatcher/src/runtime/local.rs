@@ -13,6 +13,9 @@
 //!   group of its own), so a program whose executor died is stopped too;
 //! - `handled`: written once the dispatcher has dealt with the job's end.
 //!
+//! A warm executor's directory has `warm.json` (its class and deadline) in place of
+//! `task.json`; the rest is the same.
+//!
 //! From these a restarted dispatcher tells a job that never started (lock free, no
 //! `started`: start it), one that runs (lock held: adopt it) and one that ended (lock free,
 //! `started`: read `exit.json`), so it never runs a task twice and never loses one. Jobs run
@@ -26,11 +29,13 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Attempt, Evidence, JobName, Task, TaskEnvelope, TaskId};
+use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
+use gantry_shared::message::{
+    Attempt, Evidence, ExecutorClass, JobName, Task, TaskEnvelope, TaskId,
+};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::process::Child;
 use tracing::{debug, info, instrument, warn};
 
@@ -81,6 +86,38 @@ enum Phase {
     Running,
     Ended,
     Handled,
+}
+
+/// What a warm executor's directory says of it (`warm.json`).
+#[derive(Serialize, Deserialize)]
+struct WarmReport {
+    executor: String,
+    deadline: DateTime<Utc>,
+}
+
+/// The warm executor whose directory is `dir`, if it is one.
+fn read_warm(dir: &Path) -> Option<LocalJob> {
+    let bytes = fs::read(dir.join("warm.json")).ok()?;
+    let report: WarmReport = serde_json::from_slice(&bytes).ok()?;
+    let name = dir.file_name()?.to_str()?;
+    Some(LocalJob {
+        name: JobName::recorded(name),
+        task_id: TaskId::from(uuid::Uuid::nil()),
+        attempt: Attempt::FIRST,
+        executor: report.executor,
+        deadline: report.deadline,
+        started_at: read_started_at(dir),
+        dir: dir.to_path_buf(),
+        child: None,
+    })
+}
+
+/// How long a warm executor may live: its `max_job_lifetime`, then time for the tasks in
+/// hand to reach their own deadlines (a quarter more, at least ten minutes).
+fn warm_deadline(warm: &WarmSpec) -> chrono::Duration {
+    let life = warm.max_job_lifetime;
+    let tail = (life / 4).max(Duration::from_secs(600));
+    chrono::Duration::from_std(life + tail).unwrap_or(chrono::Duration::days(365))
 }
 
 #[derive(Deserialize)]
@@ -225,6 +262,40 @@ impl LocalRuntime {
         name: &JobName,
         lock: File,
     ) -> Result<Child> {
+        let mut cmd = self.command(spec, dir, name);
+        cmd.env("GANTRY_TASK_FILE", dir.join("task.json"))
+            .env("GANTRY_DISPATCH_ID", dispatch_id);
+        if let Some(tp) = &task.traceparent {
+            cmd.env("GANTRY_TRACEPARENT", tp);
+        }
+        if let Some(reply_to) = &task.reply_to {
+            cmd.env("GANTRY_REPLY_TO", reply_to);
+        }
+        self.launch(cmd, dir, name, lock)
+    }
+
+    /// The executor's command line for a job in `dir`, as every job of `spec` has it.
+    fn command(&self, spec: &ExecutorSpec, dir: &Path, name: &JobName) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.executor_bin);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("GANTRY_JOB_DIR", dir)
+            .env("GANTRY_TERMINATION_LOG", dir.join("termination-log"))
+            .env("GANTRY_JOB_NAME", name.as_str())
+            .env("GANTRY_POD_NAME", name.as_str())
+            .env("GANTRY_NODE_NAME", &self.node);
+        cmd.envs(spec.engine.executor_env());
+        cmd
+    }
+
+    /// Starts `cmd` holding the job's `lock`, logging to `executor.log`, in a process group
+    /// of its own.
+    fn launch(
+        &self,
+        mut cmd: tokio::process::Command,
+        dir: &Path,
+        name: &JobName,
+        lock: File,
+    ) -> Result<Child> {
         let job_err = |e: io::Error| Error::Job {
             job: name.to_string(),
             message: e.to_string(),
@@ -234,22 +305,6 @@ impl LocalRuntime {
             .append(true)
             .open(dir.join("executor.log"))
             .map_err(job_err)?;
-        let mut cmd = tokio::process::Command::new(&self.executor_bin);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("GANTRY_TASK_FILE", dir.join("task.json"))
-            .env("GANTRY_JOB_DIR", dir)
-            .env("GANTRY_TERMINATION_LOG", dir.join("termination-log"))
-            .env("GANTRY_DISPATCH_ID", dispatch_id)
-            .env("GANTRY_JOB_NAME", name.as_str())
-            .env("GANTRY_POD_NAME", name.as_str())
-            .env("GANTRY_NODE_NAME", &self.node);
-        cmd.envs(spec.engine.executor_env());
-        if let Some(tp) = &task.traceparent {
-            cmd.env("GANTRY_TRACEPARENT", tp);
-        }
-        if let Some(reply_to) = &task.reply_to {
-            cmd.env("GANTRY_REPLY_TO", reply_to);
-        }
         cmd.stdin(Stdio::from(lock))
             .stdout(Stdio::from(log.try_clone().map_err(job_err)?))
             .stderr(Stdio::from(log))
@@ -268,6 +323,56 @@ impl LocalRuntime {
             let _ = fs::write(dir.join("pid"), pid.to_string());
         }
         Ok(child)
+    }
+
+    /// Starts a warm executor: its directory holds `warm.json` (its class and deadline)
+    /// instead of `task.json`.
+    #[instrument(skip_all, fields(job = %name))]
+    fn start_warm_job(
+        &self,
+        name: &JobName,
+        class: &ExecutorClass,
+        spec: &ExecutorSpec,
+        warm: &WarmSpec,
+        queue: &str,
+    ) -> Result<LocalJob> {
+        let dir = self.jobs_dir.join(name.as_str());
+        let job_err = |e: io::Error| Error::Job {
+            job: name.to_string(),
+            message: e.to_string(),
+        };
+        fs::create_dir(&dir).map_err(job_err)?;
+        let deadline = Utc::now() + warm_deadline(warm);
+        let about = WarmReport {
+            executor: class.to_string(),
+            deadline,
+        };
+        let about = serde_json::to_vec(&about).map_err(|e| Error::Job {
+            job: name.to_string(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&dir.join("warm.json"), &about).map_err(job_err)?;
+        let lock = open_lock(&dir).map_err(job_err)?;
+        lock.try_lock().map_err(|e| Error::Job {
+            job: name.to_string(),
+            message: format!("cannot lock the new job directory: {e}"),
+        })?;
+        let mut cmd = self.command(spec, &dir, name);
+        let (key, value) = warm.executor_env();
+        cmd.env("GANTRY_WARM_QUEUE", queue).env(key, value);
+        let started_at = Utc::now();
+        let child = self.launch(cmd, &dir, name, lock)?;
+        info!(pid = child.id(), "warm executor started");
+        Ok(LocalJob {
+            name: name.clone(),
+            task_id: TaskId::from(uuid::Uuid::nil()),
+            attempt: Attempt::FIRST,
+            executor: class.to_string(),
+            deadline,
+            started_at: Some(started_at),
+            dir,
+            child: Some(child),
+        })
     }
 
     /// SIGTERM to the job's process group, SIGKILL after the grace period if it holds on.
@@ -305,6 +410,17 @@ impl Runtime for LocalRuntime {
     /// A local job runs no image.
     async fn resolve_image(&self, _task: &Task, spec: &ExecutorSpec) -> Result<ExecutorSpec> {
         Ok(spec.clone())
+    }
+
+    async fn start_warm(
+        &self,
+        name: &JobName,
+        class: &ExecutorClass,
+        spec: &ExecutorSpec,
+        warm: &WarmSpec,
+        queue: &str,
+    ) -> Result<LocalJob> {
+        self.start_warm_job(name, class, spec, warm, queue)
     }
 
     async fn start(
@@ -458,6 +574,10 @@ impl Runtime for LocalRuntime {
                     continue;
                 }
             };
+            if let Some(job) = read_warm(&dir) {
+                found.push((job, running));
+                continue;
+            }
             let envelope: TaskEnvelope = match fs::read(dir.join("task.json"))
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))

@@ -10,6 +10,8 @@ pub(crate) enum StopReason {
     Deadline,
     /// The executor received SIGTERM or SIGINT.
     Signal,
+    /// The task was cancelled (`gantry cancel`) while a warm executor ran it.
+    Cancelled,
 }
 
 /// How an engine run ended.

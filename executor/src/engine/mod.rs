@@ -25,6 +25,7 @@ use gantry_shared::message::TaskEnvelope;
 
 pub(crate) use deltas::Deltas;
 pub(crate) use finished::{Finished, StopReason};
+pub(crate) use openai::Serving;
 
 /// The engine named by the executor's flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +53,73 @@ impl Engine {
             Engine::Echo => echo::run(task, stop).await,
             Engine::Command(argv) => command::run(argv, task, group_file, stop).await,
             Engine::Openai(engine) => openai::run(engine, task, group_file, deltas, stop).await,
+        }
+    }
+}
+
+/// An engine made ready once for a warm executor, which runs many tasks on it: the
+/// `openai` engine's server is started (or its endpoint named) here, not per task.
+pub(crate) enum Warm {
+    Echo,
+    Command(Vec<String>),
+    Openai(Box<(OpenAiEngine, Serving)>),
+}
+
+impl Engine {
+    /// Makes the engine ready for many tasks.
+    ///
+    /// # Errors
+    /// How it failed to get ready (the model server did not start), as a task would end.
+    pub(crate) async fn warm_up(
+        &self,
+        group_file: Option<&std::path::Path>,
+        stop: impl Future<Output = StopReason>,
+    ) -> Result<Warm, Finished> {
+        match self {
+            Engine::Echo => Ok(Warm::Echo),
+            Engine::Command(argv) => Ok(Warm::Command(argv.clone())),
+            Engine::Openai(engine) => {
+                let mut stop = std::pin::pin!(stop);
+                let serving = openai::open(engine, group_file, &mut stop).await?;
+                Ok(Warm::Openai(Box::new(((**engine).clone(), serving))))
+            }
+        }
+    }
+}
+
+impl Warm {
+    /// Runs one task until it finishes or `stop` fires; the engine stays ready. A command
+    /// gets no process-group file: tasks run side by side, and each one's group is stopped
+    /// by its own run.
+    pub(crate) async fn run(
+        &self,
+        task: &TaskEnvelope,
+        deltas: Option<&Deltas>,
+        stop: impl Future<Output = StopReason>,
+    ) -> Finished {
+        match self {
+            Warm::Echo => echo::run(task, stop).await,
+            Warm::Command(argv) => command::run(argv, task, None, stop).await,
+            Warm::Openai(warm) => openai::ask(&warm.0, &warm.1, task, deltas, stop).await,
+        }
+    }
+
+    /// Why the engine can take no more tasks, if it cannot: its model server died.
+    pub(crate) async fn broken(&self) -> Option<String> {
+        match self {
+            Warm::Openai(warm) => warm
+                .1
+                .exited()
+                .await
+                .map(|status| format!("the model server exited ({status})")),
+            Warm::Echo | Warm::Command(_) => None,
+        }
+    }
+
+    /// Stops what [`Engine::warm_up`] started.
+    pub(crate) async fn close(self, group_file: Option<&std::path::Path>) {
+        if let Warm::Openai(warm) = self {
+            warm.1.close(group_file).await;
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - `kind`: [`ErrorKind`] and [`ReportedBy`], the stable names results carry.
 //! - `rejection`: why a message is refused. `schema`: the schema names and content type.
 //! - `amqp`: the header names and reading AMQP values.
+//! - `warm`: [`HandedTask`] and [`WarmOrder`], what a warm executor receives.
 
 mod amqp;
 mod attempt;
@@ -22,6 +23,7 @@ mod rejection;
 mod result;
 mod schema;
 mod task;
+mod warm;
 
 pub use amqp::{FieldTableExt, headers, value_to_json};
 pub use attempt::Attempt;
@@ -32,3 +34,4 @@ pub use rejection::Rejection;
 pub use result::{Evidence, ResultStatus, TaskError, TaskResult, Usage};
 pub use schema::{CONTENT_TYPE, PROGRESS_SCHEMA, RESULT_SCHEMA, TASK_SCHEMA};
 pub use task::{Limits, Resources, Task, TaskEnvelope, TaskSpec, traceparent};
+pub use warm::{DISPATCH_ID, HandedTask, WARM_SEQ, WarmOrder};

@@ -195,6 +195,27 @@ impl JobName {
         JobName(format!("gantry-{}-a{attempt}", id.as_uuid().simple()))
     }
 
+    /// A new warm executor of `class`: `gantry-w-<class>-<10 hex>`, at most 60 characters.
+    pub fn for_warm(class: &ExecutorClass) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        JobName(format!("gantry-w-{class}-{}", &id[..10]))
+    }
+
+    /// Whether this names a warm executor (see [`JobName::for_warm`]).
+    pub fn is_warm(&self) -> bool {
+        Self::names_warm(&self.0)
+    }
+
+    /// Whether `name` is a warm executor's job name.
+    pub fn names_warm(name: &str) -> bool {
+        name.starts_with("gantry-w-")
+    }
+
+    /// A job name as recorded (a warm executor's, found in a task's evidence).
+    pub fn recorded(name: &str) -> Self {
+        JobName(name.to_owned())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -75,6 +75,10 @@ pub struct Evidence {
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal_reason: Option<String>,
+    /// Set when the attempt ran on a warm executor (a job that serves many tasks): the
+    /// attempt's place among the tasks handed to that job, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_seq: Option<u32>,
 }
 
 /// Resource usage, where the engine knows it.

@@ -116,7 +116,7 @@ async fn transition_round(
     update_tasks(tx, &changed).await?;
     let done: Vec<String> = changed
         .iter()
-        .filter(|t| t.state.is_terminal())
+        .filter(|t| t.state.ends_attempt())
         .map(|t| t.id.to_string())
         .collect();
     if !done.is_empty() {
@@ -172,6 +172,7 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
     let mut text: [Vec<Option<String>>; 5] = Default::default();
     let mut times: [Vec<Option<DateTime<Utc>>>; 3] = Default::default();
     let (mut results, mut errors) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut warm_seqs: Vec<Option<i32>> = Vec::with_capacity(n);
     for t in changed {
         let (c, e) = (&t.change, &t.change.evidence);
         ids.push(t.id.as_uuid());
@@ -186,6 +187,7 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
         ]) {
             column.push(clean(value.as_deref()));
         }
+        warm_seqs.push(e.warm_seq.and_then(|n| i32::try_from(n).ok()));
         let dispatched_at = c
             .dispatched_at
             .or((t.state == TaskState::Dispatched).then_some(now));
@@ -212,12 +214,14 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
              dispatched_at = coalesce(tasks.dispatched_at, u.dispatched_at),
              started_at = coalesce(tasks.started_at, u.started_at),
              finished_at = coalesce(u.finished_at, tasks.finished_at),
-             result = coalesce(u.result, tasks.result), error = coalesce(u.error, tasks.error)
+             result = coalesce(u.result, tasks.result), error = coalesce(u.error, tasks.error),
+             warm_seq = coalesce(u.warm_seq, tasks.warm_seq)
          FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[],
-                     $11::timestamptz[], $12::jsonb[], $13::jsonb[])
+                     $11::timestamptz[], $12::jsonb[], $13::jsonb[], $14::int4[])
              AS u(task_id, state, attempt, dispatch_id, job_name, pod_name, node,
-                  terminal_reason, dispatched_at, started_at, finished_at, result, error)
+                  terminal_reason, dispatched_at, started_at, finished_at, result, error,
+                  warm_seq)
          WHERE tasks.task_id = u.task_id",
     )
     .await?;
@@ -239,6 +243,7 @@ async fn update_tasks(tx: &Transaction<'_>, changed: &[&Transition]) -> Result<(
             finished_at,
             &results,
             &errors,
+            &warm_seqs,
         ],
     )
     .await

@@ -194,7 +194,7 @@ pub(super) async fn transition_in(
         tx.execute(
             "UPDATE tasks SET dispatched_at = NULL, started_at = NULL, finished_at = NULL,
                  dispatch_id = NULL, job_name = NULL, pod_name = NULL, node = NULL,
-                 terminal_reason = NULL, result = NULL, error = NULL
+                 terminal_reason = NULL, result = NULL, error = NULL, warm_seq = NULL
              WHERE task_id = $1",
             &[&id.as_uuid()],
         )
@@ -229,7 +229,8 @@ pub(super) async fn transition_in(
              dispatched_at = coalesce(dispatched_at, $9),
              started_at = coalesce(started_at, $10),
              finished_at = coalesce($11, finished_at),
-             result = coalesce($12, result), error = coalesce($13, error)
+             result = coalesce($12, result), error = coalesce($13, error),
+             warm_seq = coalesce($14, warm_seq)
          WHERE task_id = $1",
     )
     .await?;
@@ -249,11 +250,12 @@ pub(super) async fn transition_in(
             &change.finished_at,
             &result,
             &error,
+            &e.warm_seq.and_then(|n| i32::try_from(n).ok()),
         ],
     )
     .await
     .map_err(pg("update task"))?;
-    if state.is_terminal() {
+    if state.ends_attempt() {
         tx.execute(
             "SELECT pg_notify($1, $2)",
             &[&DONE_CHANNEL, &id.to_string()],

@@ -7,7 +7,9 @@ use tokio_postgres::Statement;
 
 use crate::{Error, Result};
 
-/// Channel on which the store announces that a task reached a terminal state.
+/// Channel on which the store announces (payload: the task id) that a task's attempt ended:
+/// it reached a terminal state, or `retrying`. A listener that waits for the task's end
+/// reads the task again on each announcement.
 pub const DONE_CHANNEL: &str = "gantry_task_done";
 
 /// A statement of the task lifecycle's hot path, prepared once per connection (the pool's

@@ -54,6 +54,12 @@ impl TaskState {
         self.rank() == 4
     }
 
+    /// Whether a task entering this state is done with its attempt: terminal, or waiting
+    /// to retry it. The store announces both on [`super::DONE_CHANNEL`].
+    pub fn ends_attempt(&self) -> bool {
+        self.rank() >= 3
+    }
+
     fn rank(&self) -> u8 {
         match self {
             TaskState::Received => 0,

@@ -38,6 +38,9 @@ pub struct TaskRecord {
     pub pod_name: Option<String>,
     pub node: Option<String>,
     pub terminal_reason: Option<String>,
+    /// The attempt's place among the tasks of its warm executor; `None` when it had a job
+    /// of its own.
+    pub warm_seq: Option<u32>,
     pub result: Option<Value>,
     pub error: Option<Value>,
     pub forwarded_at: Option<DateTime<Utc>>,
@@ -65,6 +68,10 @@ impl TaskRecord {
             pod_name: r.try_get("pod_name").map_err(read())?,
             node: r.try_get("node").map_err(read())?,
             terminal_reason: r.try_get("terminal_reason").map_err(read())?,
+            warm_seq: r
+                .try_get::<_, Option<i32>>("warm_seq")
+                .map_err(read())?
+                .and_then(|n| u32::try_from(n).ok()),
             result: r.try_get("result").map_err(read())?,
             error: r.try_get("error").map_err(read())?,
             forwarded_at: r.try_get("forwarded_at").map_err(read())?,

@@ -4,26 +4,13 @@ use std::time::Duration;
 
 use gantry_producer::Producer;
 use gantry_shared::message::ReportedBy;
-use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskResult, TaskSpec};
+use gantry_shared::message::{ExecutorClass, TaskId, TaskResult};
 use gantry_shared::retry;
 use gantry_shared::store::TaskState;
-use gantry_tests::{TestEnv, eventually};
+use gantry_tests::{TestEnv, eventually, task_spec as spec};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn spec(class: &str, payload: Value, ttl: Duration) -> TaskSpec {
-    TaskSpec {
-        executor: ExecutorClass::parse(class).expect("valid class"),
-        name: TaskName::parse("test.task").expect("valid name"),
-        payload,
-        ttl,
-        reply_to: None,
-        idempotency_key: None,
-        priority: None,
-        resources: None,
-    }
-}
 
 async fn submit(
     p: &Producer,

@@ -28,3 +28,4 @@ mod restart;
 mod retries;
 mod store_batch;
 mod topology;
+mod warm;

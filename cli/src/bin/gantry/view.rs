@@ -31,6 +31,8 @@ pub(crate) struct TaskView<'a> {
     job_name: Option<&'a str>,
     pod_name: Option<&'a str>,
     node: Option<&'a str>,
+    /// Set when the attempt ran on a warm executor: its place among that job's tasks.
+    warm_seq: Option<u32>,
     terminal_reason: Option<&'a str>,
     reply_to: Option<&'a str>,
     submitted_at: DateTime<Utc>,
@@ -67,6 +69,7 @@ impl<'a> TaskView<'a> {
             job_name: record.job_name.as_deref(),
             pod_name: record.pod_name.as_deref(),
             node: record.node.as_deref(),
+            warm_seq: record.warm_seq,
             terminal_reason: record.terminal_reason.as_deref(),
             reply_to: record.reply_to.as_deref(),
             submitted_at: record.submitted_at,
@@ -103,6 +106,11 @@ impl<'a> TaskView<'a> {
         block.opt("job_name", self.job_name);
         block.opt("pod_name", self.pod_name);
         block.opt("node", self.node);
+        block.opt(
+            "warm",
+            self.warm_seq
+                .map(|n| format!("yes, task {n} of its warm executor")),
+        );
         block.opt("terminal_reason", self.terminal_reason);
         block.opt("reply_to", self.reply_to);
         block.opt("forwarded_at", self.forwarded_at.map(timestamp));
@@ -221,6 +229,7 @@ mod tests {
             pod_name: None,
             node: Some("gpu-1".into()),
             terminal_reason: None,
+            warm_seq: None,
             result: Some(json!({
                 "task_id": id,
                 "status": "succeeded",

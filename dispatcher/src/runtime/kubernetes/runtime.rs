@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Attempt, ErrorKind, Evidence, JobName, Task, TaskId};
+use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
+use gantry_shared::message::{Attempt, ErrorKind, Evidence, ExecutorClass, JobName, Task, TaskId};
 use kube::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -199,6 +199,9 @@ impl KubeRuntime {
     }
 }
 
+/// Why a warm class's task does not run on this runtime.
+const WARM_UNSUPPORTED: &str = "the class is warm, and warm executors run on the local runtime only so far; remove `warm:` from the class to run one Job per task";
+
 impl Runtime for KubeRuntime {
     type Job = KubeJob;
 
@@ -212,9 +215,31 @@ impl Runtime for KubeRuntime {
     }
 
     fn admit(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
+        if spec.warm.is_some() {
+            return Err(Error::Unrunnable {
+                task: task.id.to_string(),
+                reason: WARM_UNSUPPORTED.into(),
+            });
+        }
         job::admit(task, spec).map_err(|e| Error::Unrunnable {
             task: task.id.to_string(),
             reason: e.to_string(),
+        })
+    }
+
+    /// Warm executors run on the `local` runtime only, so far; [`Runtime::admit`] refuses
+    /// their tasks before anything is recorded.
+    async fn start_warm(
+        &self,
+        name: &JobName,
+        _class: &ExecutorClass,
+        _spec: &ExecutorSpec,
+        _warm: &WarmSpec,
+        _queue: &str,
+    ) -> Result<KubeJob> {
+        Err(Error::Unrunnable {
+            task: name.to_string(),
+            reason: WARM_UNSUPPORTED.into(),
         })
     }
 

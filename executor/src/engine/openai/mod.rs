@@ -17,7 +17,7 @@ mod server;
 
 use std::path::Path;
 use std::pin::pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gantry_shared::catalog::OpenAiEngine;
 use gantry_shared::llm::LlmRequest;
@@ -30,7 +30,35 @@ use self::server::Server;
 use super::deltas::Deltas;
 use super::finished::{Finished, StopReason, permanent};
 
-/// Runs `task` on `engine` until it is answered or `stop` fires.
+/// A model server that takes requests: started in the job (and stopped by
+/// [`Serving::close`]), or the class's `endpoint`.
+pub(crate) struct Serving {
+    http: Http,
+    /// The server this executor started; locked only to ask how it ended.
+    server: Option<tokio::sync::Mutex<Server>>,
+    /// How long it took to get ready (about 0 with an `endpoint`).
+    server_start: Duration,
+}
+
+impl Serving {
+    /// Stops the server this executor started, if any.
+    pub(crate) async fn close(self, group_file: Option<&Path>) {
+        if let Some(server) = self.server {
+            server.into_inner().stop(group_file).await;
+        }
+    }
+
+    /// How the server this executor started ended, if it has.
+    pub(crate) async fn exited(&self) -> Option<std::process::ExitStatus> {
+        match &self.server {
+            Some(server) => server.lock().await.exited(),
+            None => None,
+        }
+    }
+}
+
+/// Runs `task` on `engine` until it is answered or `stop` fires: starts the server (unless
+/// the class names an endpoint), asks it, and stops it.
 #[instrument(skip_all, fields(model = %engine.model))]
 pub(super) async fn run(
     engine: &OpenAiEngine,
@@ -39,55 +67,83 @@ pub(super) async fn run(
     deltas: Option<&Deltas>,
     stop: impl Future<Output = StopReason>,
 ) -> Finished {
+    let mut stop = pin!(stop);
+    let serving = match open(engine, group_file, &mut stop).await {
+        Ok(serving) => serving,
+        Err(finished) => return finished,
+    };
+    let finished = ask(engine, &serving, task, deltas, stop).await;
+    serving.close(group_file).await;
+    finished
+}
+
+/// Gets the engine's server ready: started on a free port and answering its readiness
+/// path within `startup_timeout`, or the class's endpoint.
+///
+/// # Errors
+/// How the attempt ends instead: the server did not start or get ready, or `stop` fired.
+pub(crate) async fn open(
+    engine: &OpenAiEngine,
+    group_file: Option<&Path>,
+    stop: &mut (impl Future<Output = StopReason> + Unpin),
+) -> Result<Serving, Finished> {
+    let began = Instant::now();
+    if let Some(endpoint) = &engine.endpoint {
+        return Ok(Serving {
+            http: Http::new(endpoint),
+            server: None,
+            server_start: began.elapsed(),
+        });
+    }
+    let mut started = match Server::start(engine, group_file).await {
+        Ok(server) => server,
+        Err(error) => return Err(Finished::Failed(error)),
+    };
+    let ready = tokio::select! {
+        ready = started.wait_ready(&engine.ready_path, engine.startup_timeout) => ready,
+        reason = stop => {
+            started.stop(group_file).await;
+            return Err(Finished::Stopped(reason));
+        }
+    };
+    if let Err(error) = ready {
+        started.stop(group_file).await;
+        return Err(Finished::Failed(error));
+    }
+    Ok(Serving {
+        http: started.http().clone(),
+        server: Some(tokio::sync::Mutex::new(started)),
+        server_start: began.elapsed(),
+    })
+}
+
+/// Sends `task`'s request to the server of `serving` until it is answered or `stop` fires;
+/// leaves the server running.
+pub(crate) async fn ask(
+    engine: &OpenAiEngine,
+    serving: &Serving,
+    task: &TaskEnvelope,
+    deltas: Option<&Deltas>,
+    stop: impl Future<Output = StopReason>,
+) -> Finished {
     let request = match LlmRequest::from_payload(&task.payload, &engine.model) {
         Ok(request) => request,
         Err(e) => return Finished::Failed(permanent(ErrorKind::InvalidPayload, e.to_string())),
     };
-    let mut stop = pin!(stop);
-    let began = Instant::now();
-    let mut server = None;
-    let http = match &engine.endpoint {
-        Some(endpoint) => Http::new(endpoint),
-        None => {
-            let mut started = match Server::start(engine, group_file).await {
-                Ok(server) => server,
-                Err(error) => return Finished::Failed(error),
-            };
-            let ready = tokio::select! {
-                ready = started.wait_ready(&engine.ready_path, engine.startup_timeout) => ready,
-                reason = &mut stop => {
-                    started.stop(group_file).await;
-                    return Finished::Stopped(reason);
-                }
-            };
-            if let Err(error) = ready {
-                started.stop(group_file).await;
-                return Finished::Failed(error);
-            }
-            let http = started.http().clone();
-            server = Some(started);
-            http
-        }
-    };
-    let server_start = began.elapsed();
+    let http = &serving.http;
     let stream = task.stream && deltas.is_some();
     let body = request.body(&engine.model, stream);
     let asked = Instant::now();
     let answered = tokio::select! {
-        answered = answer::ask(&http, request.kind(), &body, stream, deltas) => answered,
-        reason = &mut stop => {
-            // Dropping the request closes its connection, which aborts the generation.
-            if let Some(server) = server {
-                server.stop(group_file).await;
-            }
-            return Finished::Stopped(reason);
-        }
+        answered = answer::ask(http, request.kind(), &body, stream, deltas) => answered,
+        // Dropping the request closes its connection, which aborts the generation.
+        reason = stop => return Finished::Stopped(reason),
     };
     let generation = asked.elapsed();
-    let finished = match answered {
+    match answered {
         Ok(answer) => {
             let timings = Timings {
-                server_start,
+                server_start: serving.server_start,
                 first_token: answer.first_token,
                 generation,
             };
@@ -99,13 +155,14 @@ pub(super) async fn run(
             );
             success(answer, &engine.model, &timings)
         }
-        Err(failure) => Finished::Failed(match (&mut server, failure) {
-            (_, answer::Failure::Refused(message)) => TaskError {
-                kind: ErrorKind::EngineRefused,
-                message: format!("the model server refused the request ({message})"),
-                retryable: false,
-            },
-            (Some(server), answer::Failure::Broken(message)) => {
+        Err(answer::Failure::Refused(message)) => Finished::Failed(TaskError {
+            kind: ErrorKind::EngineRefused,
+            message: format!("the model server refused the request ({message})"),
+            retryable: false,
+        }),
+        Err(answer::Failure::Broken(message)) => Finished::Failed(match &serving.server {
+            Some(server) => {
+                let mut server = server.lock().await;
                 let what = match server.exited() {
                     Some(status) => {
                         format!("the model server died ({status}) while answering: {message}")
@@ -114,7 +171,7 @@ pub(super) async fn run(
                 };
                 server.failure(ErrorKind::EngineFailed, what)
             }
-            (None, answer::Failure::Broken(message)) => TaskError {
+            None => TaskError {
                 kind: ErrorKind::EngineFailed,
                 message: format!(
                     "the model server at {} failed the request: {message}",
@@ -123,11 +180,7 @@ pub(super) async fn run(
                 retryable: true,
             },
         }),
-    };
-    if let Some(server) = server {
-        server.stop(group_file).await;
     }
-    finished
 }
 
 fn success(answer: Answer, model: &str, timings: &Timings) -> Finished {

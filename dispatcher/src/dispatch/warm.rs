@@ -1,0 +1,540 @@
+//! Warm executors: for a class with `warm:`, a job loads its engine once and serves many
+//! tasks, while the dispatcher stays the one place that decides where each task runs.
+//!
+//! - [`Pools`] holds each class's warm executors and the tasks in hand on each. A task
+//!   goes to the fullest executor that has a free slot (so the others can idle out); a new
+//!   executor is started only when none has one and the class has fewer than
+//!   `max_active_jobs`.
+//! - The hand-off ([`hand_off`]) claims the attempt (`dispatched`, with the executor's job
+//!   and the task's place in it as evidence) before the task is published to that
+//!   executor's own queue, so a repeated delivery never reaches a second executor.
+//! - A slot is freed when the store announces the attempt's end (`DONE_CHANNEL`; see
+//!   `super::cancel`), and an executor with nothing in hand for `idle_timeout`, or that
+//!   reached `max_tasks_per_job` or `max_job_lifetime`, is told to drain.
+//! - [`follow_warm`] follows an executor to its end; each attempt still in hand then (the
+//!   executor crashed, was OOM-killed or stopped) gets a result on its behalf, retryable as
+//!   the runtime's verdict says.
+//!
+//! The choice and its failure analysis: `docs/decisions.md` (warm executors).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
+use gantry_shared::message::{
+    Attempt, ErrorKind, Evidence, ExecutorClass, HandedTask, JobName, Task, TaskId, WarmOrder,
+};
+use gantry_shared::retry;
+use gantry_shared::store::{Change, TaskRecord, TaskState};
+use gantry_shared::telemetry::chain;
+use lapin::BasicProperties;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use super::disposition::Disposition;
+use super::follow::on_behalf;
+use super::handoff::record;
+use super::role::Role;
+use crate::runtime::{Job, JobEnd, Runtime};
+use crate::{Error, Result};
+
+/// The warm executors of every class.
+#[derive(Default)]
+pub(crate) struct Pools {
+    classes: Mutex<HashMap<ExecutorClass, Vec<Executor>>>,
+    /// Woken when a slot frees or an executor gets ready.
+    changed: Notify,
+}
+
+/// One warm executor as the dispatcher sees it.
+struct Executor {
+    name: JobName,
+    warm: WarmSpec,
+    /// Its queues are declared and its job started.
+    ready: bool,
+    /// Told to drain (or adopted at start): takes no more tasks.
+    draining: bool,
+    /// Tasks handed to it in its life.
+    handed: u32,
+    in_hand: HashMap<TaskId, Held>,
+    born: Instant,
+    idle_since: Instant,
+}
+
+/// A task in hand on an executor, holding one unit of its class's capacity.
+struct Held {
+    attempt: Attempt,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Where a task was placed.
+struct Placed {
+    job: JobName,
+    seq: u32,
+    /// The executor is new: the hand-off starts it.
+    new: bool,
+}
+
+impl Executor {
+    fn new(name: JobName, warm: WarmSpec) -> Executor {
+        let now = Instant::now();
+        Executor {
+            name,
+            warm,
+            ready: false,
+            draining: false,
+            handed: 0,
+            in_hand: HashMap::new(),
+            born: now,
+            idle_since: now,
+        }
+    }
+
+    fn has_slot(&self) -> bool {
+        self.ready
+            && !self.draining
+            && self.in_hand.len() < usize::from(self.warm.max_concurrency)
+            && self.handed < self.warm.max_tasks_per_job
+            && self.born.elapsed() < self.warm.max_job_lifetime
+    }
+
+    /// Whether it should be told to drain now.
+    fn due(&self) -> bool {
+        !self.draining
+            && self.ready
+            && ((self.in_hand.is_empty() && self.idle_since.elapsed() >= self.warm.idle_timeout)
+                || self.handed >= self.warm.max_tasks_per_job
+                || self.born.elapsed() >= self.warm.max_job_lifetime)
+    }
+
+    fn hold(&mut self, task: TaskId, attempt: Attempt, permit: OwnedSemaphorePermit) -> u32 {
+        self.handed += 1;
+        self.in_hand.insert(
+            task,
+            Held {
+                attempt,
+                _permit: Some(permit),
+            },
+        );
+        self.handed
+    }
+}
+
+impl Pools {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ExecutorClass, Vec<Executor>>> {
+        self.classes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Places `task` on the fullest ready executor of `class` with a free slot, or on a new
+    /// one if the class has room; gives the permit to the task's slot. `None` (permit
+    /// returned) when every slot is taken.
+    fn place(
+        &self,
+        class: &ExecutorClass,
+        spec: &ExecutorSpec,
+        warm: WarmSpec,
+        task: &Task,
+        permit: OwnedSemaphorePermit,
+    ) -> std::result::Result<Placed, OwnedSemaphorePermit> {
+        let mut classes = self.lock();
+        let executors = classes.entry(class.clone()).or_default();
+        let fullest = executors
+            .iter_mut()
+            .filter(|e| e.has_slot())
+            .max_by_key(|e| e.in_hand.len());
+        if let Some(executor) = fullest {
+            let seq = executor.hold(task.id, task.attempt, permit);
+            return Ok(Placed {
+                job: executor.name.clone(),
+                seq,
+                new: false,
+            });
+        }
+        let starting = executors.iter().any(|e| !e.ready);
+        if starting || executors.len() >= spec.max_active_jobs as usize {
+            return Err(permit);
+        }
+        let mut executor = Executor::new(JobName::for_warm(class), warm);
+        let seq = executor.hold(task.id, task.attempt, permit);
+        let job = executor.name.clone();
+        executors.push(executor);
+        Ok(Placed {
+            job,
+            seq,
+            new: true,
+        })
+    }
+
+    /// Marks an executor started: it takes tasks.
+    fn ready(&self, job: &JobName) {
+        if let Some(executor) = self.find(&mut self.lock(), job) {
+            executor.ready = true;
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn find<'a>(
+        &self,
+        classes: &'a mut HashMap<ExecutorClass, Vec<Executor>>,
+        job: &JobName,
+    ) -> Option<&'a mut Executor> {
+        classes
+            .values_mut()
+            .flat_map(|executors| executors.iter_mut())
+            .find(|e| &e.name == job)
+    }
+
+    /// Frees the slot of `task` (its attempt ended, or its hand-off was undone); the
+    /// executor it was on.
+    pub(crate) fn release(&self, task: TaskId) -> Option<JobName> {
+        let mut classes = self.lock();
+        let executor = classes
+            .values_mut()
+            .flat_map(|executors| executors.iter_mut())
+            .find(|e| e.in_hand.contains_key(&task))?;
+        executor.in_hand.remove(&task);
+        if executor.in_hand.is_empty() {
+            executor.idle_since = Instant::now();
+        }
+        let job = executor.name.clone();
+        drop(classes);
+        self.changed.notify_waiters();
+        Some(job)
+    }
+
+    /// Every task in hand, with its attempt.
+    pub(crate) fn held(&self) -> Vec<(TaskId, Attempt)> {
+        self.lock()
+            .values()
+            .flat_map(|executors| executors.iter())
+            .flat_map(|e| e.in_hand.iter().map(|(id, h)| (*id, h.attempt)))
+            .collect()
+    }
+
+    /// Forgets an executor that ended; the attempts it still held.
+    fn remove(&self, job: &JobName) -> Vec<(TaskId, Attempt)> {
+        let mut classes = self.lock();
+        let mut held = Vec::new();
+        for executors in classes.values_mut() {
+            if let Some(i) = executors.iter().position(|e| &e.name == job) {
+                let executor = executors.swap_remove(i);
+                held = executor
+                    .in_hand
+                    .into_iter()
+                    .map(|(id, h)| (id, h.attempt))
+                    .collect();
+            }
+        }
+        drop(classes);
+        self.changed.notify_waiters();
+        held
+    }
+
+    /// Takes an executor found at start: it drains, holding `held` (with a unit of
+    /// capacity each where one is free).
+    fn adopt(
+        &self,
+        class: ExecutorClass,
+        job: JobName,
+        held: Vec<(TaskId, Attempt, Option<OwnedSemaphorePermit>)>,
+    ) {
+        let mut executor = Executor::new(job, WarmSpec::default());
+        executor.ready = true;
+        executor.draining = true;
+        for (id, attempt, permit) in held {
+            executor.in_hand.insert(
+                id,
+                Held {
+                    attempt,
+                    _permit: permit,
+                },
+            );
+        }
+        self.lock().entry(class).or_default().push(executor);
+    }
+
+    /// Marks the executors due to end as draining; their names.
+    fn retire_due(&self) -> Vec<JobName> {
+        let mut classes = self.lock();
+        let mut due = Vec::new();
+        for executor in classes.values_mut().flat_map(|e| e.iter_mut()) {
+            if executor.due() {
+                executor.draining = true;
+                due.push(executor.name.clone());
+            }
+        }
+        due
+    }
+}
+
+/// Hands `task` of a warm class to a warm executor (starting one if the class has room)
+/// and says what becomes of its delivery.
+///
+/// # Errors
+/// A write that Postgres refuses, or [`Error::ShuttingDown`].
+pub(crate) async fn hand_off<R: Runtime>(
+    role: &Arc<Role<R>>,
+    class: &ExecutorClass,
+    task: Task,
+    spec: &ExecutorSpec,
+    warm: WarmSpec,
+    permit: OwnedSemaphorePermit,
+    arrived: Instant,
+) -> Result<Disposition> {
+    let ctx = &role.ctx;
+    let runtime = &role.runtime;
+    let until = tokio::time::Instant::from_std(arrived) + ctx.settings.dispatcher.max_hold;
+    let mut permit = Some(permit);
+    let placed = loop {
+        let changed = role.warm.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let Some(p) = permit.take() else {
+            return Err(Error::ShuttingDown);
+        };
+        match role.warm.place(class, spec, warm, &task, p) {
+            Ok(placed) => break placed,
+            Err(p) => permit = Some(p),
+        }
+        tokio::select! {
+            () = &mut changed => {}
+            () = tokio::time::sleep_until(until) => {
+                return Ok(Disposition::Requeue {
+                    task: Box::new(task),
+                    reason: "capacity",
+                    why: "held too long waiting for a warm executor's slot",
+                });
+            }
+            () = ctx.shutdown.cancelled() => return Err(Error::ShuttingDown),
+        }
+    };
+    let dispatch_id = format!("{}.{}", runtime.instance(), Uuid::new_v4().simple());
+    let evidence = Evidence {
+        dispatch_id: Some(dispatch_id.clone()),
+        warm_seq: Some(placed.seq),
+        ..runtime.evidence(&placed.job)
+    };
+    let claim = Change {
+        evidence: evidence.clone(),
+        ..Change::default()
+    };
+    let claimed = match record(role, class, &task, TaskState::Dispatched, &claim).await {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            undo(role, &task, &placed).await;
+            return Err(e);
+        }
+    };
+    if !claimed.changed() {
+        undo(role, &task, &placed).await;
+        info!(task_id = %task.id, outcome = ?claimed, "another delivery of this attempt claimed it; skipping the delivery");
+        return Ok(Disposition::Skip("claimed"));
+    }
+    let fail = |task: Task, message: String| Disposition::Fail {
+        task: Box::new(task),
+        job: placed.job.clone(),
+        kind: ErrorKind::DispatchFailed,
+        message,
+        retryable: true,
+        evidence: evidence.clone(),
+    };
+    if placed.new
+        && let Err(e) = start(role, class, spec, warm, &placed.job).await
+    {
+        error!(task_id = %task.id, job = %placed.job, error = %chain(&e), "cannot start a warm executor");
+        role.warm.remove(&placed.job);
+        return Ok(fail(task, chain(&e)));
+    }
+    if let Err(e) = publish(role, &task, &dispatch_id, &placed).await {
+        error!(task_id = %task.id, job = %placed.job, error = %chain(&e), "cannot hand the task to its warm executor");
+        role.warm.release(task.id);
+        return Ok(fail(task, chain(&e)));
+    }
+    if placed.new {
+        ctx.metrics.task_to_job(class.as_str(), arrived.elapsed());
+    }
+    if runtime.runs_at_start() {
+        let running = Change {
+            evidence,
+            ..Change::default()
+        };
+        record(role, class, &task, TaskState::Running, &running).await?;
+    }
+    Ok(Disposition::Started { adopted: false })
+}
+
+/// Gives back a placement that did not become a hand-off; a new executor not started is
+/// forgotten.
+async fn undo<R: Runtime>(role: &Role<R>, task: &Task, placed: &Placed) {
+    role.warm.release(task.id);
+    if placed.new {
+        role.warm.remove(&placed.job);
+    }
+}
+
+/// Declares a new executor's queues and starts its job, then follows it.
+async fn start<R: Runtime>(
+    role: &Arc<Role<R>>,
+    class: &ExecutorClass,
+    spec: &ExecutorSpec,
+    warm: WarmSpec,
+    job: &JobName,
+) -> Result<()> {
+    let ctx = &role.ctx;
+    let channel = ctx.publisher.channel().await?;
+    ctx.topology.declare_warm(&channel, job.as_str()).await?;
+    let queue = ctx.topology.warm_queue(job.as_str());
+    let started = role
+        .runtime
+        .start_warm(job, class, spec, &warm, &queue)
+        .await?;
+    info!(job = %job, executor = %class, "warm executor started");
+    role.warm.ready(job);
+    tokio::spawn(follow_warm(role.clone(), started));
+    Ok(())
+}
+
+/// Publishes `task` to its executor's queue, with the broker's confirm.
+async fn publish<R: Runtime>(
+    role: &Role<R>,
+    task: &Task,
+    dispatch_id: &str,
+    placed: &Placed,
+) -> Result<()> {
+    let ctx = &role.ctx;
+    let (body, props) =
+        HandedTask::to_amqp(task, dispatch_id, placed.seq).map_err(gantry_shared::Error::from)?;
+    let queue = ctx.topology.warm_queue(placed.job.as_str());
+    send(role, &queue, &body, props).await
+}
+
+/// Sends `order` to the executor `job`.
+pub(crate) async fn order<R: Runtime>(role: &Role<R>, job: &JobName, order: &WarmOrder) {
+    let queue = role.ctx.topology.warm_control_queue(job.as_str());
+    let body = serde_json::to_vec(order).unwrap_or_default();
+    let props = BasicProperties::default().with_delivery_mode(2);
+    if let Err(e) = send(role, &queue, &body, props).await {
+        warn!(job = %job, ?order, error = %chain(&e), "cannot send the warm executor its order");
+    }
+}
+
+async fn send<R: Runtime>(
+    role: &Role<R>,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<()> {
+    let publishing = role.ctx.publisher.publish(
+        "",
+        queue,
+        body,
+        props,
+        true,
+        retry::for_at_most(Duration::from_secs(30)),
+    );
+    tokio::select! {
+        r = publishing => Ok(r?),
+        () = role.ctx.shutdown.cancelled() => Err(Error::ShuttingDown),
+    }
+}
+
+/// Tells the executors due to end to drain, every second, until shutdown.
+pub(crate) async fn retire<R: Runtime>(role: Arc<Role<R>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = role.ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for job in role.warm.retire_due() {
+            info!(job = %job, "warm executor done (idle, or at its task or lifetime limit); draining it");
+            order(&role, &job, &WarmOrder::Drain).await;
+        }
+    }
+}
+
+/// Takes over a warm executor found at start: it drains (this dispatcher hands it
+/// nothing), holding the attempts Postgres says it has, and is followed to its end.
+pub(crate) fn adopt<R: Runtime>(
+    role: &Arc<Role<R>>,
+    job: R::Job,
+    running: bool,
+    unfinished: &[TaskRecord],
+    capacity: Option<&Arc<tokio::sync::Semaphore>>,
+) {
+    let name = job.name().clone();
+    let held: Vec<_> = unfinished
+        .iter()
+        .filter(|r| r.job_name.as_deref() == Some(name.as_str()))
+        .map(|r| {
+            let permit = capacity.and_then(|s| s.clone().try_acquire_owned().ok());
+            (r.task_id, r.attempt, permit)
+        })
+        .collect();
+    info!(job = %name, running, in_hand = held.len(), "adopting a warm executor found at start; it drains");
+    if let Ok(class) = ExecutorClass::parse(job.executor()) {
+        role.warm.adopt(class, name.clone(), held);
+    }
+    let role = role.clone();
+    tokio::spawn(async move {
+        if running {
+            order(&role, &name, &WarmOrder::Drain).await;
+        }
+        follow_warm(role, job).await;
+    });
+}
+
+/// Follows a warm executor to its end; then fails on their behalf the attempts it still
+/// held, removes its queues and marks it handled.
+pub(crate) async fn follow_warm<R: Runtime>(role: Arc<Role<R>>, job: R::Job) {
+    let (ctx, runtime) = (&role.ctx, &role.runtime);
+    let name = job.name().clone();
+    let Some(_following) = role.follow_guard(&name) else {
+        return;
+    };
+    let end = tokio::select! {
+        end = Box::pin(runtime.wait(job)) => end,
+        // It keeps running; a restarted dispatcher adopts it.
+        _ = ctx.shutdown.cancelled() => return,
+    };
+    let held = role.warm.remove(&name);
+    info!(job = %name, exit = %end.exit, in_hand = held.len(), "warm executor ended");
+    for (id, attempt) in held {
+        let over = match ctx.store.task(id).await {
+            Ok(Some(record)) => record.state.has_ended(record.attempt, attempt),
+            Ok(None) => false,
+            Err(e) => {
+                error!(task_id = %id, error = %chain(&e), "cannot read the task; its attempt is settled at the next start");
+                return;
+            }
+        };
+        if over {
+            continue;
+        }
+        let end = JobEnd {
+            task_id: id,
+            attempt,
+            ..end.clone()
+        };
+        let result = on_behalf(&end);
+        warn!(task_id = %id, job = %name, status = %result.status, exit = %end.exit, "the warm executor ended with the attempt in hand; publishing a result on its behalf");
+        if let Err(e) = ctx.publish_result(&result).await {
+            error!(task_id = %id, error = %chain(&e), "could not publish the result on the executor's behalf; it is settled at the next start");
+            return;
+        }
+        ctx.metrics.synthesized.inc();
+    }
+    match ctx.publisher.channel().await {
+        Ok(channel) => {
+            if let Err(e) = ctx.topology.delete_warm(&channel, name.as_str()).await {
+                warn!(job = %name, error = %chain(&e), "cannot delete the warm executor's queues");
+            }
+        }
+        Err(e) => {
+            warn!(job = %name, error = %chain(&e), "cannot delete the warm executor's queues")
+        }
+    }
+    runtime.mark_handled(&name);
+}
