@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: setup test demo fmt lint deny bench bench-kube faults images images-dry-run executor-base bench-llm
+.PHONY: setup test demo fmt lint deny bench bench-kube bench-warm faults images images-dry-run executor-base bench-llm
 
 setup:
 	bash scripts/setup.sh
@@ -32,6 +32,13 @@ bench-kube: setup
 	cargo build --release --locked --bins
 	target/release/gantry-bench-kube --tasks 5000 --active 10000 --rounds 3 \
 		--writes-per-second 10000 --max-waiting 64
+
+# One job per task against warm executors, for an engine that takes 20 s to start and tasks
+# of 1 s (docs/benchmarks.md); then the warm echo class against a bare RabbitMQ loop.
+bench-warm: setup
+	cargo build --release --locked --bins
+	target/release/gantry-bench-warm --tasks 500 --rate 5 --start-delay 20s --work 1s
+	target/release/gantry-bench --tasks 5000 --concurrency 16 --max-active 2 --warm 64
 
 # The fault suite: every fault against a fresh world, one table; exits 1 on a lost task or an
 # attempt run twice. Restarts RabbitMQ and Postgres: run it alone.

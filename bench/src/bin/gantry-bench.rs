@@ -32,6 +32,10 @@ struct Args {
     /// max_active_jobs of the echo class.
     #[arg(long, default_value_t = 16)]
     max_active: u32,
+    /// Make the echo class warm, each executor running this many tasks at once
+    /// (`max_active` then counts warm executors).
+    #[arg(long, value_name = "MAX_CONCURRENCY")]
+    warm: Option<u16>,
 }
 
 /// Sequential tasks measured before the bulk run, for latency without queueing.
@@ -41,8 +45,13 @@ const IDLE_SAMPLES: usize = 30;
 async fn main() -> Result<()> {
     let args = Args::parse();
     println!(
-        "gantry-bench: {} tasks, {} submitters, max_active_jobs {}",
-        args.tasks, args.concurrency, args.max_active
+        "gantry-bench: {} tasks, {} submitters, max_active_jobs {}{}",
+        args.tasks,
+        args.concurrency,
+        args.max_active,
+        args.warm
+            .map(|n| format!(", warm (max_concurrency {n})"))
+            .unwrap_or_default()
     );
     let idle_base = lapin_round_trip(1, IDLE_SAMPLES, 0)
         .await
@@ -52,7 +61,11 @@ async fn main() -> Result<()> {
         .context("baseline")?;
     let (idle, gantry) = gantry(&args).await.context("gantry run")?;
     let base_name = "baseline: lapin publish→consume→ack (quorum queue)";
-    let gantry_name = "gantry: submit→persisted (local runtime, echo)";
+    let gantry_name = if args.warm.is_some() {
+        "gantry: submit→persisted (local runtime, echo, warm)"
+    } else {
+        "gantry: submit→persisted (local runtime, echo)"
+    };
     println!(
         "\nunder load ({} at once, {} submitters):",
         args.tasks, args.concurrency
@@ -74,8 +87,12 @@ async fn main() -> Result<()> {
 }
 
 async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
+    let warm = args
+        .warm
+        .map(|n| format!("    warm: {{ max_concurrency: {n}, idle_timeout: 30s }}\n"))
+        .unwrap_or_default();
     let catalog = format!(
-        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    max_active_jobs: {}\n",
+        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    max_active_jobs: {}\n{warm}",
         args.max_active
     );
     let env = TestEnv::new(Some(&catalog)).await?;

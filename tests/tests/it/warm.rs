@@ -271,3 +271,67 @@ async fn a_killed_warm_executor_fails_its_tasks_in_hand_which_retry_and_none_run
     producer.close().await;
     env.cleanup().await
 }
+
+/// Runs 8 recorded tasks of 3 s on one warm executor of 4 slots under a dispatcher process,
+/// SIGKILLs the dispatcher (and the executor too when `executor_too`) with 4 in hand,
+/// starts a new dispatcher, and checks that every task ends and no attempt ran twice.
+async fn dispatcher_killed_mid_run(executor_too: bool) -> anyhow::Result<()> {
+    let catalog = format!(
+        "executors:\n{}",
+        warm_class("rec", &Executions::engine(), 1, 4, "2s")
+    );
+    let env = TestEnv::new(Some(&catalog)).await?;
+    let executions = Executions::new(&env.dir.path().join("executions"))?;
+    let dispatcher = env.dispatcher_process()?;
+    let producer = env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let payload = executions.payload(3_000);
+        ids.push(
+            producer
+                .submit(spec("rec", payload, Duration::from_secs(300)))
+                .await?,
+        );
+    }
+    let state = env.dir.path().join("state");
+    let pid: i32 = eventually("four tasks in hand", Duration::from_secs(30), || async {
+        let running = executions.counts()?.len();
+        let dir = warm_dirs(&state).into_iter().next();
+        Ok((running >= 4)
+            .then(|| dir.and_then(|d| std::fs::read_to_string(d.join("pid")).ok()))
+            .flatten()
+            .and_then(|p| p.trim().parse().ok()))
+    })
+    .await?;
+    dispatcher.kill_hard()?;
+    if executor_too {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+    }
+    let restarted = env.dispatcher_process()?;
+    let records = wait_all(&producer, &ids, Duration::from_secs(120)).await?;
+    assert!(
+        records.iter().all(|r| r.state == TaskState::Succeeded),
+        "{records:?}\n{}",
+        restarted.log_text()
+    );
+    assert_eq!(executions.run_twice()?, vec![], "no attempt ran twice");
+    all_warm_handled(&state, Duration::from_secs(90)).await?;
+    restarted.terminate(Duration::from_secs(30))?;
+    producer.close().await;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_killed_dispatcher_leaves_its_warm_executor_to_finish_and_loses_nothing()
+-> anyhow::Result<()> {
+    dispatcher_killed_mid_run(false).await
+}
+
+#[tokio::test]
+async fn a_killed_dispatcher_and_executor_lose_nothing_and_run_nothing_twice() -> anyhow::Result<()>
+{
+    dispatcher_killed_mid_run(true).await
+}
