@@ -69,6 +69,34 @@ fn most_alive_at_once(state: &Path) -> anyhow::Result<usize> {
     Ok(usize::try_from(most)?)
 }
 
+/// Submits 8 recorded tasks of 3 s to class `rec` and waits until 4 of them run on its warm
+/// executor; their ids and the executor's pid.
+async fn eight_with_four_in_hand(
+    producer: &gantry_producer::Producer,
+    executions: &Executions,
+    state: &Path,
+) -> anyhow::Result<(Vec<TaskId>, i32)> {
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let payload = executions.payload(3_000);
+        ids.push(
+            producer
+                .submit(spec("rec", payload, Duration::from_secs(300)))
+                .await?,
+        );
+    }
+    let pid = eventually("four tasks in hand", Duration::from_secs(30), || async {
+        let running = executions.counts()?.len();
+        let dir = warm_dirs(state).into_iter().next();
+        Ok((running >= 4)
+            .then(|| dir.and_then(|d| std::fs::read_to_string(d.join("pid")).ok()))
+            .flatten()
+            .and_then(|p| p.trim().parse().ok()))
+    })
+    .await?;
+    Ok((ids, pid))
+}
+
 async fn wait_all(
     producer: &gantry_producer::Producer,
     ids: &[TaskId],
@@ -230,25 +258,8 @@ async fn a_killed_warm_executor_fails_its_tasks_in_hand_which_retry_and_none_run
     let executions = Executions::new(&env.dir.path().join("executions"))?;
     let dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
-    let mut ids = Vec::new();
-    for _ in 0..8 {
-        let payload = executions.payload(3_000);
-        ids.push(
-            producer
-                .submit(spec("rec", payload, Duration::from_secs(300)))
-                .await?,
-        );
-    }
     let state = env.dir.path().join("state");
-    let pid: i32 = eventually("four tasks in hand", Duration::from_secs(30), || async {
-        let running = executions.counts()?.len();
-        let dir = warm_dirs(&state).into_iter().next();
-        Ok((running >= 4)
-            .then(|| dir.and_then(|d| std::fs::read_to_string(d.join("pid")).ok()))
-            .flatten()
-            .and_then(|p| p.trim().parse().ok()))
-    })
-    .await?;
+    let (ids, pid) = eight_with_four_in_hand(&producer, &executions, &state).await?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -284,25 +295,8 @@ async fn dispatcher_killed_mid_run(executor_too: bool) -> anyhow::Result<()> {
     let executions = Executions::new(&env.dir.path().join("executions"))?;
     let dispatcher = env.dispatcher_process()?;
     let producer = env.producer().await?;
-    let mut ids = Vec::new();
-    for _ in 0..8 {
-        let payload = executions.payload(3_000);
-        ids.push(
-            producer
-                .submit(spec("rec", payload, Duration::from_secs(300)))
-                .await?,
-        );
-    }
     let state = env.dir.path().join("state");
-    let pid: i32 = eventually("four tasks in hand", Duration::from_secs(30), || async {
-        let running = executions.counts()?.len();
-        let dir = warm_dirs(&state).into_iter().next();
-        Ok((running >= 4)
-            .then(|| dir.and_then(|d| std::fs::read_to_string(d.join("pid")).ok()))
-            .flatten()
-            .and_then(|p| p.trim().parse().ok()))
-    })
-    .await?;
+    let (ids, pid) = eight_with_four_in_hand(&producer, &executions, &state).await?;
     dispatcher.kill_hard()?;
     if executor_too {
         nix::sys::signal::kill(
