@@ -329,3 +329,44 @@ async fn a_killed_dispatcher_and_executor_lose_nothing_and_run_nothing_twice() -
 {
     dispatcher_killed_mid_run(true).await
 }
+
+#[tokio::test]
+async fn a_warm_openai_class_starts_its_model_server_once_for_many_requests() -> anyhow::Result<()>
+{
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let engine = format!(
+        "{{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s, stop_grace: 5s }}"
+    );
+    let catalog = format!("executors:\n{}", warm_class("chat", &engine, 1, 2, "2s"));
+    let env = TestEnv::new(Some(&catalog)).await?;
+    let dispatcher = env.dispatcher().await?;
+    let producer = env.producer().await?;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let payload = json!({"prompt": format!("count {n}"), "max_tokens": 4});
+        ids.push(
+            producer
+                .submit(spec("chat", payload, Duration::from_secs(180)))
+                .await?,
+        );
+    }
+    let records = wait_all(&producer, &ids, Duration::from_secs(180)).await?;
+    let mut server_starts = BTreeSet::new();
+    for record in &records {
+        assert_eq!(record.state, TaskState::Succeeded, "{record:?}");
+        let output = &record.result.as_ref().expect("a result")["output"];
+        assert_eq!(output["usage"]["completion_tokens"], json!(4), "{output}");
+        server_starts.insert(output["timings"]["server_start_ms"].to_string());
+    }
+    assert_eq!(
+        server_starts.len(),
+        1,
+        "one server start, reported by every answer: {server_starts:?}"
+    );
+    let jobs: BTreeSet<_> = records.iter().map(|r| r.job_name.clone()).collect();
+    assert_eq!(jobs.len(), 1, "one warm executor: {jobs:?}");
+    all_warm_handled(&env.dir.path().join("state"), Duration::from_secs(60)).await?;
+    dispatcher.stop().await?;
+    producer.close().await;
+    env.cleanup().await
+}
