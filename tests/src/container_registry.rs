@@ -377,6 +377,31 @@ impl RegistryService {
         })
     }
 
+    /// `gantry-registry --probe` (the image's health check) against this service, told to
+    /// listen on every interface at its port, as in the image: its exit code, standard
+    /// output and standard error.
+    ///
+    /// # Errors
+    /// The binary cannot be run.
+    pub fn probe(&self) -> Result<(Option<i32>, String, String)> {
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .context("the service's URL has a port")?;
+        let out = Command::new(bin_path("gantry-registry"))
+            .arg("--probe")
+            .env_remove("GANTRY_REGISTRY_CONFIG")
+            .env("GANTRY_REGISTRY_LISTEN", format!("0.0.0.0:{port}"))
+            .output()
+            .context("running gantry-registry --probe")?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// `(status, JSON body)` of a request to the service's API.
     ///
     /// # Errors

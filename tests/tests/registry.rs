@@ -71,6 +71,11 @@ fn an_image_pushed_appears_after_a_refresh_pinned_to_its_digest() -> anyhow::Res
     assert_eq!(status, 200);
     assert_eq!(listing["executors"][0]["class"], "echo");
     assert_eq!(listing["executors"][0]["image"], json!(pinned));
+    assert_eq!(listing["executors"][0]["digest"], json!(image.digest));
+    assert_eq!(
+        listing["executors"][0]["capabilities"],
+        entry["capabilities"]
+    );
 
     let audit = service.audit_lines()?;
     assert_eq!(audit.len(), 1, "{audit:?}");
@@ -275,9 +280,18 @@ fn until_a_registry_answers_once_the_service_says_it_is_starting() -> anyhow::Re
         status, 503,
         "no guessed 404 before the catalog is loaded: {answer}"
     );
+    // The image's health check says the same: unhealthy while starting…
+    let (code, _, stderr) = service.probe()?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("/health answered 503"), "{stderr}");
     // While not loaded it retries on its own, well before its period.
     registry.restart()?;
     service.wait_loaded()?;
+    // …and healthy once it serves a catalog.
+    let (code, stdout, stderr) = service.probe()?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let health: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(health["status"], "ok", "{health}");
     Ok(())
 }
 
@@ -340,11 +354,25 @@ fn it_refreshes_on_its_period_and_exits_0_on_sigterm() -> anyhow::Result<()> {
 // The double serves from this process while the test blocks on the dispatcher's start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_runs_the_digest_the_registry_service_serves() -> anyhow::Result<()> {
-    let (registry, service) = world()?;
+    // `executor-echo` at the registry's root, watched by a source without a namespace.
+    let registry = ContainerRegistry::start()?;
+    let service = RegistryService::start(&format!("http://{}", registry.host()), "1h")?;
+    service.wait_loaded()?;
     let image = labelled("k8s.echo", "dispatched")?;
-    registry.push(&image, "team/executor-echo", "1.0.0")?;
+    registry.push(&image, "executor-echo", "1.0.0")?;
     refresh(&service)?;
-    let pinned = format!("{}/team/executor-echo@{}", registry.host(), image.digest);
+    let pinned = format!("{}/executor-echo@{}", registry.host(), image.digest);
+    let (status, listing) = service.call("GET", "/executors")?;
+    assert_eq!(status, 200, "{listing}");
+    assert_eq!(
+        (
+            &listing["executors"][0]["image"],
+            &listing["executors"][0]["digest"],
+            &listing["executors"][0]["capabilities"]["tasks"],
+        ),
+        (&json!(pinned), &json!(image.digest), &json!(["k8s.echo"])),
+        "{listing}"
+    );
 
     let double = KubeDouble::start().await;
     let executor = gantry_tests::bin_path("gantry-executor")
