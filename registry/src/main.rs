@@ -63,6 +63,9 @@ Labels of an executor image (docs/registry.md):
 Settings (file key, environment variable, default):
   listen            GANTRY_REGISTRY_LISTEN             0.0.0.0:8080
   sources           GANTRY_REGISTRY_SOURCES            (required; comma-separated URLs)
+  classes           GANTRY_REGISTRY_CLASSES            (none: list each registry) classes
+                                                       read by name, for registries that
+                                                       do not serve /v2/_catalog
   refresh_interval  GANTRY_REGISTRY_REFRESH_INTERVAL   1m
   cache_ttl         GANTRY_REGISTRY_CACHE_TTL          1h   what was read per digest
   request_timeout   GANTRY_REGISTRY_TIMEOUT            10s  per registry request
