@@ -93,11 +93,13 @@ BUILD_IMAGE = bash scripts/build-images.sh --engine $(CONTAINER_ENGINE) \
 # registry and a kind cluster on 127.0.0.1 are reachable, and serving on loopback only;
 # with a read-only root filesystem, as deploy/ runs it. The dispatcher runs on the
 # kubernetes runtime against $$KUBECONFIG (default ~/.kube/config), mounted read-only and
-# read as your own user (the image's 65532 could not read a 0600 file of yours).
+# read as your own user (the image's 65532 could not read a 0600 file of yours). --mount,
+# unlike -v, fails when the file is missing instead of creating a directory in its place.
 KUBECONFIG_FILE ?= $(or $(firstword $(subst :, ,$(KUBECONFIG))),$(HOME)/.kube/config)
 REGISTRY_SOURCES ?= http://127.0.0.1:5000
 RUN_dispatcher = -e GANTRY_AMQP_URL -e GANTRY_DATABASE_URL -e GANTRY_HTTP_ADDR=127.0.0.1:8380 \
-	-v $(KUBECONFIG_FILE):/etc/gantry/kubeconfig:ro -e KUBECONFIG=/etc/gantry/kubeconfig \
+	--mount type=bind,src=$(KUBECONFIG_FILE),dst=/etc/gantry/kubeconfig,readonly \
+	-e KUBECONFIG=/etc/gantry/kubeconfig \
 	--user $(shell id -u):$(shell id -g)
 ARGS_dispatcher = --runtime=kubernetes
 RUN_registry = -e GANTRY_REGISTRY_SOURCES=$(REGISTRY_SOURCES) -e GANTRY_REGISTRY_LISTEN=127.0.0.1:8080
