@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -9,6 +10,7 @@ use gantry_dispatcher::Role;
 use gantry_dispatcher::settings::{RuntimeKind, Settings};
 use gantry_shared::cli::GlobalArgs;
 use gantry_shared::config::Config;
+use gantry_shared::probe;
 use gantry_shared::telemetry;
 
 /// Consumes Gantry tasks from RabbitMQ and runs each as a job; records every result and
@@ -64,6 +66,17 @@ enum Command {
         #[arg(long, value_name = "NAMESPACE")]
         namespace: Option<String>,
     },
+    /// Ask this dispatcher's own HTTP endpoint (http_addr, GANTRY_HTTP_ADDR) whether it is
+    /// ready (/readyz; with --live, alive: /livez) and exit 0 if so, 1 if not: the image's
+    /// HEALTHCHECK, which needs no curl in the image.
+    Probe {
+        /// Ask /livez (the dispatcher's loops run) instead of /readyz (it takes tasks).
+        #[arg(long)]
+        live: bool,
+        /// YAML configuration file, for its `dispatcher.http_addr`.
+        #[arg(long, env = "GANTRY_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 const AFTER_HELP: &str = "\
@@ -80,6 +93,18 @@ More: docs/configuration.md and docs/architecture.md.";
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Probe { live, config }) = &args.command {
+        return match probe(config.as_deref(), *live) {
+            Ok(answer) => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gantry-dispatcher probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::RenderJob {
         task,
         config,
@@ -147,6 +172,23 @@ fn render(
         &namespace,
         chrono::Utc::now(),
     )?)
+}
+
+/// `GET /readyz` (or `/livez`) of the endpoint this configuration serves, on loopback.
+fn probe(config: Option<&std::path::Path>, live: bool) -> anyhow::Result<String> {
+    let dispatcher = Settings::load(config).context("loading configuration")?;
+    let bound = dispatcher.http_addr.0.context(
+        "http_addr (GANTRY_HTTP_ADDR) is off: there is no endpoint to probe; set it, e.g. to 0.0.0.0:8380",
+    )?;
+    let path = if live { "/livez" } else { "/readyz" };
+    let addr = probe::target(bound);
+    let (status, body) = probe::get(addr, path, Duration::from_secs(3))
+        .with_context(|| format!("http://{addr}{path}: no answer"))?;
+    anyhow::ensure!(
+        status == 200,
+        "http://{addr}{path} answered {status}: {body}"
+    );
+    Ok(body)
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

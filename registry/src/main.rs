@@ -3,11 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use gantry_registry::{Settings, Source};
-use gantry_shared::telemetry;
+use gantry_shared::{probe, telemetry};
 
 /// Watches container registries for executor images and serves the dispatcher a catalog
 /// of them, each pinned to its digest.
@@ -35,8 +36,13 @@ struct Args {
     sources: Vec<Source>,
     /// Refresh once, print the catalog and the refusals as JSON, and exit (1 if a registry
     /// could not be read): to check a registry and its images' labels by hand.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "probe")]
     once: bool,
+    /// Ask the service this configuration runs (GET /health on its listen address, over
+    /// loopback) whether it serves a catalog; exit 0 if so (ok or degraded), 1 if not
+    /// (starting, or no answer). The image's HEALTHCHECK, which needs no curl in the image.
+    #[arg(long)]
+    probe: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -57,6 +63,9 @@ Labels of an executor image (docs/registry.md):
 Settings (file key, environment variable, default):
   listen            GANTRY_REGISTRY_LISTEN             0.0.0.0:8080
   sources           GANTRY_REGISTRY_SOURCES            (required; comma-separated URLs)
+  classes           GANTRY_REGISTRY_CLASSES            (none: list each registry) classes
+                                                       read by name, for registries that
+                                                       do not serve /v2/_catalog
   refresh_interval  GANTRY_REGISTRY_REFRESH_INTERVAL   1m
   cache_ttl         GANTRY_REGISTRY_CACHE_TTL          1h   what was read per digest
   request_timeout   GANTRY_REGISTRY_TIMEOUT            10s  per registry request
@@ -68,6 +77,7 @@ Examples:
   GANTRY_REGISTRY_SOURCES=https://registry.example.com/ml gantry-registry
   gantry-registry --once --source http://127.0.0.1:5000/team
   curl -X POST http://gantry-registry:8080/executors/refresh
+  gantry-registry --probe     # exit 0 when GET /health says ok or degraded
 
 The dispatcher uses it with GANTRY_EXECUTOR_REGISTRY=http://gantry-registry:8080.
 On SIGTERM or Ctrl-C it stops accepting connections, lets the answers in flight finish,
@@ -75,6 +85,18 @@ and exits 0. More: docs/registry.md.";
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.probe {
+        return match probe(&args) {
+            Ok(answer) => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gantry-registry --probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -94,6 +116,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `GET /health` of the service these settings describe.
+fn probe(args: &Args) -> anyhow::Result<String> {
+    let file = args.config.as_deref().filter(|p| !p.as_os_str().is_empty());
+    let settings = Settings::load(file).context("loading settings")?;
+    let addr = probe::target(args.listen.unwrap_or(settings.listen));
+    let (status, body) = probe::get(addr, "/health", Duration::from_secs(3))
+        .with_context(|| format!("http://{addr}/health: no answer"))?;
+    anyhow::ensure!(
+        status == 200,
+        "http://{addr}/health answered {status}: {body}"
+    );
+    Ok(body)
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {

@@ -1,7 +1,8 @@
-//! One refresh: every source's repositories `<namespace>/executor-<class>`, for each the
-//! newest release tag whose image is accepted, read from its manifest (or, for an index,
-//! its linux/amd64 manifest) and its config's labels. Sources are read in order and the
-//! first that has a class gives it. What was read about a digest is reused for `cache_ttl`
+//! One refresh: every source's repositories `<namespace>/executor-<class>`, listed by the
+//! registry (`/v2/_catalog`) or, when the settings name the classes, those classes' alone;
+//! for each the newest release tag whose image is accepted, read from its manifest (or, for
+//! an index, its linux/amd64 manifest) and its config's labels. Sources are read in order
+//! and the first that has a class gives it. What was read about a digest is reused for `cache_ttl`
 //! (digests do not change; this bounds the registry's load and how often a refusal is
 //! logged), so a refresh that finds nothing new costs a listing, a tag list and a manifest
 //! per class.
@@ -84,6 +85,9 @@ enum Outcome {
     Accepted(Image),
     /// No tag of it is accepted (each refusal is in the pass).
     None,
+    /// The registry does not know it (a class named in the settings that this source does
+    /// not have, or a repository deleted since the listing).
+    Absent,
     /// It could not be read: its entry, if any, stays.
     Unsure(Error),
 }
@@ -96,22 +100,27 @@ pub(crate) async fn pass(client: &Client, settings: &Settings, verdicts: &Verdic
     let mut listings: HashMap<String, Option<Vec<String>>> = HashMap::new();
     let mut claimed: BTreeSet<String> = BTreeSet::new();
     for source in &settings.sources {
-        let key = registry_key(source);
-        if !listings.contains_key(&key) {
-            let listed = match client.repositories(source).await {
-                Ok(mut repos) => {
-                    repos.sort();
-                    Some(repos)
-                }
+        let repos = if settings.classes.is_empty() {
+            listed(client, source, &mut listings, &mut pass.errors).await
+        } else {
+            // Named: nothing is listed, so no other namespace is seen either. The registry
+            // must answer, as a listing would have to, before its repositories count.
+            match client.ping(source).await {
+                Ok(()) => Some(
+                    settings
+                        .classes
+                        .iter()
+                        .map(|c| source.repository(c.as_str()))
+                        .collect(),
+                ),
                 Err(e) => {
                     pass.errors
                         .push(format!("registry {}: {e}", source.base_url()));
                     None
                 }
-            };
-            listings.insert(key.clone(), listed);
-        }
-        let Some(repos) = listings.get(&key).cloned().flatten() else {
+            }
+        };
+        let Some(repos) = repos else {
             pass.found.failed_sources.insert(source.to_string());
             continue;
         };
@@ -133,7 +142,6 @@ pub(crate) async fn pass(client: &Client, settings: &Settings, verdicts: &Verdic
                 debug!(repository = %full, class, "shadowed by an earlier source");
                 continue;
             }
-            pass.found.listed.insert(class.to_owned());
             match repository(
                 client,
                 settings,
@@ -146,11 +154,18 @@ pub(crate) async fn pass(client: &Client, settings: &Settings, verdicts: &Verdic
             .await
             {
                 Outcome::Accepted(image) => {
+                    pass.found.listed.insert(class.to_owned());
                     claimed.insert(class.to_owned());
                     pass.found.images.insert(class.to_owned(), image);
                 }
-                Outcome::None => {}
+                Outcome::None => {
+                    pass.found.listed.insert(class.to_owned());
+                }
+                Outcome::Absent => {
+                    debug!(repository = %full, "no such repository in this source");
+                }
                 Outcome::Unsure(e) => {
+                    pass.found.listed.insert(class.to_owned());
                     claimed.insert(class.to_owned());
                     pass.found.unsure.insert(class.to_owned());
                     pass.errors.push(format!("repository {full}: {e}"));
@@ -160,6 +175,31 @@ pub(crate) async fn pass(client: &Client, settings: &Settings, verdicts: &Verdic
     }
     refuse_other_namespaces(settings, &listings, &mut pass.refusals);
     pass
+}
+
+/// The repositories of the source's registry, listed once per refresh whatever the number
+/// of its namespaces; `None` when it could not be listed (the error is recorded).
+async fn listed(
+    client: &Client,
+    source: &Source,
+    listings: &mut HashMap<String, Option<Vec<String>>>,
+    errors: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    let key = registry_key(source);
+    if !listings.contains_key(&key) {
+        let listed = match client.repositories(source).await {
+            Ok(mut repos) => {
+                repos.sort();
+                Some(repos)
+            }
+            Err(e) => {
+                errors.push(format!("registry {}: {e}", source.base_url()));
+                None
+            }
+        };
+        listings.insert(key.clone(), listed);
+    }
+    listings.get(&key).cloned().flatten()
 }
 
 /// Sources that share a registry (and its credentials) share its listing.
@@ -218,7 +258,8 @@ async fn repository(
 ) -> Outcome {
     let full = format!("{}/{repo}", source.host);
     let tags = match client.tags(source, repo).await {
-        Ok(tags) => tags,
+        Ok(Some(tags)) => tags,
+        Ok(None) => return Outcome::Absent,
         Err(e) => return Outcome::Unsure(e),
     };
     let (releases, others) = version::newest_first(&tags);

@@ -6,6 +6,7 @@
 //! sources:                       # allowed registry/namespace pairs, first wins per class
 //!   - https://registry.example.com/ml
 //!   - http://robot:secret@registry.internal:5000/team
+//! # classes: [vllm, echo]      # only for registries that do not list their repositories
 //! refresh_interval: 1m
 //! cache_ttl: 1h
 //! audit_log: /var/log/gantry/registry-audit.jsonl   # "-": standard output
@@ -22,6 +23,7 @@ use std::time::Duration;
 use gantry_shared::config::{
     self, LogFormat, env, env_duration, env_parse, humantime_serde_compat,
 };
+use gantry_shared::message::ExecutorClass;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -36,6 +38,12 @@ pub struct Settings {
     /// The registries and namespaces watched, in order of precedence. Only repositories
     /// `<namespace>/executor-<class>` of these are accepted.
     pub sources: Vec<Source>,
+    /// The classes whose repositories are read by name, for registries that do not list
+    /// their repositories (`/v2/_catalog`: Docker Hub, GHCR and most hosted ones). Empty
+    /// (the default): every source's registry is listed and every `executor-<class>` of it
+    /// is found. Set: no registry is listed, and only `<namespace>/executor-<class>` of
+    /// these classes is read in each source.
+    pub classes: Vec<ExecutorClass>,
     /// How often the catalog is rebuilt from the registries.
     #[serde(with = "humantime_serde_compat")]
     pub refresh_interval: Duration,
@@ -60,6 +68,7 @@ impl Default for Settings {
         Settings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             sources: Vec::new(),
+            classes: Vec::new(),
             refresh_interval: Duration::from_secs(60),
             cache_ttl: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(10),
@@ -79,14 +88,13 @@ impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Settings> {
         let mut s: Settings = config::read_file(file)?;
         env_parse("GANTRY_REGISTRY_LISTEN", &mut s.listen)?;
-        if let Some(v) = env("GANTRY_REGISTRY_SOURCES") {
-            s.sources = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(Source::parse)
-                .collect::<Result<_, _>>()
-                .map_err(|message| invalid("GANTRY_REGISTRY_SOURCES", message))?;
+        if let Some(sources) = env_list("GANTRY_REGISTRY_SOURCES", Source::parse)? {
+            s.sources = sources;
+        }
+        if let Some(classes) = env_list("GANTRY_REGISTRY_CLASSES", |c| {
+            ExecutorClass::parse(c).map_err(|e| e.to_string())
+        })? {
+            s.classes = classes;
         }
         env_duration("GANTRY_REGISTRY_REFRESH_INTERVAL", &mut s.refresh_interval)?;
         env_duration("GANTRY_REGISTRY_CACHE_TTL", &mut s.cache_ttl)?;
@@ -123,6 +131,21 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// The comma-separated items of the variable `name`, each parsed; `None` when it is unset.
+fn env_list<T>(name: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<Vec<T>>> {
+    let Some(value) = env(name) else {
+        return Ok(None);
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(parse)
+        .collect::<Result<_, _>>()
+        .map(Some)
+        .map_err(|message| invalid(name, message))
 }
 
 fn invalid(origin: &str, message: String) -> crate::Error {
@@ -326,5 +349,15 @@ mod tests {
 
         let none = Settings::default().check().unwrap_err().to_string();
         assert!(none.contains("GANTRY_REGISTRY_SOURCES"), "{none}");
+
+        std::fs::write(&path, "classes: [vllm, echo]\n").unwrap();
+        let named = Settings::load(Some(&path)).unwrap();
+        assert_eq!(
+            named.classes.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+            ["vllm", "echo"]
+        );
+        std::fs::write(&path, "classes: [Bad_Class]\n").unwrap();
+        let bad = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(bad.contains("Bad_Class"), "{bad}");
     }
 }

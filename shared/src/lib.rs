@@ -18,6 +18,7 @@
 //! - [`telemetry`]: tracing set-up shared by the binaries.
 //! - [`version`]: image tags read as versions, and their order.
 //! - [`retry`]: the backoff policy used for every reconnect.
+//! - [`probe`]: a health probe as a command (an image's `HEALTHCHECK`), without curl.
 
 pub mod amqp;
 pub mod catalog;
@@ -28,6 +29,7 @@ pub mod dead_letter;
 mod error;
 pub mod llm;
 pub mod message;
+pub mod probe;
 pub mod retry;
 pub mod store;
 pub mod telemetry;

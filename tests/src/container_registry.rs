@@ -328,6 +328,18 @@ impl RegistryService {
     /// # Errors
     /// The binary is missing (`cargo build --bins`), or it exits or never listens.
     pub fn start(sources: &str, period: &str) -> Result<RegistryService> {
+        RegistryService::start_with(sources, period, &[])
+    }
+
+    /// [`RegistryService::start`] with more environment variables.
+    ///
+    /// # Errors
+    /// As [`RegistryService::start`].
+    pub fn start_with(
+        sources: &str,
+        period: &str,
+        env: &[(&str, &str)],
+    ) -> Result<RegistryService> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("gantry-registry.log");
         let audit = dir.path().join("audit.jsonl");
@@ -343,6 +355,7 @@ impl RegistryService {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -377,6 +390,31 @@ impl RegistryService {
         })
     }
 
+    /// `gantry-registry --probe` (the image's health check) against this service, told to
+    /// listen on every interface at its port, as in the image: its exit code, standard
+    /// output and standard error.
+    ///
+    /// # Errors
+    /// The binary cannot be run.
+    pub fn probe(&self) -> Result<(Option<i32>, String, String)> {
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .context("the service's URL has a port")?;
+        let out = Command::new(bin_path("gantry-registry"))
+            .arg("--probe")
+            .env_remove("GANTRY_REGISTRY_CONFIG")
+            .env("GANTRY_REGISTRY_LISTEN", format!("0.0.0.0:{port}"))
+            .output()
+            .context("running gantry-registry --probe")?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// `(status, JSON body)` of a request to the service's API.
     ///
     /// # Errors
@@ -403,6 +441,18 @@ impl RegistryService {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the service's log has a line containing `needle`.
+    ///
+    /// # Errors
+    /// No such line within 30 s.
+    pub fn wait_for_log(&self, needle: &str) -> Result<()> {
+        wait_until(
+            &format!("gantry-registry to log `{needle}`"),
+            Duration::from_secs(30),
+            || Ok(self.log_text().contains(needle)),
+        )
     }
 
     /// The audit log's lines.

@@ -71,6 +71,11 @@ fn an_image_pushed_appears_after_a_refresh_pinned_to_its_digest() -> anyhow::Res
     assert_eq!(status, 200);
     assert_eq!(listing["executors"][0]["class"], "echo");
     assert_eq!(listing["executors"][0]["image"], json!(pinned));
+    assert_eq!(listing["executors"][0]["digest"], json!(image.digest));
+    assert_eq!(
+        listing["executors"][0]["capabilities"],
+        entry["capabilities"]
+    );
 
     let audit = service.audit_lines()?;
     assert_eq!(audit.len(), 1, "{audit:?}");
@@ -259,11 +264,9 @@ fn with_the_registry_down_the_last_catalog_is_served_and_health_says_so() -> any
     Ok(())
 }
 
-#[test]
-fn until_a_registry_answers_once_the_service_says_it_is_starting() -> anyhow::Result<()> {
-    let mut registry = ContainerRegistry::start()?;
-    registry.stop()?;
-    let service = RegistryService::start(&format!("http://{}/team", registry.host()), "1h")?;
+/// The service has not read its registries yet: `/health` says starting, and a class is
+/// answered 503 (wait), not 404 (none).
+fn assert_starting(service: &RegistryService) -> anyhow::Result<()> {
     let (status, health) = service.call("GET", "/health")?;
     assert_eq!(
         (status, health["status"].as_str()),
@@ -275,9 +278,91 @@ fn until_a_registry_answers_once_the_service_says_it_is_starting() -> anyhow::Re
         status, 503,
         "no guessed 404 before the catalog is loaded: {answer}"
     );
+    Ok(())
+}
+
+#[test]
+fn until_a_registry_answers_once_the_service_says_it_is_starting() -> anyhow::Result<()> {
+    let mut registry = ContainerRegistry::start()?;
+    registry.stop()?;
+    let service = RegistryService::start(&format!("http://{}/team", registry.host()), "1h")?;
+    assert_starting(&service)?;
+    // The image's health check says the same: unhealthy while starting…
+    let (code, _, stderr) = service.probe()?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("/health answered 503"), "{stderr}");
     // While not loaded it retries on its own, well before its period.
     registry.restart()?;
     service.wait_loaded()?;
+    // …and healthy once it serves a catalog.
+    let (code, stdout, stderr) = service.probe()?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let health: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(health["status"], "ok", "{health}");
+    Ok(())
+}
+
+/// For registries that do not list their repositories (no `/v2/_catalog`): the classes
+/// named in the settings are read by name, and nothing else is seen.
+#[test]
+fn named_classes_are_read_by_name_without_listing_the_registry() -> anyhow::Result<()> {
+    let registry = ContainerRegistry::start()?;
+    let echo = labelled("k8s.echo", "named")?;
+    registry.push(&echo, "team/executor-echo", "1.0.0")?;
+    let other = labelled("k8s.other", "unnamed")?;
+    registry.push(&other, "team/executor-other", "1.0.0")?;
+    let service = RegistryService::start_with(
+        &format!("http://{}/team", registry.host()),
+        "1h",
+        &[("GANTRY_REGISTRY_CLASSES", "echo,vllm")],
+    )?;
+    service.wait_loaded()?;
+
+    let (status, listing) = service.call("GET", "/executors")?;
+    assert_eq!(status, 200, "{listing}");
+    let classes: Vec<&str> = listing["executors"]
+        .as_array()
+        .context("executors")?
+        .iter()
+        .filter_map(|e| e["class"].as_str())
+        .collect();
+    assert_eq!(
+        classes,
+        ["echo"],
+        "only the named classes, not `other`, which only a listing would show: {listing}"
+    );
+    assert_eq!(
+        listing["executors"][0]["image"],
+        json!(format!(
+            "{}/team/executor-echo@{}",
+            registry.host(),
+            echo.digest
+        ))
+    );
+    assert_eq!(
+        listing["refused"],
+        json!([]),
+        "a named class this source does not have is no refusal: {listing}"
+    );
+    let (_, health) = service.call("GET", "/health")?;
+    assert_eq!(health["status"], "ok", "{health}");
+
+    // A named class pushed later appears after a refresh, as a listed one would.
+    let vllm = labelled("llm.chat", "named-later")?;
+    registry.push(&vllm, "team/executor-vllm", "2.0.0")?;
+    let summary = refresh(&service)?;
+    assert_eq!(summary["added"], json!(["vllm"]), "{summary}");
+
+    // A registry that does not answer is no empty catalog: the service stays starting.
+    let mut down = ContainerRegistry::start()?;
+    down.stop()?;
+    let waiting = RegistryService::start_with(
+        &format!("http://{}/team", down.host()),
+        "1h",
+        &[("GANTRY_REGISTRY_CLASSES", "echo")],
+    )?;
+    waiting.wait_for_log("registry not read")?;
+    assert_starting(&waiting)?;
     Ok(())
 }
 
@@ -340,11 +425,25 @@ fn it_refreshes_on_its_period_and_exits_0_on_sigterm() -> anyhow::Result<()> {
 // The double serves from this process while the test blocks on the dispatcher's start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_runs_the_digest_the_registry_service_serves() -> anyhow::Result<()> {
-    let (registry, service) = world()?;
+    // `executor-echo` at the registry's root, watched by a source without a namespace.
+    let registry = ContainerRegistry::start()?;
+    let service = RegistryService::start(&format!("http://{}", registry.host()), "1h")?;
+    service.wait_loaded()?;
     let image = labelled("k8s.echo", "dispatched")?;
-    registry.push(&image, "team/executor-echo", "1.0.0")?;
+    registry.push(&image, "executor-echo", "1.0.0")?;
     refresh(&service)?;
-    let pinned = format!("{}/team/executor-echo@{}", registry.host(), image.digest);
+    let pinned = format!("{}/executor-echo@{}", registry.host(), image.digest);
+    let (status, listing) = service.call("GET", "/executors")?;
+    assert_eq!(status, 200, "{listing}");
+    assert_eq!(
+        (
+            &listing["executors"][0]["image"],
+            &listing["executors"][0]["digest"],
+            &listing["executors"][0]["capabilities"]["tasks"],
+        ),
+        (&json!(pinned), &json!(image.digest), &json!(["k8s.echo"])),
+        "{listing}"
+    );
 
     let double = KubeDouble::start().await;
     let executor = gantry_tests::bin_path("gantry-executor")

@@ -68,7 +68,8 @@ fn params_of(text: &str) -> Vec<(String, String)> {
     pairs
 }
 
-/// The token request of a Bearer challenge; `scope` when the challenge names none.
+/// The token request of a Bearer challenge; `scope` when the challenge names none (none
+/// for the API's base, `/v2/`, which needs no scope).
 pub(crate) fn token_url(realm: &str, service: Option<&str>, scope: &str) -> String {
     let mut url = realm.to_owned();
     let mut sep = if realm.contains('?') { '&' } else { '?' };
@@ -76,7 +77,9 @@ pub(crate) fn token_url(realm: &str, service: Option<&str>, scope: &str) -> Stri
         url.push_str(&format!("{sep}service={}", encode(service)));
         sep = '&';
     }
-    url.push_str(&format!("{sep}scope={}", encode(scope)));
+    if !scope.is_empty() {
+        url.push_str(&format!("{sep}scope={}", encode(scope)));
+    }
     url
 }
 
@@ -155,6 +158,10 @@ mod tests {
         assert_eq!(
             token_url("http://a/t?x=1", None, "repository:a/b:pull"),
             "http://a/t?x=1&scope=repository:a/b:pull"
+        );
+        assert_eq!(
+            token_url("https://auth.example/token", Some("reg"), ""),
+            "https://auth.example/token?service=reg"
         );
         assert_eq!(bearer(br#"{"token":"abc"}"#).unwrap(), "Bearer abc");
         assert_eq!(bearer(br#"{"access_token":"def"}"#).unwrap(), "Bearer def");

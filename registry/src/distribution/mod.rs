@@ -113,12 +113,29 @@ impl Client {
         .await
     }
 
-    /// The tags of a repository; none when the registry does not know it.
+    /// The API's base (`GET /v2/`), which every registry serves: whether it answers and
+    /// takes the source's credentials, for a source whose repositories are named rather
+    /// than listed.
+    ///
+    /// # Errors
+    /// As [`Client::repositories`].
+    #[instrument(skip_all, fields(registry = %source.base_url()))]
+    pub(crate) async fn ping(&self, source: &Source) -> Result<()> {
+        let url = format!("{}/v2/", source.base_url());
+        self.get(source, &url, "application/json", "").await?;
+        Ok(())
+    }
+
+    /// The tags of a repository; `None` when the registry does not know it.
     ///
     /// # Errors
     /// As [`Client::repositories`].
     #[instrument(skip_all, fields(repository))]
-    pub(crate) async fn tags(&self, source: &Source, repository: &str) -> Result<Vec<String>> {
+    pub(crate) async fn tags(
+        &self,
+        source: &Source,
+        repository: &str,
+    ) -> Result<Option<Vec<String>>> {
         let first = format!("{}/v2/{repository}/tags/list?n={PAGE}", source.base_url());
         let scope = format!("repository:{repository}:pull");
         let listed = self
@@ -128,8 +145,8 @@ impl Client {
             })
             .await;
         match listed {
-            Err(Error::Status { status: 404, .. }) => Ok(Vec::new()),
-            other => other,
+            Err(Error::Status { status: 404, .. }) => Ok(None),
+            other => other.map(Some),
         }
     }
 

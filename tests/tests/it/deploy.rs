@@ -1,7 +1,9 @@
-//! The manifests of `deploy/` pass the official Kubernetes schemas (`kubernetes-validate
-//! --strict`, 1.28 and a current version) and keep what docs/kubernetes.md promises: the
-//! Role's permissions, a hardened dispatcher, secrets only by reference, an example catalog
-//! the dispatcher accepts, and no placeholder Secret applied by `kubectl apply -k`.
+//! The manifests of `deploy/` and `deploy/registry/` pass the official Kubernetes schemas
+//! (`kubernetes-validate --strict`, 1.28 and a current version) and keep what
+//! docs/kubernetes.md and docs/registry.md promise: the Role's permissions, a hardened
+//! dispatcher and registry service, secrets only by reference, an example catalog the
+//! dispatcher accepts, the dispatcher pointed at the registry service that only it may
+//! reach, and no placeholder Secret applied by `kubectl apply -k`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,6 +21,11 @@ const KUSTOMIZATION: &str = "kustomization.yaml";
 fn deploy_dir() -> PathBuf {
     let tests = Path::new(env!("CARGO_MANIFEST_DIR"));
     tests.parent().unwrap_or(tests).join("deploy")
+}
+
+/// The registry service's kustomization, which deploy/'s lists.
+fn registry_dir() -> PathBuf {
+    deploy_dir().join("registry")
 }
 
 /// `kubernetes-validate --strict` of `files` for Kubernetes `version`: its report, or an
@@ -44,8 +51,13 @@ fn kubernetes_validate(version: &str, files: &[PathBuf]) -> anyhow::Result<Strin
 
 /// `deploy/*.yaml` but the kustomization, by name.
 fn manifest_files() -> anyhow::Result<Vec<PathBuf>> {
+    manifest_files_in(&deploy_dir())
+}
+
+/// `dir/*.yaml` but the kustomization, by name.
+fn manifest_files_in(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(deploy_dir()).context("reading deploy/")? {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(".yaml") && name != KUSTOMIZATION {
@@ -53,7 +65,7 @@ fn manifest_files() -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     files.sort();
-    anyhow::ensure!(!files.is_empty(), "deploy/ has no manifests");
+    anyhow::ensure!(!files.is_empty(), "{} has no manifests", dir.display());
     Ok(files)
 }
 
@@ -65,11 +77,16 @@ fn parse(text: &str, dir: &Path) -> anyhow::Result<Value> {
     Ok(read_file::<Value>(Some(&file))?)
 }
 
-/// Every document of every manifest, with its file's name.
+/// Every document of every manifest of deploy/, with its file's name.
 fn documents() -> anyhow::Result<Vec<(String, Value)>> {
+    documents_in(&deploy_dir())
+}
+
+/// Every document of every manifest of `manifests`, with its file's name.
+fn documents_in(manifests: &Path) -> anyhow::Result<Vec<(String, Value)>> {
     let dir = tempfile::tempdir()?;
     let mut docs = Vec::new();
-    for path in manifest_files()? {
+    for path in manifest_files_in(manifests)? {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(&path)?;
         let mut current = String::new();
@@ -94,8 +111,8 @@ fn the(docs: &[(String, Value)], kind: &str) -> anyhow::Result<Value> {
     let mut found = docs.iter().filter(|(_, d)| d["kind"] == kind);
     match (found.next(), found.next()) {
         (Some((_, doc)), None) => Ok(doc.clone()),
-        (None, _) => bail!("no {kind} in deploy/"),
-        (Some(_), Some(_)) => bail!("more than one {kind} in deploy/"),
+        (None, _) => bail!("no {kind} in its directory"),
+        (Some(_), Some(_)) => bail!("more than one {kind} in its directory"),
     }
 }
 
@@ -142,8 +159,9 @@ fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
 #[test]
 fn the_deploy_manifests_pass_the_official_schemas_for_kubernetes_1_28_and_current()
 -> anyhow::Result<()> {
-    let files = manifest_files()?;
-    let count = documents()?.len();
+    let mut files = manifest_files()?;
+    files.extend(manifest_files_in(&registry_dir())?);
+    let count = documents()?.len() + documents_in(&registry_dir())?.len();
     for version in ["1.28.0", "1.37.0"] {
         let report = kubernetes_validate(version, &files)?;
         assert_eq!(
@@ -191,19 +209,9 @@ fn the_role_grants_exactly_the_permissions_the_docs_list() -> anyhow::Result<()>
     Ok(())
 }
 
-#[test]
-fn the_dispatcher_runs_hardened_and_reads_its_secrets_by_reference() -> anyhow::Result<()> {
-    let docs = documents()?;
-    let deployment = the(&docs, "Deployment")?;
-    assert_eq!(deployment["spec"]["replicas"], 1);
-    let pod = &deployment["spec"]["template"];
-    assert_ne!(
-        pod["metadata"]["labels"]["app.kubernetes.io/managed-by"], "gantry",
-        "the dispatcher would take its own pod for a Job's"
-    );
-    let pod = &pod["spec"];
-    let secrets: BTreeSet<(String, String)> = docs
-        .iter()
+/// The `(name, key)` of every Secret the documents describe.
+fn secret_keys(docs: &[(String, Value)]) -> BTreeSet<(String, String)> {
+    docs.iter()
         .filter(|(_, d)| d["kind"] == "Secret")
         .flat_map(|(_, d)| {
             let name = d["metadata"]["name"]
@@ -213,7 +221,13 @@ fn the_dispatcher_runs_hardened_and_reads_its_secrets_by_reference() -> anyhow::
             let keys = d["stringData"].as_object().into_iter().flatten();
             keys.map(move |(key, _)| (name.clone(), key.clone()))
         })
-        .collect();
+        .collect()
+}
+
+/// Every container of `deployment`'s pod runs hardened, and reads its URLs, passwords and
+/// secrets from the Secrets in `secrets`, never inline.
+fn assert_hardened(deployment: &Value, secrets: &BTreeSet<(String, String)>) {
+    let pod = &deployment["spec"]["template"]["spec"];
     let containers = ["initContainers", "containers"]
         .iter()
         .flat_map(|k| pod[*k].as_array().into_iter().flatten());
@@ -256,11 +270,139 @@ fn the_dispatcher_runs_hardened_and_reads_its_secrets_by_reference() -> anyhow::
             );
         }
     }
+}
+
+#[test]
+fn the_dispatcher_runs_hardened_and_reads_its_secrets_by_reference() -> anyhow::Result<()> {
+    let docs = documents()?;
+    let deployment = the(&docs, "Deployment")?;
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_ne!(
+        deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "gantry",
+        "the dispatcher would take its own pod for a Job's"
+    );
+    let secrets = secret_keys(&docs);
+    assert_hardened(&deployment, &secrets);
     let kube = KubernetesSection::default();
     assert!(
         secrets.contains(&(kube.amqp_secret_name, kube.amqp_secret_key)),
         "the template describes the Secret the executors read: {secrets:?}"
     );
+    Ok(())
+}
+
+/// `labels` has every pair of `selector`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels[k] == *v))
+}
+
+#[test]
+fn the_dispatcher_asks_the_registry_service_that_only_it_may_reach() -> anyhow::Result<()> {
+    let docs = documents()?;
+    let dispatcher = the(&docs, "Deployment")?;
+    let dispatcher_labels = &dispatcher["spec"]["template"]["metadata"]["labels"];
+    let container = &dispatcher["spec"]["template"]["spec"]["containers"][0];
+    let registry_docs = documents_in(&registry_dir())?;
+    let registry = the(&registry_docs, "Deployment")?;
+    assert_eq!(
+        registry["spec"]["replicas"], 1,
+        "each replica would poll on its own"
+    );
+    assert_hardened(&registry, &secret_keys(&registry_docs));
+    let pod_labels = &registry["spec"]["template"]["metadata"]["labels"];
+    let served = &registry["spec"]["template"]["spec"]["containers"][0];
+    let port = served["ports"][0].clone();
+    assert_eq!(port["name"], "http");
+    let listen = env_value(served, "GANTRY_REGISTRY_LISTEN").context("GANTRY_REGISTRY_LISTEN")?;
+    assert_eq!(
+        Some(listen.rsplit(':').next().unwrap_or_default()),
+        port["containerPort"]
+            .as_u64()
+            .map(|p| p.to_string())
+            .as_deref(),
+        "the container port is the one it listens on"
+    );
+    assert_eq!(served["readinessProbe"]["httpGet"]["path"], "/health");
+
+    // The address the dispatcher is given is the Service's, which selects the registry.
+    let service = the(&registry_docs, "Service")?;
+    assert!(
+        selects(&service["spec"]["selector"], pod_labels),
+        "{service}"
+    );
+    assert!(!selects(&service["spec"]["selector"], dispatcher_labels));
+    let service_port = &service["spec"]["ports"][0];
+    assert_eq!(service_port["targetPort"], "http");
+    let address = format!(
+        "http://{}:{}",
+        service["metadata"]["name"].as_str().unwrap_or_default(),
+        service_port["port"]
+    );
+    assert_eq!(
+        env_value(container, "GANTRY_EXECUTOR_REGISTRY"),
+        Some(address.as_str()),
+        "the dispatcher asks the registry Service"
+    );
+
+    // Every registry the service watches is one the dispatcher allows its images from.
+    let allowed: BTreeSet<&str> = env_value(container, "GANTRY_ALLOWED_REGISTRIES")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let sources =
+        env_value(served, "GANTRY_REGISTRY_SOURCES").context("GANTRY_REGISTRY_SOURCES")?;
+    for source in sources.split(',') {
+        let source = gantry_registry::Source::parse(source.trim()).map_err(anyhow::Error::msg)?;
+        assert!(
+            allowed.contains(source.host.as_str()),
+            "{} is watched but not in the dispatcher's GANTRY_ALLOWED_REGISTRIES {allowed:?}",
+            source.host
+        );
+    }
+
+    // Ingress to the registry's pods only from the dispatcher's pods, only on its port.
+    let policy = the(&registry_docs, "NetworkPolicy")?;
+    let spec = &policy["spec"];
+    assert!(
+        selects(&spec["podSelector"]["matchLabels"], pod_labels),
+        "{policy}"
+    );
+    assert_eq!(strings(&spec["policyTypes"]), ["Ingress"]);
+    let rules = spec["ingress"].as_array().context("ingress rules")?;
+    assert_eq!(rules.len(), 1, "one rule: {policy}");
+    let from = rules[0]["from"]
+        .as_array()
+        .context("a `from`: no rule admits everyone")?;
+    assert_eq!(from.len(), 1, "{policy}");
+    let peer = from[0].as_object().context("a peer")?;
+    assert_eq!(
+        peer.keys().collect::<Vec<_>>(),
+        ["podSelector"],
+        "pods of this namespace only, no namespaceSelector or ipBlock: {policy}"
+    );
+    let admitted = &from[0]["podSelector"]["matchLabels"];
+    assert!(
+        selects(admitted, dispatcher_labels),
+        "the dispatcher is admitted"
+    );
+    assert!(
+        !selects(admitted, pod_labels),
+        "the registry's own pods are not"
+    );
+    assert!(
+        !selects(
+            admitted,
+            &serde_json::json!({"app.kubernetes.io/part-of": "gantry"})
+        ),
+        "not every Gantry pod"
+    );
+    let ports = rules[0]["ports"].as_array().context("ports")?;
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0]["port"], port["containerPort"]);
     Ok(())
 }
 
@@ -288,22 +430,59 @@ fn the_example_catalog_is_one_the_dispatcher_accepts() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `dir/kustomization.yaml` lists: its files and its directories (`name/`), each of
+/// which must exist.
+fn kustomization(dir: &Path) -> anyhow::Result<(Value, BTreeSet<String>, BTreeSet<String>)> {
+    let temp = tempfile::tempdir()?;
+    let text = std::fs::read_to_string(dir.join(KUSTOMIZATION))?;
+    let kustomization = parse(&text, temp.path())?;
+    let (mut files, mut dirs) = (BTreeSet::new(), BTreeSet::new());
+    for listed in strings(&kustomization["resources"]) {
+        match listed.strip_suffix('/') {
+            Some(sub) => {
+                anyhow::ensure!(
+                    dir.join(sub).join(KUSTOMIZATION).is_file(),
+                    "{listed} is listed but has no {KUSTOMIZATION}"
+                );
+                dirs.insert(sub.to_owned());
+            }
+            None => {
+                anyhow::ensure!(dir.join(listed).is_file(), "listed but absent: {listed}");
+                files.insert(listed.to_owned());
+            }
+        }
+    }
+    Ok((kustomization, files, dirs))
+}
+
+/// The manifests of `dir` that its kustomization leaves out.
+fn left_out(dir: &Path, listed: &BTreeSet<String>) -> anyhow::Result<Vec<String>> {
+    Ok(manifest_files_in(dir)?
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str())
+        .filter(|name| !listed.contains(*name))
+        .map(str::to_owned)
+        .collect())
+}
+
 #[test]
 fn kubectl_apply_k_applies_every_manifest_but_the_secret_template_and_dev_rbac()
 -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let text = std::fs::read_to_string(deploy_dir().join(KUSTOMIZATION))?;
-    let kustomization = parse(&text, dir.path())?;
-    assert_eq!(kustomization["namespace"], "gantry");
-    let listed: BTreeSet<&str> = strings(&kustomization["resources"]).into_iter().collect();
-    let files = manifest_files()?;
-    let names: BTreeSet<&str> = files
-        .iter()
-        .filter_map(|f| f.file_name()?.to_str())
-        .collect();
-    let left_out: Vec<_> = names.difference(&listed).copied().collect();
-    assert_eq!(left_out, ["rbac-dev-nodes.yaml", "secret.example.yaml"]);
-    let missing: Vec<_> = listed.difference(&names).collect();
-    assert!(missing.is_empty(), "listed but absent: {missing:?}");
+    let (top, files, dirs) = kustomization(&deploy_dir())?;
+    assert_eq!(top["namespace"], "gantry");
+    assert_eq!(
+        left_out(&deploy_dir(), &files)?,
+        ["rbac-dev-nodes.yaml", "secret.example.yaml"]
+    );
+    assert_eq!(
+        dirs.into_iter().collect::<Vec<_>>(),
+        ["registry"],
+        "the registry service is applied with the dispatcher, which asks it"
+    );
+
+    let (registry, files, dirs) = kustomization(&registry_dir())?;
+    assert_eq!(registry["namespace"], "gantry");
+    assert!(dirs.is_empty());
+    assert_eq!(left_out(&registry_dir(), &files)?, ["secret.example.yaml"]);
     Ok(())
 }
