@@ -32,11 +32,24 @@ pub(crate) async fn run_class<R: Runtime>(
 ) {
     let ctx = &role.ctx;
     let queue = ctx.topology.task_queue(&class);
+    // A warm class's hand-offs are quick (no job to start), so many overlap: its
+    // deliveries in hand-off count against the prefetch beside those held for capacity.
+    let warm_slots = ctx
+        .catalog()
+        .get(&class)
+        .filter(|spec| spec.warm.is_some())
+        .map_or(0, |spec| {
+            u16::try_from(spec.task_capacity()).unwrap_or(u16::MAX)
+        });
     let source = Source {
         url: &ctx.settings.common.amqp_url,
         name: format!("gantry-dispatcher/{class}"),
         queue: queue.clone(),
-        prefetch: ctx.settings.dispatcher.max_waiting,
+        prefetch: ctx
+            .settings
+            .dispatcher
+            .max_waiting
+            .saturating_add(warm_slots),
         timeout: ctx.settings.common.broker_timeout,
     };
     ctx.metrics.consumer(&source.name);
