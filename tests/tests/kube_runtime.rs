@@ -198,6 +198,16 @@ async fn cluster_with(
     max_active: u32,
     env_extra: &[(&str, &str)],
 ) -> anyhow::Result<Cluster> {
+    cluster_of("{ kind: echo }", extra_catalog, max_active, env_extra).await
+}
+
+/// [`cluster_with`] whose class `echo` runs `engine`.
+async fn cluster_of(
+    engine: &str,
+    extra_catalog: &str,
+    max_active: u32,
+    env_extra: &[(&str, &str)],
+) -> anyhow::Result<Cluster> {
     let double = KubeDouble::start().await;
     double.set_image_entrypoint(
         IMAGE,
@@ -208,7 +218,7 @@ async fn cluster_with(
         ],
     );
     let catalog = format!(
-        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
+        "executors:\n  echo:\n    engine: {engine}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
     );
     let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
     let kubeconfig = gantry_tests::point_at_double(&double, &env)?;
@@ -840,6 +850,192 @@ async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Resul
     let openai: serde_json::Value =
         serde_json::from_str(&var("GANTRY_OPENAI").expect("GANTRY_OPENAI"))?;
     assert_eq!(openai["model"], "tiny");
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+/// The `warm:` line of class `echo` (and its retries): `slots` tasks per executor, idle
+/// after `idle`.
+fn warm_echo(slots: u16, idle: &str) -> String {
+    format!(
+        "    warm: {{ max_concurrency: {slots}, max_tasks_per_job: 1000, idle_timeout: {idle}, max_job_lifetime: 1h }}\n    retry: {{ max_attempts: 3, min_delay: 1s, max_delay: 1s }}\n"
+    )
+}
+
+/// Waits for task `id` to end, and checks that it succeeded.
+async fn succeeded(
+    c: &Cluster,
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<gantry_shared::store::TaskRecord> {
+    let record = producer.wait(id, Duration::from_secs(120)).await?;
+    assert_eq!(
+        record.state,
+        TaskState::Succeeded,
+        "{record:?}\n{}",
+        c.dispatcher.log_text()
+    );
+    Ok(record)
+}
+
+/// The warm executors' Jobs in the double.
+fn warm_jobs(double: &KubeDouble) -> Vec<Job> {
+    double
+        .jobs()
+        .into_iter()
+        .filter(|j| {
+            j.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("gantry.dev/warm"))
+                .is_some_and(|w| w == "true")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_own_evidence()
+-> anyhow::Result<()> {
+    use std::collections::BTreeSet;
+
+    let c = cluster_with(&warm_echo(8, "5s"), 2, &[]).await?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        let payload = json!({"n": n, "sleep_ms": 50});
+        let id = producer
+            .submit(gantry_tests::task_spec(
+                "echo",
+                payload,
+                Duration::from_secs(300),
+            ))
+            .await?;
+        ids.push(id);
+    }
+    let mut places = gantry_tests::warm::Places::default();
+    let mut dispatch_ids = BTreeSet::new();
+    for (n, id) in ids.iter().enumerate() {
+        let record = succeeded(&c, &producer, *id).await?;
+        let output = record.result.as_ref().map(|r| r["output"]["n"].clone());
+        assert_eq!(output, Some(json!(n)), "each task has its own result");
+        let job = places.take(&record, "echo");
+        let pod = record.pod_name.clone().expect("the pod recorded");
+        assert!(pod.starts_with(&job), "pod {pod} of job {job}");
+        assert_eq!(record.node.as_deref(), Some("node-1"));
+        dispatch_ids.insert(record.dispatch_id.clone().expect("a dispatch id"));
+        let events: Vec<String> = producer
+            .events(*id)
+            .await?
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        assert_eq!(
+            events,
+            ["received", "dispatched", "running", "succeeded"],
+            "recorded running once its executor's pod ran"
+        );
+    }
+    assert_eq!(dispatch_ids.len(), ids.len(), "a dispatch id per task");
+    assert!(
+        c.double.jobs_created() <= 2,
+        "no more warm Jobs than max_active_jobs: {}",
+        c.double.jobs_created()
+    );
+    assert_eq!(warm_jobs(&c.double).len() as u64, c.double.jobs_created());
+    assert_eq!(
+        c.double.secrets(),
+        ["gantry-amqp"],
+        "a warm Job has no Secret: its tasks come over its queue"
+    );
+
+    // Idle for idle_timeout: each executor drains, its Job completes, its queues go.
+    c.double
+        .wait_for("every warm Job to complete", Duration::from_secs(60), |d| {
+            warm_jobs(d)
+                .iter()
+                .all(|j| {
+                    j.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c.type_ == "Complete" && c.status == "True")
+                        })
+                })
+                .then_some(())
+        })
+        .await?;
+    let channel = c.env.channel().await?;
+    for job in warm_jobs(&c.double)
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+    {
+        let queue = c.env.topology().warm_queue(&job);
+        gantry_tests::eventually(
+            "the executor's queue to be removed",
+            Duration::from_secs(30),
+            || async {
+                let gone =
+                    gantry_shared::amqp::peek_queue(&channel, &queue, Duration::from_secs(5)).await;
+                Ok(gone.is_err().then_some(()))
+            },
+        )
+        .await?;
+    }
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twice()
+-> anyhow::Result<()> {
+    use gantry_tests::executions::Executions;
+
+    let c = cluster_of(&Executions::engine(), &warm_echo(4, "3s"), 1, &[]).await?;
+    let executions = Executions::new(&c.env.dir.path().join("executions"))?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let (_, id) = submit(&c.env, executions.payload(3_000), Duration::from_secs(300)).await?;
+        ids.push(id);
+    }
+    let pod = gantry_tests::eventually("four tasks in hand", Duration::from_secs(60), || async {
+        let running = executions.counts()?.len();
+        let pod = c
+            .double
+            .pods_running_a_process()
+            .into_iter()
+            .find(|p| p.starts_with("gantry-w-echo-"));
+        Ok(pod.filter(|_| running >= 4))
+    })
+    .await?;
+    c.double.kill_pod_process(&pod);
+
+    let mut retried = 0;
+    for id in &ids {
+        let record = succeeded(&c, &producer, *id).await?;
+        if record.attempt.get() > 1 {
+            retried += 1;
+            let events = producer.events(*id).await?;
+            let retry = events
+                .iter()
+                .find(|e| e.attempt.get() == 1 && e.event == "retrying")
+                .expect("its first attempt was failed on the executor's behalf");
+            let detail = retry.detail.clone().unwrap_or_default();
+            assert_eq!(
+                detail["error"]["kind"],
+                json!("executor_crashed"),
+                "{detail}"
+            );
+        }
+    }
+    assert!(retried >= 1, "the tasks in hand at the kill were retried");
+    assert_eq!(executions.run_twice()?, vec![], "no attempt ran twice");
+    assert!(
+        warm_jobs(&c.double).len() >= 2,
+        "a new warm Job took over: {}",
+        c.double.jobs_created()
+    );
     producer.close().await;
     c.env.cleanup().await
 }
