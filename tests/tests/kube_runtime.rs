@@ -508,13 +508,7 @@ async fn a_dispatcher_killed_with_20_jobs_running_is_restarted_without_duplicate
             (d.jobs_created() >= 20).then_some(())
         })
         .await?;
-    let Cluster {
-        double,
-        env,
-        dispatcher,
-    } = c;
-    dispatcher.kill_hard()?;
-    let restarted = restart_on_double(&env)?;
+    let (double, env, restarted) = kill_and_restart(c)?;
     for id in &ids {
         let record = producer.wait(*id, Duration::from_secs(120)).await?;
         assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
@@ -573,6 +567,16 @@ async fn kill_once_a_create_is_dropped(
     c.dispatcher.kill_hard()?;
     c.double.clear_faults();
     Ok((c.double, c.env))
+}
+
+/// Kills the cluster's dispatcher (SIGKILL) and starts another on the same double and
+/// environment.
+fn kill_and_restart(
+    c: Cluster,
+) -> anyhow::Result<(KubeDouble, gantry_tests::TestEnv, gantry_tests::Dispatcher)> {
+    c.dispatcher.kill_hard()?;
+    let restarted = restart_on_double(&c.env)?;
+    Ok((c.double, c.env, restarted))
 }
 
 /// A dispatcher on the double again, after the test's was killed.
@@ -862,9 +866,22 @@ fn warm_echo(slots: u16, idle: &str) -> String {
     )
 }
 
-/// Waits for task `id` to end, and checks that it succeeded.
+/// Whether every one of `jobs` has completed.
+fn all_complete(jobs: &[Job]) -> bool {
+    jobs.iter().all(|j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Complete" && c.status == "True")
+            })
+    })
+}
+
+/// Waits for task `id` to end, and checks that it succeeded (showing `dispatcher`'s log if not).
 async fn succeeded(
-    c: &Cluster,
+    dispatcher: &gantry_tests::Dispatcher,
     producer: &gantry_producer::Producer,
     id: gantry_shared::message::TaskId,
 ) -> anyhow::Result<gantry_shared::store::TaskRecord> {
@@ -873,7 +890,7 @@ async fn succeeded(
         record.state,
         TaskState::Succeeded,
         "{record:?}\n{}",
-        c.dispatcher.log_text()
+        dispatcher.log_text()
     );
     Ok(record)
 }
@@ -915,7 +932,7 @@ async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_
     let mut places = gantry_tests::warm::Places::default();
     let mut dispatch_ids = BTreeSet::new();
     for (n, id) in ids.iter().enumerate() {
-        let record = succeeded(&c, &producer, *id).await?;
+        let record = succeeded(&c.dispatcher, &producer, *id).await?;
         let output = record.result.as_ref().map(|r| r["output"]["n"].clone());
         assert_eq!(output, Some(json!(n)), "each task has its own result");
         let job = places.take(&record, "echo");
@@ -951,18 +968,7 @@ async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_
     // Idle for idle_timeout: each executor drains, its Job completes, its queues go.
     c.double
         .wait_for("every warm Job to complete", Duration::from_secs(60), |d| {
-            warm_jobs(d)
-                .iter()
-                .all(|j| {
-                    j.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| {
-                            cs.iter()
-                                .any(|c| c.type_ == "Complete" && c.status == "True")
-                        })
-                })
-                .then_some(())
+            all_complete(&warm_jobs(d)).then_some(())
         })
         .await?;
     let channel = c.env.channel().await?;
@@ -986,9 +992,16 @@ async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_
     c.env.cleanup().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twice()
--> anyhow::Result<()> {
+/// A cluster whose class `echo` records its executions on one warm Job of four slots, with
+/// eight tasks of 3 s submitted and four of them running: the cluster, the records, the
+/// producer, the tasks, and the warm pod.
+async fn four_in_hand_on_a_warm_pod() -> anyhow::Result<(
+    Cluster,
+    gantry_tests::executions::Executions,
+    gantry_producer::Producer,
+    Vec<gantry_shared::message::TaskId>,
+    String,
+)> {
     use gantry_tests::executions::Executions;
 
     let c = cluster_of(&Executions::engine(), &warm_echo(4, "3s"), 1, &[]).await?;
@@ -996,8 +1009,16 @@ async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twi
     let producer = c.env.producer().await?;
     let mut ids = Vec::new();
     for _ in 0..8 {
-        let (_, id) = submit(&c.env, executions.payload(3_000), Duration::from_secs(300)).await?;
-        ids.push(id);
+        let payload = executions.payload(3_000);
+        ids.push(
+            producer
+                .submit(gantry_tests::task_spec(
+                    "echo",
+                    payload,
+                    Duration::from_secs(300),
+                ))
+                .await?,
+        );
     }
     let pod = gantry_tests::eventually("four tasks in hand", Duration::from_secs(60), || async {
         let running = executions.counts()?.len();
@@ -1009,11 +1030,18 @@ async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twi
         Ok(pod.filter(|_| running >= 4))
     })
     .await?;
+    Ok((c, executions, producer, ids, pod))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twice()
+-> anyhow::Result<()> {
+    let (c, executions, producer, ids, pod) = four_in_hand_on_a_warm_pod().await?;
     c.double.kill_pod_process(&pod);
 
     let mut retried = 0;
     for id in &ids {
-        let record = succeeded(&c, &producer, *id).await?;
+        let record = succeeded(&c.dispatcher, &producer, *id).await?;
         if record.attempt.get() > 1 {
             retried += 1;
             let events = producer.events(*id).await?;
@@ -1038,4 +1066,31 @@ async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twi
     );
     producer.close().await;
     c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_with_a_warm_job_running_loses_nothing_and_runs_nothing_twice()
+-> anyhow::Result<()> {
+    let (c, executions, producer, ids, _) = four_in_hand_on_a_warm_pod().await?;
+    let (double, env, restarted) = kill_and_restart(c)?;
+    for id in &ids {
+        succeeded(&restarted, &producer, *id).await?;
+    }
+    assert_eq!(executions.run_twice()?, vec![], "no attempt ran twice");
+    assert!(
+        restarted
+            .log_text()
+            .contains("adopting a warm executor found at start"),
+        "{}",
+        restarted.log_text()
+    );
+    // The adopted executor drained; the tasks it was not handed went to a new one.
+    double
+        .wait_for("every warm Job to complete", Duration::from_secs(60), |d| {
+            all_complete(&warm_jobs(d)).then_some(())
+        })
+        .await?;
+    assert!(warm_jobs(&double).len() >= 2, "{}", double.jobs_created());
+    producer.close().await;
+    env.cleanup().await
 }
