@@ -287,12 +287,7 @@ async fn a_task_runs_as_a_job_and_succeeds_with_job_pod_and_node_recorded() -> a
     let pod = record.pod_name.clone().expect("pod recorded");
     assert!(pod.starts_with(&job), "pod {pod} of job {job}");
     assert_eq!(record.node.as_deref(), Some("node-1"));
-    let events: Vec<String> = producer
-        .events(id)
-        .await?
-        .into_iter()
-        .map(|e| e.event)
-        .collect();
+    let events = events_of(&producer, id).await?;
     assert_eq!(events, ["received", "dispatched", "running", "succeeded"]);
     assert_eq!(c.double.jobs_created(), 1);
     producer.close().await;
@@ -866,6 +861,19 @@ fn warm_echo(slots: u16, idle: &str) -> String {
     )
 }
 
+/// The events of task `id`, in order.
+async fn events_of(
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<Vec<String>> {
+    Ok(producer
+        .events(id)
+        .await?
+        .into_iter()
+        .map(|e| e.event)
+        .collect())
+}
+
 /// Whether every one of `jobs` has completed.
 fn all_complete(jobs: &[Job]) -> bool {
     jobs.iter().all(|j| {
@@ -940,12 +948,7 @@ async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_
         assert!(pod.starts_with(&job), "pod {pod} of job {job}");
         assert_eq!(record.node.as_deref(), Some("node-1"));
         dispatch_ids.insert(record.dispatch_id.clone().expect("a dispatch id"));
-        let events: Vec<String> = producer
-            .events(*id)
-            .await?
-            .into_iter()
-            .map(|e| e.event)
-            .collect();
+        let events = events_of(&producer, *id).await?;
         assert_eq!(
             events,
             ["received", "dispatched", "running", "succeeded"],
@@ -993,9 +996,11 @@ async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_
 }
 
 /// A cluster whose class `echo` records its executions on one warm Job of four slots, with
-/// eight tasks of 3 s submitted and four of them running: the cluster, the records, the
-/// producer, the tasks, and the warm pod.
-async fn four_in_hand_on_a_warm_pod() -> anyhow::Result<(
+/// eight tasks of `sleep_ms` submitted and four of them running: the cluster, the records,
+/// the producer, the tasks, and the warm pod.
+async fn four_in_hand_on_a_warm_pod(
+    sleep_ms: u64,
+) -> anyhow::Result<(
     Cluster,
     gantry_tests::executions::Executions,
     gantry_producer::Producer,
@@ -1009,7 +1014,7 @@ async fn four_in_hand_on_a_warm_pod() -> anyhow::Result<(
     let producer = c.env.producer().await?;
     let mut ids = Vec::new();
     for _ in 0..8 {
-        let payload = executions.payload(3_000);
+        let payload = executions.payload(sleep_ms);
         ids.push(
             producer
                 .submit(gantry_tests::task_spec(
@@ -1036,7 +1041,7 @@ async fn four_in_hand_on_a_warm_pod() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twice()
 -> anyhow::Result<()> {
-    let (c, executions, producer, ids, pod) = four_in_hand_on_a_warm_pod().await?;
+    let (c, executions, producer, ids, pod) = four_in_hand_on_a_warm_pod(3_000).await?;
     c.double.kill_pod_process(&pod);
 
     let mut retried = 0;
@@ -1071,10 +1076,16 @@ async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_killed_with_a_warm_job_running_loses_nothing_and_runs_nothing_twice()
 -> anyhow::Result<()> {
-    let (c, executions, producer, ids, _) = four_in_hand_on_a_warm_pod().await?;
+    // Long enough that the restarted dispatcher reconciles while they run.
+    let (c, executions, producer, ids, _) = four_in_hand_on_a_warm_pod(10_000).await?;
     let (double, env, restarted) = kill_and_restart(c)?;
     for id in &ids {
-        succeeded(&restarted, &producer, *id).await?;
+        let record = succeeded(&restarted, &producer, *id).await?;
+        let events = events_of(&producer, *id).await?;
+        assert!(
+            record.attempt.get() == 1 && !events.iter().any(|e| e == "retrying"),
+            "the adopted warm Job was known: nothing in hand on it was failed as lost: {events:?}"
+        );
     }
     assert_eq!(executions.run_twice()?, vec![], "no attempt ran twice");
     assert!(
