@@ -799,26 +799,26 @@ async fn an_attempt_claimed_by_a_killed_dispatcher_without_its_job_is_failed_as_
     env.cleanup().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Result<()> {
-    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
-    let c = cluster(&format!(
-        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n"
-    ))
-    .await?;
-    let producer = c.env.producer().await?;
-    let id = producer
-        .submit(TaskSpec {
-            executor: ExecutorClass::parse("chat")?,
-            name: TaskName::parse("llm.chat")?,
-            payload: json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}),
-            ttl: Duration::from_secs(300),
-            reply_to: None,
-            idempotency_key: None,
-            priority: None,
-            resources: None,
-        })
-        .await?;
+/// A chat task of class `chat`, asking for 16 tokens.
+fn chat_spec() -> anyhow::Result<TaskSpec> {
+    Ok(TaskSpec {
+        executor: ExecutorClass::parse("chat")?,
+        name: TaskName::parse("llm.chat")?,
+        payload: json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}),
+        ttl: Duration::from_secs(300),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    })
+}
+
+/// Waits for chat task `id`, checks that the model answered it with 16 tokens; its record.
+async fn chatted(
+    c: &Cluster,
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<gantry_shared::store::TaskRecord> {
     let record = producer.wait(id, Duration::from_secs(180)).await?;
     assert_eq!(
         record.state,
@@ -830,6 +830,52 @@ async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Resul
     let output = &record.result.as_ref().expect("result")["output"];
     assert_eq!(output["usage"]["completion_tokens"], 16, "{output}");
     assert!(output["message"]["content"].as_str().is_some(), "{output}");
+    Ok(record)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_openai_class_answers_every_request_from_one_job_and_its_model_server()
+-> anyhow::Result<()> {
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let c = cluster(&format!(
+        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n    max_active_jobs: 1\n    warm: {{ max_concurrency: 2, idle_timeout: 5s }}\n"
+    ))
+    .await?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(producer.submit(chat_spec()?).await?);
+    }
+    let mut places = gantry_tests::warm::Places::default();
+    let mut pods = std::collections::BTreeSet::new();
+    for id in ids {
+        let record = chatted(&c, &producer, id).await?;
+        places.take(&record, "chat");
+        pods.insert(record.pod_name.clone().expect("the pod recorded"));
+    }
+    assert_eq!(pods.len(), 1, "one warm pod answered all four: {pods:?}");
+    assert_eq!(c.double.jobs_created(), 1);
+    let pod = pods.first().expect("a pod");
+    let log = c.double.pod_log(pod).unwrap_or_default();
+    assert_eq!(
+        log.matches("model server started").count(),
+        1,
+        "its model server started once: {log}"
+    );
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Result<()> {
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let c = cluster(&format!(
+        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n"
+    ))
+    .await?;
+    let producer = c.env.producer().await?;
+    let id = producer.submit(chat_spec()?).await?;
+    chatted(&c, &producer, id).await?;
     // The Job told its executor which engine to run, as the catalog says.
     let job = c
         .double
