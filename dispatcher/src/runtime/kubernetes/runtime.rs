@@ -1,7 +1,8 @@
 //! The `kubernetes` runtime: creates each attempt's Job, and each warm executor's, through
 //! [`JobClient`] and follows Jobs and Pods through one watch each (by the `managed-by:
-//! gantry` label) into a cache, instead of polling per task. A Job that ends without a result from its executor is mapped
-//! to the failure a result must carry:
+//! gantry` label) into a cache, instead of polling per task. A Job that ends without a
+//! result from its executor is mapped to the failure a result must carry (for a warm
+//! executor's Job, of each task it still held):
 //!
 //! | what the cluster says | status | error kind | retryable |
 //! |---|---|---|---|
