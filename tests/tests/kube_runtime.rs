@@ -426,13 +426,7 @@ async fn a_job_no_node_can_take_fails_as_unschedulable_and_is_retried() -> anyho
     // The first attempt found no node; the retry ran.
     assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
     assert_eq!(record.attempt.get(), 2);
-    let events = producer.events(id).await?;
-    let retry = events
-        .iter()
-        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
-        .expect("a retry");
-    let detail = retry.detail.clone().unwrap_or_default();
-    assert_eq!(detail["error"]["kind"], json!("unschedulable"), "{detail}");
+    first_attempt_retried_after(&producer, id, "unschedulable").await?;
     producer.close().await;
     c.env.cleanup().await
 }
@@ -907,6 +901,27 @@ fn warm_echo(slots: u16, idle: &str) -> String {
     )
 }
 
+/// Checks that the first attempt of task `id` was retried after a failure of `kind`; the
+/// events of that attempt.
+async fn first_attempt_retried_after(
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+    kind: &str,
+) -> anyhow::Result<Vec<String>> {
+    let events = producer.events(id).await?;
+    let retry = events
+        .iter()
+        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
+        .expect("its first attempt was retried");
+    let detail = retry.detail.clone().unwrap_or_default();
+    assert_eq!(detail["error"]["kind"], json!(kind), "{detail}");
+    Ok(events
+        .into_iter()
+        .filter(|e| e.attempt.get() == 1)
+        .map(|e| e.event)
+        .collect())
+}
+
 /// The events of task `id`, in order.
 async fn events_of(
     producer: &gantry_producer::Producer,
@@ -931,6 +946,20 @@ fn all_complete(jobs: &[Job]) -> bool {
                     .any(|c| c.type_ == "Complete" && c.status == "True")
             })
     })
+}
+
+/// Submits a task of class `echo` with `payload`, to live 5 minutes.
+async fn submit_echo(
+    producer: &gantry_producer::Producer,
+    payload: serde_json::Value,
+) -> anyhow::Result<gantry_shared::message::TaskId> {
+    Ok(producer
+        .submit(gantry_tests::task_spec(
+            "echo",
+            payload,
+            Duration::from_secs(300),
+        ))
+        .await?)
 }
 
 /// Waits for task `id` to end, and checks that it succeeded (showing `dispatcher`'s log if not).
@@ -973,15 +1002,7 @@ async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_
     let producer = c.env.producer().await?;
     let mut ids = Vec::new();
     for n in 0..60 {
-        let payload = json!({"n": n, "sleep_ms": 50});
-        let id = producer
-            .submit(gantry_tests::task_spec(
-                "echo",
-                payload,
-                Duration::from_secs(300),
-            ))
-            .await?;
-        ids.push(id);
+        ids.push(submit_echo(&producer, json!({"n": n, "sleep_ms": 50})).await?);
     }
     let mut places = gantry_tests::warm::Places::default();
     let mut dispatch_ids = BTreeSet::new();
@@ -1060,16 +1081,7 @@ async fn four_in_hand_on_a_warm_pod(
     let producer = c.env.producer().await?;
     let mut ids = Vec::new();
     for _ in 0..8 {
-        let payload = executions.payload(sleep_ms);
-        ids.push(
-            producer
-                .submit(gantry_tests::task_spec(
-                    "echo",
-                    payload,
-                    Duration::from_secs(300),
-                ))
-                .await?,
-        );
+        ids.push(submit_echo(&producer, executions.payload(sleep_ms)).await?);
     }
     let pod = gantry_tests::eventually("four tasks in hand", Duration::from_secs(60), || async {
         let running = executions.counts()?.len();
@@ -1095,17 +1107,7 @@ async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twi
         let record = succeeded(&c.dispatcher, &producer, *id).await?;
         if record.attempt.get() > 1 {
             retried += 1;
-            let events = producer.events(*id).await?;
-            let retry = events
-                .iter()
-                .find(|e| e.attempt.get() == 1 && e.event == "retrying")
-                .expect("its first attempt was failed on the executor's behalf");
-            let detail = retry.detail.clone().unwrap_or_default();
-            assert_eq!(
-                detail["error"]["kind"],
-                json!("executor_crashed"),
-                "{detail}"
-            );
+            first_attempt_retried_after(&producer, *id, "executor_crashed").await?;
         }
     }
     assert!(retried >= 1, "the tasks in hand at the kill were retried");
@@ -1150,4 +1152,38 @@ async fn a_dispatcher_killed_with_a_warm_job_running_loses_nothing_and_runs_noth
     assert!(warm_jobs(&double).len() >= 2, "{}", double.jobs_created());
     producer.close().await;
     env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_handed_to_a_warm_job_no_node_can_take_fail_as_unschedulable_and_are_retried()
+-> anyhow::Result<()> {
+    let c = cluster_with(
+        &warm_echo(4, "3s"),
+        1,
+        &[("GANTRY_UNSCHEDULABLE_LIMIT", "1s")],
+    )
+    .await?;
+    c.double
+        .script_next(gantry_kube_double::Script::PendingForever);
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        ids.push(submit_echo(&producer, json!({"n": n})).await?);
+    }
+    for id in &ids {
+        let record = succeeded(&c.dispatcher, &producer, *id).await?;
+        assert_eq!(record.attempt.get(), 2, "the first warm Job never ran");
+        let first = first_attempt_retried_after(&producer, *id, "unschedulable").await?;
+        assert!(
+            !first.iter().any(|e| e == "running"),
+            "never running on a pod that never ran: {first:?}"
+        );
+    }
+    assert_eq!(
+        c.double.jobs_created(),
+        2,
+        "the stuck warm Job, then one that ran"
+    );
+    producer.close().await;
+    c.env.cleanup().await
 }
