@@ -48,7 +48,7 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Print the Job and Secret a task would get on the kubernetes runtime, as YAML, without
-    /// contacting anything.
+    /// contacting anything (for a warm class: the Job of a warm executor serving it).
     #[command(
         after_help = "Example:\n  gantry-dispatcher render-job --task task.json --catalog catalog.yaml | kubectl apply --dry-run=server -f -"
     )]

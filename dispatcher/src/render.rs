@@ -1,15 +1,20 @@
-//! `render-job`: the Job and Secret a task would get, as YAML, without contacting anything.
+//! `render-job`: the Job and Secret a task would get, as YAML, without contacting anything;
+//! for a task of a warm class, the Job of a warm executor that would serve it (it has no
+//! Secret).
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{Task, TaskEnvelope};
+use gantry_shared::message::{JobName, Task, TaskEnvelope};
+use gantry_shared::topology::Topology;
 
 use crate::images::{self, ImagePolicy};
 use crate::runtime::kubernetes::job;
 use crate::settings::Settings;
 use crate::{Error, Result};
 
-/// Renders the Job and Secret of `envelope` (a task message body) as two YAML documents.
+/// Renders the Job and Secret of `envelope` (a task message body) as two YAML documents;
+/// for a warm class, the one Job of a new warm executor of the class (named afresh each
+/// time, as the dispatcher names each executor it starts).
 ///
 /// Only the catalog file is read: the executor registry and the nodes' images (development
 /// mode) need the cluster, so a class must name its image in the file.
@@ -53,6 +58,16 @@ pub fn render_job(
         namespace,
         prefix: &settings.common.prefix,
     };
+    if let Some(warm) = &spec.warm {
+        job::admit(&task, spec).map_err(|e| invalid(e.to_string()))?;
+        let name = JobName::for_warm(&task.executor);
+        let topology =
+            Topology::new(&settings.common.prefix).map_err(|e| invalid(e.to_string()))?;
+        let queue = topology.warm_queue(name.as_str());
+        let job = job::build_warm(&name, &task.executor, spec, warm, kube, &target, &queue)
+            .map_err(|e| invalid(e.to_string()))?;
+        return serde_norway::to_string(&job).map_err(|e| invalid(e.to_string()));
+    }
     let (job, secret) = job::build(&task, spec, kube, &target, "render-job", now)
         .map_err(|e| invalid(e.to_string()))?;
     let job = serde_norway::to_string(&job).map_err(|e| invalid(e.to_string()))?;

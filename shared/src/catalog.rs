@@ -268,6 +268,15 @@ impl WarmSpec {
         None
     }
 
+    /// How long a warm executor's job may live, on every runtime (a Job's
+    /// `activeDeadlineSeconds`, the local runtime's kill): its `max_job_lifetime`, then
+    /// time for the tasks in hand to reach their own deadlines (a quarter more, at least
+    /// ten minutes).
+    pub fn job_deadline(&self) -> Duration {
+        let life = self.max_job_lifetime;
+        life.saturating_add((life / 4).max(Duration::from_secs(600)))
+    }
+
     /// The settings as the executor reads them (`GANTRY_WARM`, JSON).
     pub fn executor_env(&self) -> (&'static str, String) {
         // A struct of numbers and durations always serializes.
@@ -590,5 +599,18 @@ mod tests {
             let e = Catalog::parse(&text, "t").unwrap_err().to_string();
             assert!(e.contains(expected), "{engine}: {e}");
         }
+    }
+
+    #[test]
+    fn a_warm_executors_job_outlives_its_lifetime_by_a_quarter_or_ten_minutes() {
+        let warm = |life: u64| WarmSpec {
+            max_job_lifetime: Duration::from_secs(life),
+            ..WarmSpec::default()
+        };
+        assert_eq!(
+            warm(6 * 3600).job_deadline(),
+            Duration::from_secs(7 * 3600 + 1800)
+        );
+        assert_eq!(warm(60).job_deadline(), Duration::from_secs(660));
     }
 }

@@ -20,6 +20,7 @@
 //! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
 //! - [`container_registry`]: a real container registry, images pushed to it, and the
 //!   executor registry service (`gantry-registry`) in front of it.
+//! - [`warm`]: the evidence every task run by a warm executor shows.
 //! - [`tls`]: a throwaway CA, and a RabbitMQ node and a Postgres cluster of the test's own
 //!   with TLS listeners.
 //!
@@ -34,6 +35,7 @@ pub mod llm;
 pub mod observability;
 pub mod services;
 pub mod tls;
+pub mod warm;
 
 mod dispatchers;
 mod servers;

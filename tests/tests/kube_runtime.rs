@@ -198,6 +198,16 @@ async fn cluster_with(
     max_active: u32,
     env_extra: &[(&str, &str)],
 ) -> anyhow::Result<Cluster> {
+    cluster_of("{ kind: echo }", extra_catalog, max_active, env_extra).await
+}
+
+/// [`cluster_with`] whose class `echo` runs `engine`.
+async fn cluster_of(
+    engine: &str,
+    extra_catalog: &str,
+    max_active: u32,
+    env_extra: &[(&str, &str)],
+) -> anyhow::Result<Cluster> {
     let double = KubeDouble::start().await;
     double.set_image_entrypoint(
         IMAGE,
@@ -208,7 +218,7 @@ async fn cluster_with(
         ],
     );
     let catalog = format!(
-        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
+        "executors:\n  echo:\n    engine: {engine}\n    image: {IMAGE}\n    max_active_jobs: {max_active}\n{extra_catalog}"
     );
     let env = gantry_tests::TestEnv::new(Some(&catalog)).await?;
     let kubeconfig = gantry_tests::point_at_double(&double, &env)?;
@@ -277,12 +287,7 @@ async fn a_task_runs_as_a_job_and_succeeds_with_job_pod_and_node_recorded() -> a
     let pod = record.pod_name.clone().expect("pod recorded");
     assert!(pod.starts_with(&job), "pod {pod} of job {job}");
     assert_eq!(record.node.as_deref(), Some("node-1"));
-    let events: Vec<String> = producer
-        .events(id)
-        .await?
-        .into_iter()
-        .map(|e| e.event)
-        .collect();
+    let events = events_of(&producer, id).await?;
     assert_eq!(events, ["received", "dispatched", "running", "succeeded"]);
     assert_eq!(c.double.jobs_created(), 1);
     producer.close().await;
@@ -421,13 +426,7 @@ async fn a_job_no_node_can_take_fails_as_unschedulable_and_is_retried() -> anyho
     // The first attempt found no node; the retry ran.
     assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
     assert_eq!(record.attempt.get(), 2);
-    let events = producer.events(id).await?;
-    let retry = events
-        .iter()
-        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
-        .expect("a retry");
-    let detail = retry.detail.clone().unwrap_or_default();
-    assert_eq!(detail["error"]["kind"], json!("unschedulable"), "{detail}");
+    first_attempt_retried_after(&producer, id, "unschedulable").await?;
     producer.close().await;
     c.env.cleanup().await
 }
@@ -498,13 +497,7 @@ async fn a_dispatcher_killed_with_20_jobs_running_is_restarted_without_duplicate
             (d.jobs_created() >= 20).then_some(())
         })
         .await?;
-    let Cluster {
-        double,
-        env,
-        dispatcher,
-    } = c;
-    dispatcher.kill_hard()?;
-    let restarted = restart_on_double(&env)?;
+    let (double, env, restarted) = kill_and_restart(c)?;
     for id in &ids {
         let record = producer.wait(*id, Duration::from_secs(120)).await?;
         assert_eq!(record.state, TaskState::Succeeded, "{:?}", record.error);
@@ -563,6 +556,16 @@ async fn kill_once_a_create_is_dropped(
     c.dispatcher.kill_hard()?;
     c.double.clear_faults();
     Ok((c.double, c.env))
+}
+
+/// Kills the cluster's dispatcher (SIGKILL) and starts another on the same double and
+/// environment.
+fn kill_and_restart(
+    c: Cluster,
+) -> anyhow::Result<(KubeDouble, gantry_tests::TestEnv, gantry_tests::Dispatcher)> {
+    c.dispatcher.kill_hard()?;
+    let restarted = restart_on_double(&c.env)?;
+    Ok((c.double, c.env, restarted))
 }
 
 /// A dispatcher on the double again, after the test's was killed.
@@ -790,26 +793,26 @@ async fn an_attempt_claimed_by_a_killed_dispatcher_without_its_job_is_failed_as_
     env.cleanup().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Result<()> {
-    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
-    let c = cluster(&format!(
-        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n"
-    ))
-    .await?;
-    let producer = c.env.producer().await?;
-    let id = producer
-        .submit(TaskSpec {
-            executor: ExecutorClass::parse("chat")?,
-            name: TaskName::parse("llm.chat")?,
-            payload: json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}),
-            ttl: Duration::from_secs(300),
-            reply_to: None,
-            idempotency_key: None,
-            priority: None,
-            resources: None,
-        })
-        .await?;
+/// A chat task of class `chat`, asking for 16 tokens.
+fn chat_spec() -> anyhow::Result<TaskSpec> {
+    Ok(TaskSpec {
+        executor: ExecutorClass::parse("chat")?,
+        name: TaskName::parse("llm.chat")?,
+        payload: json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}),
+        ttl: Duration::from_secs(300),
+        reply_to: None,
+        idempotency_key: None,
+        priority: None,
+        resources: None,
+    })
+}
+
+/// Waits for chat task `id`, checks that the model answered it with 16 tokens; its record.
+async fn chatted(
+    c: &Cluster,
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<gantry_shared::store::TaskRecord> {
     let record = producer.wait(id, Duration::from_secs(180)).await?;
     assert_eq!(
         record.state,
@@ -821,6 +824,52 @@ async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Resul
     let output = &record.result.as_ref().expect("result")["output"];
     assert_eq!(output["usage"]["completion_tokens"], 16, "{output}");
     assert!(output["message"]["content"].as_str().is_some(), "{output}");
+    Ok(record)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_openai_class_answers_every_request_from_one_job_and_its_model_server()
+-> anyhow::Result<()> {
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let c = cluster(&format!(
+        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n    max_active_jobs: 1\n    warm: {{ max_concurrency: 2, idle_timeout: 5s }}\n"
+    ))
+    .await?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(producer.submit(chat_spec()?).await?);
+    }
+    let mut places = gantry_tests::warm::Places::default();
+    let mut pods = std::collections::BTreeSet::new();
+    for id in ids {
+        let record = chatted(&c, &producer, id).await?;
+        places.take(&record, "chat");
+        pods.insert(record.pod_name.clone().expect("the pod recorded"));
+    }
+    assert_eq!(pods.len(), 1, "one warm pod answered all four: {pods:?}");
+    assert_eq!(c.double.jobs_created(), 1);
+    let pod = pods.first().expect("a pod");
+    let log = c.double.pod_log(pod).unwrap_or_default();
+    assert_eq!(
+        log.matches("model server started").count(),
+        1,
+        "its model server started once: {log}"
+    );
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Result<()> {
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let c = cluster(&format!(
+        "  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s }}\n    image: {IMAGE}\n"
+    ))
+    .await?;
+    let producer = c.env.producer().await?;
+    let id = producer.submit(chat_spec()?).await?;
+    chatted(&c, &producer, id).await?;
     // The Job told its executor which engine to run, as the catalog says.
     let job = c
         .double
@@ -840,6 +889,301 @@ async fn an_openai_class_runs_its_model_server_inside_the_job() -> anyhow::Resul
     let openai: serde_json::Value =
         serde_json::from_str(&var("GANTRY_OPENAI").expect("GANTRY_OPENAI"))?;
     assert_eq!(openai["model"], "tiny");
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+/// The `warm:` line of class `echo` (and its retries): `slots` tasks per executor, idle
+/// after `idle`.
+fn warm_echo(slots: u16, idle: &str) -> String {
+    format!(
+        "    warm: {{ max_concurrency: {slots}, max_tasks_per_job: 1000, idle_timeout: {idle}, max_job_lifetime: 1h }}\n    retry: {{ max_attempts: 3, min_delay: 1s, max_delay: 1s }}\n"
+    )
+}
+
+/// Checks that the first attempt of task `id` was retried after a failure of `kind`; the
+/// events of that attempt.
+async fn first_attempt_retried_after(
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+    kind: &str,
+) -> anyhow::Result<Vec<String>> {
+    let events = producer.events(id).await?;
+    let retry = events
+        .iter()
+        .find(|e| e.attempt.get() == 1 && e.event == "retrying")
+        .expect("its first attempt was retried");
+    let detail = retry.detail.clone().unwrap_or_default();
+    assert_eq!(detail["error"]["kind"], json!(kind), "{detail}");
+    Ok(events
+        .into_iter()
+        .filter(|e| e.attempt.get() == 1)
+        .map(|e| e.event)
+        .collect())
+}
+
+/// The events of task `id`, in order.
+async fn events_of(
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<Vec<String>> {
+    Ok(producer
+        .events(id)
+        .await?
+        .into_iter()
+        .map(|e| e.event)
+        .collect())
+}
+
+/// Whether every one of `jobs` has completed.
+fn all_complete(jobs: &[Job]) -> bool {
+    jobs.iter().all(|j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Complete" && c.status == "True")
+            })
+    })
+}
+
+/// Submits a task of class `echo` with `payload`, to live 5 minutes.
+async fn submit_echo(
+    producer: &gantry_producer::Producer,
+    payload: serde_json::Value,
+) -> anyhow::Result<gantry_shared::message::TaskId> {
+    Ok(producer
+        .submit(gantry_tests::task_spec(
+            "echo",
+            payload,
+            Duration::from_secs(300),
+        ))
+        .await?)
+}
+
+/// Waits for task `id` to end, and checks that it succeeded (showing `dispatcher`'s log if not).
+async fn succeeded(
+    dispatcher: &gantry_tests::Dispatcher,
+    producer: &gantry_producer::Producer,
+    id: gantry_shared::message::TaskId,
+) -> anyhow::Result<gantry_shared::store::TaskRecord> {
+    let record = producer.wait(id, Duration::from_secs(120)).await?;
+    assert_eq!(
+        record.state,
+        TaskState::Succeeded,
+        "{record:?}\n{}",
+        dispatcher.log_text()
+    );
+    Ok(record)
+}
+
+/// The warm executors' Jobs in the double.
+fn warm_jobs(double: &KubeDouble) -> Vec<Job> {
+    double
+        .jobs()
+        .into_iter()
+        .filter(|j| {
+            j.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("gantry.dev/warm"))
+                .is_some_and(|w| w == "true")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_class_runs_60_tasks_on_at_most_two_warm_jobs_each_task_with_its_own_evidence()
+-> anyhow::Result<()> {
+    use std::collections::BTreeSet;
+
+    let c = cluster_with(&warm_echo(8, "5s"), 2, &[]).await?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        ids.push(submit_echo(&producer, json!({"n": n, "sleep_ms": 50})).await?);
+    }
+    let mut places = gantry_tests::warm::Places::default();
+    let mut dispatch_ids = BTreeSet::new();
+    for (n, id) in ids.iter().enumerate() {
+        let record = succeeded(&c.dispatcher, &producer, *id).await?;
+        let output = record.result.as_ref().map(|r| r["output"]["n"].clone());
+        assert_eq!(output, Some(json!(n)), "each task has its own result");
+        let job = places.take(&record, "echo");
+        let pod = record.pod_name.clone().expect("the pod recorded");
+        assert!(pod.starts_with(&job), "pod {pod} of job {job}");
+        assert_eq!(record.node.as_deref(), Some("node-1"));
+        dispatch_ids.insert(record.dispatch_id.clone().expect("a dispatch id"));
+        let events = events_of(&producer, *id).await?;
+        assert_eq!(
+            events,
+            ["received", "dispatched", "running", "succeeded"],
+            "recorded running once its executor's pod ran"
+        );
+    }
+    assert_eq!(dispatch_ids.len(), ids.len(), "a dispatch id per task");
+    assert!(
+        c.double.jobs_created() <= 2,
+        "no more warm Jobs than max_active_jobs: {}",
+        c.double.jobs_created()
+    );
+    assert_eq!(warm_jobs(&c.double).len() as u64, c.double.jobs_created());
+    assert_eq!(
+        c.double.secrets(),
+        ["gantry-amqp"],
+        "a warm Job has no Secret: its tasks come over its queue"
+    );
+
+    // Idle for idle_timeout: each executor drains, its Job completes, its queues go.
+    c.double
+        .wait_for("every warm Job to complete", Duration::from_secs(60), |d| {
+            all_complete(&warm_jobs(d)).then_some(())
+        })
+        .await?;
+    let channel = c.env.channel().await?;
+    for job in warm_jobs(&c.double)
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+    {
+        let queue = c.env.topology().warm_queue(&job);
+        gantry_tests::eventually(
+            "the executor's queue to be removed",
+            Duration::from_secs(30),
+            || async {
+                let gone =
+                    gantry_shared::amqp::peek_queue(&channel, &queue, Duration::from_secs(5)).await;
+                Ok(gone.is_err().then_some(()))
+            },
+        )
+        .await?;
+    }
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+/// A cluster whose class `echo` records its executions on one warm Job of four slots, with
+/// eight tasks of `sleep_ms` submitted and four of them running: the cluster, the records,
+/// the producer, the tasks, and the warm pod.
+async fn four_in_hand_on_a_warm_pod(
+    sleep_ms: u64,
+) -> anyhow::Result<(
+    Cluster,
+    gantry_tests::executions::Executions,
+    gantry_producer::Producer,
+    Vec<gantry_shared::message::TaskId>,
+    String,
+)> {
+    use gantry_tests::executions::Executions;
+
+    let c = cluster_of(&Executions::engine(), &warm_echo(4, "3s"), 1, &[]).await?;
+    let executions = Executions::new(&c.env.dir.path().join("executions"))?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(submit_echo(&producer, executions.payload(sleep_ms)).await?);
+    }
+    let pod = gantry_tests::eventually("four tasks in hand", Duration::from_secs(60), || async {
+        let running = executions.counts()?.len();
+        let pod = c
+            .double
+            .pods_running_a_process()
+            .into_iter()
+            .find(|p| p.starts_with("gantry-w-echo-"));
+        Ok(pod.filter(|_| running >= 4))
+    })
+    .await?;
+    Ok((c, executions, producer, ids, pod))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_warm_pod_fails_its_tasks_in_hand_which_retry_and_none_runs_twice()
+-> anyhow::Result<()> {
+    let (c, executions, producer, ids, pod) = four_in_hand_on_a_warm_pod(3_000).await?;
+    c.double.kill_pod_process(&pod);
+
+    let mut retried = 0;
+    for id in &ids {
+        let record = succeeded(&c.dispatcher, &producer, *id).await?;
+        if record.attempt.get() > 1 {
+            retried += 1;
+            first_attempt_retried_after(&producer, *id, "executor_crashed").await?;
+        }
+    }
+    assert!(retried >= 1, "the tasks in hand at the kill were retried");
+    assert_eq!(executions.run_twice()?, vec![], "no attempt ran twice");
+    assert!(
+        warm_jobs(&c.double).len() >= 2,
+        "a new warm Job took over: {}",
+        c.double.jobs_created()
+    );
+    producer.close().await;
+    c.env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_with_a_warm_job_running_loses_nothing_and_runs_nothing_twice()
+-> anyhow::Result<()> {
+    // Long enough that the restarted dispatcher reconciles while they run.
+    let (c, executions, producer, ids, _) = four_in_hand_on_a_warm_pod(10_000).await?;
+    let (double, env, restarted) = kill_and_restart(c)?;
+    for id in &ids {
+        let record = succeeded(&restarted, &producer, *id).await?;
+        let events = events_of(&producer, *id).await?;
+        assert!(
+            record.attempt.get() == 1 && !events.iter().any(|e| e == "retrying"),
+            "the adopted warm Job was known: nothing in hand on it was failed as lost: {events:?}"
+        );
+    }
+    assert_eq!(executions.run_twice()?, vec![], "no attempt ran twice");
+    assert!(
+        restarted
+            .log_text()
+            .contains("adopting a warm executor found at start"),
+        "{}",
+        restarted.log_text()
+    );
+    // The adopted executor drained; the tasks it was not handed went to a new one.
+    double
+        .wait_for("every warm Job to complete", Duration::from_secs(60), |d| {
+            all_complete(&warm_jobs(d)).then_some(())
+        })
+        .await?;
+    assert!(warm_jobs(&double).len() >= 2, "{}", double.jobs_created());
+    producer.close().await;
+    env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_handed_to_a_warm_job_no_node_can_take_fail_as_unschedulable_and_are_retried()
+-> anyhow::Result<()> {
+    let c = cluster_with(
+        &warm_echo(4, "3s"),
+        1,
+        &[("GANTRY_UNSCHEDULABLE_LIMIT", "1s")],
+    )
+    .await?;
+    c.double
+        .script_next(gantry_kube_double::Script::PendingForever);
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        ids.push(submit_echo(&producer, json!({"n": n})).await?);
+    }
+    for id in &ids {
+        let record = succeeded(&c.dispatcher, &producer, *id).await?;
+        assert_eq!(record.attempt.get(), 2, "the first warm Job never ran");
+        let first = first_attempt_retried_after(&producer, *id, "unschedulable").await?;
+        assert!(
+            !first.iter().any(|e| e == "running"),
+            "never running on a pod that never ran: {first:?}"
+        );
+    }
+    assert_eq!(
+        c.double.jobs_created(),
+        2,
+        "the stuck warm Job, then one that ran"
+    );
     producer.close().await;
     c.env.cleanup().await
 }

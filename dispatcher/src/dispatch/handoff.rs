@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use gantry_shared::message::{ErrorKind, Evidence, ExecutorClass, JobName, Task};
+use gantry_shared::message::{Attempt, ErrorKind, Evidence, ExecutorClass, JobName, Task, TaskId};
 use gantry_shared::store::{Applied, Change, TaskState};
 use gantry_shared::telemetry::chain;
 use tokio::sync::OwnedSemaphorePermit;
@@ -166,6 +166,21 @@ pub(super) async fn record<R: Runtime>(
     state: TaskState,
     change: &Change,
 ) -> Result<Applied> {
+    record_attempt(role, class, task.id, task.attempt, state, change).await
+}
+
+/// [`record`] for an attempt known by its task id.
+///
+/// # Errors
+/// A write that Postgres refuses, or [`Error::ShuttingDown`].
+pub(super) async fn record_attempt<R: Runtime>(
+    role: &Role<R>,
+    class: &ExecutorClass,
+    id: TaskId,
+    attempt: Attempt,
+    state: TaskState,
+    change: &Change,
+) -> Result<Applied> {
     let what = match state {
         TaskState::Dispatched => "record dispatched",
         _ => "record running",
@@ -173,8 +188,7 @@ pub(super) async fn record<R: Runtime>(
     let applied = role
         .ctx
         .persist(what, || {
-            role.lifecycle
-                .transition(task.id, task.attempt, state, change)
+            role.lifecycle.transition(id, attempt, state, change)
         })
         .await?;
     if applied.changed() {

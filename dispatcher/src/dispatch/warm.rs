@@ -14,6 +14,11 @@
 //! - [`follow_warm`] follows an executor to its end; each attempt still in hand then (the
 //!   executor crashed, was OOM-killed or stopped) gets a result on its behalf, retryable as
 //!   the runtime's verdict says.
+//! - Where a job does not run as soon as it is started (a Kubernetes Job's pod is
+//!   scheduled, pulls its image, starts), a task handed to an executor is recorded
+//!   `running` once the executor runs: by [`follow_warm`] for the tasks handed before its
+//!   pod ran, by the hand-off for those handed after. The pool says which, under its lock,
+//!   so each task is recorded once.
 //!
 //! The choice and its failure analysis: `docs/decisions.md` (warm executors).
 
@@ -35,7 +40,7 @@ use uuid::Uuid;
 
 use super::disposition::Disposition;
 use super::follow::on_behalf;
-use super::handoff::record;
+use super::handoff::{record, record_attempt};
 use super::role::Role;
 use crate::runtime::{Job, JobEnd, Runtime};
 use crate::{Error, Result};
@@ -56,6 +61,9 @@ struct Executor {
     ready: bool,
     /// Told to drain (or adopted at start): takes no more tasks.
     draining: bool,
+    /// Its job runs, as the runtime said (kept where jobs do not run at start): a task
+    /// handed to it now is recorded `running` by its hand-off.
+    running: bool,
     /// Tasks handed to it in its life.
     handed: u32,
     in_hand: HashMap<TaskId, Held>,
@@ -66,6 +74,8 @@ struct Executor {
 /// A task in hand on an executor, holding one unit of its class's capacity.
 struct Held {
     attempt: Attempt,
+    /// The evidence of its claim, once it was published to the executor's queue.
+    claim: Option<Evidence>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -85,6 +95,7 @@ impl Executor {
             warm,
             ready: false,
             draining: false,
+            running: false,
             handed: 0,
             in_hand: HashMap::new(),
             born: now,
@@ -115,6 +126,7 @@ impl Executor {
             task,
             Held {
                 attempt,
+                claim: None,
                 _permit: Some(permit),
             },
         );
@@ -186,6 +198,44 @@ impl Pools {
             .find(|e| &e.name == job)
     }
 
+    /// Notes that `task` was published to its executor's queue, with its claim's evidence;
+    /// whether the executor runs already (then the hand-off records the task `running`,
+    /// otherwise [`Pools::runs`] hands it to [`follow_warm`] to record).
+    fn published(&self, task: TaskId, claim: &Evidence) -> bool {
+        let mut classes = self.lock();
+        let Some(executor) = classes
+            .values_mut()
+            .flat_map(|executors| executors.iter_mut())
+            .find(|e| e.in_hand.contains_key(&task))
+        else {
+            return false;
+        };
+        if let Some(held) = executor.in_hand.get_mut(&task) {
+            held.claim = Some(claim.clone());
+        }
+        executor.running
+    }
+
+    /// Marks the executor `job` running; the tasks published to it so far, to be recorded
+    /// `running`, each with its class and the evidence of its claim.
+    fn runs(&self, job: &JobName) -> Vec<(ExecutorClass, TaskId, Attempt, Evidence)> {
+        let mut classes = self.lock();
+        for (class, executors) in classes.iter_mut() {
+            if let Some(executor) = executors.iter_mut().find(|e| &e.name == job) {
+                executor.running = true;
+                return executor
+                    .in_hand
+                    .iter()
+                    .filter_map(|(id, held)| {
+                        let claim = held.claim.clone()?;
+                        Some((class.clone(), *id, held.attempt, claim))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
     /// Frees the slot of `task` (its attempt ended, or its hand-off was undone); the
     /// executor it was on.
     pub(crate) fn release(&self, task: TaskId) -> Option<JobName> {
@@ -248,6 +298,7 @@ impl Pools {
                 id,
                 Held {
                     attempt,
+                    claim: None,
                     _permit: permit,
                 },
             );
@@ -355,14 +406,25 @@ pub(crate) async fn hand_off<R: Runtime>(
     if placed.new {
         ctx.metrics.task_to_job(class.as_str(), arrived.elapsed());
     }
-    if runtime.runs_at_start() {
+    let executor_runs = role.warm.published(task.id, &evidence);
+    if runtime.runs_at_start() || executor_runs {
         let running = Change {
-            evidence,
+            evidence: running_evidence(&evidence, runtime.evidence(&placed.job)),
             ..Change::default()
         };
         record(role, class, &task, TaskState::Running, &running).await?;
     }
     Ok(Disposition::Started { adopted: false })
+}
+
+/// A task's evidence as it runs: its claim's dispatch id and place, and the executor's
+/// job, pod and node as the runtime knows them `now`.
+fn running_evidence(claim: &Evidence, now: Evidence) -> Evidence {
+    Evidence {
+        dispatch_id: claim.dispatch_id.clone(),
+        warm_seq: claim.warm_seq,
+        ..now
+    }
 }
 
 /// Gives back a placement that did not become a hand-off; a new executor not started is
@@ -486,6 +548,30 @@ pub(crate) fn adopt<R: Runtime>(
     });
 }
 
+/// Waits for the executor's end; on a runtime whose jobs do not run at start, first for it
+/// to run, recording `running` for the tasks published to it by then.
+async fn run_to_end<R: Runtime>(role: &Role<R>, job: R::Job) -> JobEnd {
+    let runtime = &role.runtime;
+    if !runtime.runs_at_start()
+        && let Some((evidence, _)) = runtime.running(&job).await
+    {
+        let handed = role.warm.runs(job.name());
+        info!(job = %job.name(), pod = ?evidence.pod_name, node = ?evidence.node, in_hand = handed.len(), "warm executor running");
+        for (class, id, attempt, claim) in handed {
+            let running = Change {
+                evidence: running_evidence(&claim, evidence.clone()),
+                ..Change::default()
+            };
+            if let Err(e) =
+                record_attempt(role, &class, id, attempt, TaskState::Running, &running).await
+            {
+                warn!(task_id = %id, error = %chain(&e), "cannot record the task running; its result still ends it");
+            }
+        }
+    }
+    runtime.wait(job).await
+}
+
 /// Follows a warm executor to its end; then fails on their behalf the attempts it still
 /// held, removes its queues and marks it handled.
 pub(crate) async fn follow_warm<R: Runtime>(role: Arc<Role<R>>, job: R::Job) {
@@ -495,7 +581,7 @@ pub(crate) async fn follow_warm<R: Runtime>(role: Arc<Role<R>>, job: R::Job) {
         return;
     };
     let end = tokio::select! {
-        end = Box::pin(runtime.wait(job)) => end,
+        end = Box::pin(run_to_end(&role, job)) => end,
         // It keeps running; a restarted dispatcher adopts it.
         _ = ctx.shutdown.cancelled() => return,
     };

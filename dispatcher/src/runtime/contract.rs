@@ -51,7 +51,7 @@ pub(crate) trait Runtime: Send + Sync + 'static {
     /// on `queue` (and its orders on `<queue>.control`) until it drains or idles out.
     ///
     /// # Errors
-    /// The runtime has no warm executors, or the executor cannot be started.
+    /// The executor cannot be started (missing program, refused by the API server).
     fn start_warm(
         &self,
         name: &JobName,

@@ -112,14 +112,6 @@ fn read_warm(dir: &Path) -> Option<LocalJob> {
     })
 }
 
-/// How long a warm executor may live: its `max_job_lifetime`, then time for the tasks in
-/// hand to reach their own deadlines (a quarter more, at least ten minutes).
-fn warm_deadline(warm: &WarmSpec) -> chrono::Duration {
-    let life = warm.max_job_lifetime;
-    let tail = (life / 4).max(Duration::from_secs(600));
-    chrono::Duration::from_std(life + tail).unwrap_or(chrono::Duration::days(365))
-}
-
 #[derive(Deserialize)]
 struct ExitReport {
     published: bool,
@@ -342,7 +334,9 @@ impl LocalRuntime {
             message: e.to_string(),
         };
         fs::create_dir(&dir).map_err(job_err)?;
-        let deadline = Utc::now() + warm_deadline(warm);
+        let deadline = Utc::now()
+            + chrono::Duration::from_std(warm.job_deadline())
+                .unwrap_or(chrono::Duration::days(365));
         let about = WarmReport {
             executor: class.to_string(),
             deadline,

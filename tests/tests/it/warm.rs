@@ -9,6 +9,7 @@ use gantry_shared::message::TaskId;
 use gantry_shared::store::{TaskRecord, TaskState};
 use gantry_tests::by_hand::{gantry, stderr, stdout};
 use gantry_tests::executions::Executions;
+use gantry_tests::warm::Places;
 use gantry_tests::{TestEnv, eventually, task_spec as spec};
 use serde_json::json;
 
@@ -150,21 +151,13 @@ async fn a_warm_class_runs_many_tasks_on_few_executors_each_with_its_own_evidenc
         );
     }
     let records = wait_all(&env, &producer, &ids, Duration::from_secs(120)).await?;
-    let mut places = BTreeSet::new();
+    let mut places = Places::default();
     let mut per_job: BTreeMap<String, usize> = BTreeMap::new();
     for (n, record) in records.iter().enumerate() {
         assert_eq!(record.state, TaskState::Succeeded, "{record:?}");
         let output = record.result.as_ref().map(|r| r["output"]["n"].clone());
         assert_eq!(output, Some(json!(n)), "each task has its own result");
-        let job = record.job_name.clone().expect("a job name");
-        assert!(job.starts_with("gantry-w-echo-"), "{job}");
-        let seq = record
-            .warm_seq
-            .expect("ran warm, with its place in the job");
-        assert!(
-            places.insert((job.clone(), seq)),
-            "one place per task: {job} {seq}"
-        );
+        let job = places.take(record, "echo");
         assert!(record.dispatch_id.is_some() && record.node.is_some());
         *per_job.entry(job).or_default() += 1;
     }

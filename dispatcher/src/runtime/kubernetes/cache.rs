@@ -31,6 +31,8 @@ pub(crate) struct JobView {
     pub(crate) task_id: Option<TaskId>,
     pub(crate) attempt: Option<Attempt>,
     pub(crate) executor: String,
+    /// A warm executor's Job (label `gantry.dev/warm`): no task, no attempt.
+    pub(crate) warm: bool,
     pub(crate) created: Option<DateTime<Utc>>,
     /// Why it finished: `Complete`, or the reason of its `Failed` condition.
     pub(crate) finished: Option<String>,
@@ -60,6 +62,7 @@ impl JobView {
                 .and_then(|a| a.parse().ok())
                 .and_then(Attempt::new),
             executor: label(keys::EXECUTOR).cloned().unwrap_or_default(),
+            warm: label(keys::WARM).is_some_and(|w| w == "true"),
             created: job.metadata.creation_timestamp.as_ref().map(to_chrono),
             finished,
         }
@@ -228,9 +231,13 @@ impl JobCache {
         self.read().jobs.get(name).cloned()
     }
 
-    /// Every Job.
-    pub(crate) fn jobs(&self) -> Vec<Arc<JobView>> {
-        self.read().jobs.values().cloned().collect()
+    /// Every Job, with its name.
+    pub(crate) fn jobs(&self) -> Vec<(String, Arc<JobView>)> {
+        self.read()
+            .jobs
+            .iter()
+            .map(|(name, job)| (name.clone(), job.clone()))
+            .collect()
     }
 
     /// The newest pod of the Job named `job`.

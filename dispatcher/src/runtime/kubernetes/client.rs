@@ -1,9 +1,10 @@
 //! The runtime's writes to the Kubernetes API: create a task's Job and its owned Secret,
-//! delete a Job. Writes pass a client-side token bucket (so a burst of tasks does not flood
-//! the API server) and are retried with backoff on 5xx, 429 (after `Retry-After`, which kube's
-//! client honours itself) and transport failures. AlreadyExists on the Job means the attempt
-//! already has its Job (a redelivered message): success, never a second Job. Each try is
-//! counted, and each failure by its HTTP code, in the dispatcher's metrics.
+//! create a Job alone (a warm executor's), delete a Job. Writes pass a client-side token
+//! bucket (so a burst of tasks does not flood the API server) and are retried with backoff
+//! on 5xx, 429 (after `Retry-After`, which kube's client honours itself) and transport
+//! failures. AlreadyExists on the Job means the attempt already has its Job (a redelivered
+//! message): success, never a second Job. Each try is counted, and each failure by its HTTP
+//! code, in the dispatcher's metrics.
 
 use std::time::Duration;
 
@@ -185,12 +186,23 @@ impl JobClient {
     /// # Errors
     /// The API refused a write for good (invalid object, forbidden) or kept failing.
     pub async fn create(&self, job: &Job, secret: Secret) -> Result<Created, KubeError> {
+        let created = self.create_job(job).await?;
+        self.create_owned_secret(created.metadata(), secret).await?;
+        Ok(created)
+    }
+
+    /// Creates the Job alone (a warm executor's, which has no Secret): one API write. A Job
+    /// that exists is returned as it is.
+    ///
+    /// # Errors
+    /// The API refused the write for good (invalid object, forbidden) or kept failing.
+    pub async fn create_job(&self, job: &Job) -> Result<Created, KubeError> {
         let name = job.metadata.name.clone().unwrap_or_default();
-        let created = match self
+        match self
             .write(CREATE_JOB, || self.create_object(&self.jobs, job))
             .await
         {
-            Ok(meta) => Created::New(Box::new(meta)),
+            Ok(meta) => Ok(Created::New(Box::new(meta))),
             Err(KubeError::Api {
                 source: kube::Error::Api(status),
                 ..
@@ -199,12 +211,10 @@ impl JobClient {
                 let existing = self
                     .write(READ_JOB, || self.jobs.get_metadata(&name))
                     .await?;
-                Created::Existing(Box::new(existing.metadata))
+                Ok(Created::Existing(Box::new(existing.metadata)))
             }
-            Err(e) => return Err(e),
-        };
-        self.create_owned_secret(created.metadata(), secret).await?;
-        Ok(created)
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates the Secret of an existing Job, owned by it, unless it exists: what a

@@ -1,25 +1,37 @@
-//! The Job and Secret of one task attempt, built without contacting anything (so
-//! `gantry-dispatcher render-job` prints exactly what the runtime would create).
+//! The Jobs the runtime creates, built without contacting anything (so
+//! `gantry-dispatcher render-job` prints exactly what the runtime would create): the Job
+//! and Secret of one task attempt ([`build`]), and the Job of a warm executor
+//! ([`build_warm`]). Both run the same pod ([`pod_spec`]) with the same shared environment.
+//!
+//! A task attempt's Job:
 //!
 //! - Name: [`JobName::for_task`], deterministic from `(task_id, attempt)`; the Secret has the
 //!   same name.
-//! - `backoffLimit: 0` (retries happen at the queue), `restartPolicy: Never`,
-//!   `activeDeadlineSeconds` = the time left until the task's deadline,
-//!   `ttlSecondsAfterFinished` from the settings.
-//! - The image, GPU limits, node selector and tolerations from the executor catalog (the
-//!   image as resolved and checked by [`crate::images`]).
+//! - `activeDeadlineSeconds` = the time left until the task's deadline.
 //! - Labels: managed-by, task id, executor class, attempt; annotations: correlation id,
 //!   traceparent, task name.
-//! - The payload is the task envelope in the Secret, mounted read-only as `task.json`; the
-//!   AMQP URL comes from a Secret reference, never inline.
-//! - No service-account token; non-root, read-only root filesystem (an `emptyDir` at `/tmp`),
-//!   no privilege escalation, all capabilities dropped, seccomp `RuntimeDefault`.
+//! - The payload is the task envelope in the Secret, mounted read-only as `task.json`.
+//!
+//! A warm executor's Job:
+//!
+//! - Name: the [`JobName::for_warm`] the dispatcher chose (`gantry-w-<class>-<10 hex>`).
+//! - `activeDeadlineSeconds` = [`WarmSpec::job_deadline`], as the local runtime's.
+//! - Labels: managed-by, executor class, `gantry.dev/warm: "true"`; no task, no attempt.
+//! - No Secret and no task volume: its tasks come over its own queue
+//!   (`GANTRY_WARM_QUEUE`), its settings in `GANTRY_WARM`.
+//!
+//! Both: `backoffLimit: 0` (retries happen at the queue), `restartPolicy: Never`,
+//! `ttlSecondsAfterFinished` from the settings; the image (as resolved and checked by
+//! [`crate::images`]), GPU limits, node selector and tolerations from the executor catalog;
+//! the AMQP URL from a Secret reference, never inline; no service-account token; non-root,
+//! read-only root filesystem (an `emptyDir` at `/tmp`), no privilege escalation, all
+//! capabilities dropped, seccomp `RuntimeDefault`.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use gantry_shared::catalog::ExecutorSpec;
-use gantry_shared::message::{JobName, Task};
+use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
+use gantry_shared::message::{ExecutorClass, JobName, Task};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
@@ -38,6 +50,8 @@ pub mod keys {
     pub const TASK_ID: &str = "gantry.dev/task-id";
     pub const EXECUTOR: &str = "gantry.dev/executor";
     pub const ATTEMPT: &str = "gantry.dev/attempt";
+    /// `"true"` on a warm executor's Job and pod.
+    pub const WARM: &str = "gantry.dev/warm";
     pub const CORRELATION_ID: &str = "gantry.dev/correlation-id";
     pub const TRACEPARENT: &str = "gantry.dev/traceparent";
     pub const TASK_NAME: &str = "gantry.dev/task";
@@ -47,6 +61,7 @@ pub mod keys {
 /// The Secret key holding the task envelope.
 pub const TASK_FILE: &str = "task.json";
 const GPU: &str = "nvidia.com/gpu";
+const GPU_PRODUCT: &str = "nvidia.com/gpu.product";
 const CONTAINER: &str = "executor";
 
 /// Why a Job cannot be built for a task.
@@ -61,6 +76,14 @@ pub enum BuildError {
         class: String,
         asked: u32,
         allowed: u32,
+    },
+    #[error(
+        "the task asks for GPU type {asked}, and executor class {class} is warm: its executors run on {has}; drop `resources.gpu_type` from the task, or send it to a class of that type"
+    )]
+    WarmGpuType {
+        class: String,
+        asked: String,
+        has: String,
     },
     #[error("cannot encode the task: {0}")]
     Encode(#[from] serde_json::Error),
@@ -90,7 +113,6 @@ pub fn build(
     dispatch_id: &str,
     now: DateTime<Utc>,
 ) -> Result<(Job, Secret), BuildError> {
-    let namespace = target.namespace;
     let image = spec
         .image
         .clone()
@@ -100,7 +122,6 @@ pub fn build(
         return Err(BuildError::DeadlinePassed(task.deadline));
     }
     admit(task, spec)?;
-    let active_deadline = (left + 999) / 1000;
     let name = JobName::for_task(task.id, task.attempt).to_string();
     let labels = labels(task);
     let mut annotations = BTreeMap::from([
@@ -113,7 +134,7 @@ pub fn build(
     }
     let meta = ObjectMeta {
         name: Some(name.clone()),
-        namespace: Some(namespace.to_owned()),
+        namespace: Some(target.namespace.to_owned()),
         labels: Some(labels.clone()),
         annotations: Some(annotations),
         ..ObjectMeta::default()
@@ -133,53 +154,118 @@ pub fn build(
         ..Secret::default()
     };
 
-    let job = Job {
-        metadata: meta,
-        spec: Some(JobSpec {
-            backoff_limit: Some(0),
-            active_deadline_seconds: Some(active_deadline),
-            ttl_seconds_after_finished: Some(
-                i32::try_from(settings.ttl_after_finished.as_secs()).unwrap_or(i32::MAX),
-            ),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod_spec(
-                    task,
-                    spec,
-                    settings,
-                    &name,
-                    &image,
-                    dispatch_id,
-                    target.prefix,
-                )),
-            },
-            ..JobSpec::default()
-        }),
-        status: None,
+    let mount = settings.task_mount_path.trim_end_matches('/');
+    let mut own_env = vec![
+        value("GANTRY_TASK_FILE", format!("{mount}/{TASK_FILE}")),
+        value("GANTRY_DISPATCH_ID", dispatch_id.to_owned()),
+    ];
+    if let Some(tp) = &task.traceparent {
+        own_env.push(value("GANTRY_TRACEPARENT", tp.clone()));
+    }
+    if let Some(reply_to) = &task.reply_to {
+        own_env.push(value("GANTRY_REPLY_TO", reply_to.clone()));
+    }
+    let asked = task.resources.as_ref();
+    let pod = Pod {
+        name: &name,
+        image: &image,
+        prefix: target.prefix,
+        gpus: asked
+            .and_then(|r| r.gpu_count)
+            .unwrap_or_else(|| class_gpus(spec)),
+        gpu_type: asked
+            .and_then(|r| r.gpu_type.clone())
+            .or_else(|| class_gpu_type(spec)),
+        env: own_env,
+        task_mount: Some(mount),
     };
+    let active_deadline = (left + 999) / 1000;
+    let job = job(
+        meta,
+        labels,
+        active_deadline,
+        pod_spec(spec, settings, pod),
+        settings,
+    );
     Ok((job, secret))
 }
 
-/// Whether the class can run the task at all: it asks for no more GPUs than the class
-/// allows. Checked before anything is recorded for the attempt.
+/// The Job of a warm executor of `class` named `name`, serving the tasks handed to it on
+/// `queue` under `warm`'s settings. It has no Secret: nothing of a task is in it.
 ///
 /// # Errors
-/// [`BuildError::TooManyGpus`].
+/// The class has no image.
+pub fn build_warm(
+    name: &JobName,
+    class: &ExecutorClass,
+    spec: &ExecutorSpec,
+    warm: &WarmSpec,
+    settings: &KubernetesSection,
+    target: &Target<'_>,
+    queue: &str,
+) -> Result<Job, BuildError> {
+    let image = spec
+        .image
+        .clone()
+        .ok_or_else(|| BuildError::NoImage(class.to_string()))?;
+    let labels = warm_labels(class);
+    let meta = ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(target.namespace.to_owned()),
+        labels: Some(labels.clone()),
+        ..ObjectMeta::default()
+    };
+    let (key, settings_json) = warm.executor_env();
+    let pod = Pod {
+        name: name.as_str(),
+        image: &image,
+        prefix: target.prefix,
+        gpus: class_gpus(spec),
+        gpu_type: class_gpu_type(spec),
+        env: vec![
+            value("GANTRY_WARM_QUEUE", queue.to_owned()),
+            value(key, settings_json),
+        ],
+        task_mount: None,
+    };
+    let active_deadline = i64::try_from(warm.job_deadline().as_secs()).unwrap_or(i64::MAX);
+    Ok(job(
+        meta,
+        labels,
+        active_deadline,
+        pod_spec(spec, settings, pod),
+        settings,
+    ))
+}
+
+/// Whether the class can run the task at all: it asks for no more GPUs than the class
+/// allows, and, for a warm class (whose executors have the class's GPUs, whatever the
+/// task), no other GPU type. Checked before anything is recorded for the attempt.
+///
+/// # Errors
+/// [`BuildError::TooManyGpus`], [`BuildError::WarmGpuType`].
 pub fn admit(task: &Task, spec: &ExecutorSpec) -> Result<(), BuildError> {
-    let allowed = spec
-        .resources
-        .as_ref()
-        .and_then(|r| r.gpu_count)
-        .unwrap_or(0);
-    match task.resources.as_ref().and_then(|r| r.gpu_count) {
-        Some(asked) if asked > allowed => Err(BuildError::TooManyGpus {
-            class: task.executor.to_string(),
-            asked,
-            allowed,
-        }),
+    let allowed = class_gpus(spec);
+    let asked = task.resources.as_ref();
+    match asked.and_then(|r| r.gpu_count) {
+        Some(asked) if asked > allowed => {
+            return Err(BuildError::TooManyGpus {
+                class: task.executor.to_string(),
+                asked,
+                allowed,
+            });
+        }
+        _ => {}
+    }
+    let has = class_gpu_type(spec);
+    match asked.and_then(|r| r.gpu_type.as_ref()) {
+        Some(asked) if spec.warm.is_some() && has.as_ref() != Some(asked) => {
+            Err(BuildError::WarmGpuType {
+                class: task.executor.to_string(),
+                asked: asked.clone(),
+                has: has.unwrap_or_else(|| "any node (the class names no GPU type)".into()),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -194,24 +280,73 @@ pub fn labels(task: &Task) -> BTreeMap<String, String> {
     ])
 }
 
-fn pod_spec(
-    task: &Task,
-    spec: &ExecutorSpec,
-    settings: &KubernetesSection,
-    name: &str,
-    image: &str,
-    dispatch_id: &str,
-    prefix: &str,
-) -> PodSpec {
-    let gpus = task
-        .resources
+/// The labels of a warm executor's Job and pod.
+pub fn warm_labels(class: &ExecutorClass) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (keys::MANAGED_BY.to_owned(), "gantry".to_owned()),
+        (keys::EXECUTOR.to_owned(), class.to_string()),
+        (keys::WARM.to_owned(), "true".to_owned()),
+    ])
+}
+
+fn class_gpus(spec: &ExecutorSpec) -> u32 {
+    spec.resources
         .as_ref()
         .and_then(|r| r.gpu_count)
-        .or_else(|| spec.resources.as_ref().and_then(|r| r.gpu_count))
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn class_gpu_type(spec: &ExecutorSpec) -> Option<String> {
+    spec.resources.as_ref().and_then(|r| r.gpu_type.clone())
+}
+
+/// A Job of `pod`, ending at `active_deadline` seconds, never retried in place.
+fn job(
+    meta: ObjectMeta,
+    labels: BTreeMap<String, String>,
+    active_deadline: i64,
+    pod: PodSpec,
+    settings: &KubernetesSection,
+) -> Job {
+    Job {
+        metadata: meta,
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(active_deadline),
+            ttl_seconds_after_finished: Some(
+                i32::try_from(settings.ttl_after_finished.as_secs()).unwrap_or(i32::MAX),
+            ),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// What one Job's pod has of its own; the rest comes from its class and the settings.
+struct Pod<'a> {
+    /// The Job's name (the executor's `GANTRY_JOB_NAME`, the task Secret's name).
+    name: &'a str,
+    image: &'a str,
+    prefix: &'a str,
+    gpus: u32,
+    gpu_type: Option<String>,
+    /// The Job's own environment, after the shared one.
+    env: Vec<EnvVar>,
+    /// Where the task Secret is mounted, for a task's Job.
+    task_mount: Option<&'a str>,
+}
+
+fn pod_spec(spec: &ExecutorSpec, settings: &KubernetesSection, pod: Pod<'_>) -> PodSpec {
     let mut limits = BTreeMap::new();
-    if gpus > 0 {
-        limits.insert(GPU.to_owned(), Quantity(gpus.to_string()));
+    if pod.gpus > 0 {
+        limits.insert(GPU.to_owned(), Quantity(pod.gpus.to_string()));
     }
     if let Some(l) = &spec.limits {
         if let Some(cpu) = &l.cpu {
@@ -232,7 +367,7 @@ fn pod_spec(
             toleration_seconds: t.toleration_seconds,
         })
         .collect();
-    if gpus > 0 && !tolerations.iter().any(|t| t.key.as_deref() == Some(GPU)) {
+    if pod.gpus > 0 && !tolerations.iter().any(|t| t.key.as_deref() == Some(GPU)) {
         tolerations.push(Toleration {
             key: Some(GPU.into()),
             operator: Some("Exists".into()),
@@ -241,17 +376,40 @@ fn pod_spec(
         });
     }
     let mut node_selector = spec.node_selector.clone();
-    if let Some(gpu_type) = task
-        .resources
-        .as_ref()
-        .and_then(|r| r.gpu_type.clone())
-        .or_else(|| spec.resources.as_ref().and_then(|r| r.gpu_type.clone()))
-    {
-        node_selector
-            .entry("nvidia.com/gpu.product".into())
-            .or_insert(gpu_type);
+    if let Some(gpu_type) = pod.gpu_type {
+        node_selector.entry(GPU_PRODUCT.into()).or_insert(gpu_type);
     }
-    let mount = settings.task_mount_path.trim_end_matches('/');
+    let mut env = shared_env(spec, settings, pod.name, pod.prefix);
+    env.extend(pod.env);
+    let mut mounts = Vec::new();
+    let mut volumes = Vec::new();
+    if let Some(mount) = pod.task_mount {
+        mounts.push(VolumeMount {
+            name: "task".into(),
+            mount_path: mount.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "task".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(pod.name.to_owned()),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    mounts.push(VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    });
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
     PodSpec {
         restart_policy: Some("Never".into()),
         automount_service_account_token: Some(false),
@@ -271,9 +429,9 @@ fn pod_spec(
         }),
         containers: vec![Container {
             name: CONTAINER.into(),
-            image: Some(image.to_owned()),
+            image: Some(pod.image.to_owned()),
             image_pull_policy: Some("IfNotPresent".into()),
-            env: Some(env(task, spec, settings, name, mount, dispatch_id, prefix)),
+            env: Some(env),
             resources: (!limits.is_empty()).then(|| ResourceRequirements {
                 requests: Some(limits.clone()),
                 limits: Some(limits),
@@ -290,57 +448,24 @@ fn pod_spec(
                 }),
                 ..SecurityContext::default()
             }),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: "task".into(),
-                    mount_path: mount.to_owned(),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                },
-                VolumeMount {
-                    name: "tmp".into(),
-                    mount_path: "/tmp".into(),
-                    ..VolumeMount::default()
-                },
-            ]),
+            volume_mounts: Some(mounts),
             termination_message_path: Some("/dev/termination-log".into()),
             termination_message_policy: Some("FallbackToLogsOnError".into()),
             ..Container::default()
         }],
-        volumes: Some(vec![
-            Volume {
-                name: "task".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(name.to_owned()),
-                    default_mode: Some(0o440),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     }
 }
 
-fn env(
-    task: &Task,
+/// The environment every executor of the class gets, in a task's Job or a warm one: where
+/// it reports, its evidence, its engine.
+fn shared_env(
     spec: &ExecutorSpec,
     settings: &KubernetesSection,
     name: &str,
-    mount: &str,
-    dispatch_id: &str,
     prefix: &str,
 ) -> Vec<EnvVar> {
-    let value = |k: &str, v: String| EnvVar {
-        name: k.into(),
-        value: Some(v),
-        value_from: None,
-    };
     let field = |k: &str, path: &str| EnvVar {
         name: k.into(),
         value: None,
@@ -353,7 +478,6 @@ fn env(
         }),
     };
     let mut env = vec![
-        value("GANTRY_TASK_FILE", format!("{mount}/{TASK_FILE}")),
         EnvVar {
             name: "GANTRY_AMQP_URL".into(),
             value: None,
@@ -368,7 +492,6 @@ fn env(
         },
         value("GANTRY_PREFIX", prefix.to_owned()),
         value("GANTRY_JOB_NAME", name.to_owned()),
-        value("GANTRY_DISPATCH_ID", dispatch_id.to_owned()),
         field("GANTRY_POD_NAME", "metadata.name"),
         field("GANTRY_NODE_NAME", "spec.nodeName"),
         value("GANTRY_TERMINATION_LOG", "/dev/termination-log".into()),
@@ -379,13 +502,15 @@ fn env(
             .into_iter()
             .map(|(name, v)| value(name, v)),
     );
-    if let Some(tp) = &task.traceparent {
-        env.push(value("GANTRY_TRACEPARENT", tp.clone()));
-    }
-    if let Some(reply_to) = &task.reply_to {
-        env.push(value("GANTRY_REPLY_TO", reply_to.clone()));
-    }
     env
+}
+
+fn value(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    }
 }
 
 #[cfg(test)]
@@ -524,5 +649,130 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn warm_catalog() -> Catalog {
+        Catalog::parse(
+            "executors:\n  vllm:\n    engine: { kind: echo }\n    image: reg.example/executor-vllm@sha256:abc\n    resources: { gpu_count: 2, gpu_type: NVIDIA-L4 }\n    warm: { max_concurrency: 8, max_job_lifetime: 2h }\n",
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn env_of(job: &Job) -> Vec<EnvVar> {
+        job.spec.clone().unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_warm_executors_job_carries_no_task_and_lives_as_long_as_its_class_allows() {
+        let catalog = warm_catalog();
+        let class = ExecutorClass::parse("vllm").unwrap();
+        let spec = catalog.get(&class).unwrap();
+        let warm = spec.warm.unwrap();
+        let name = JobName::for_warm(&class);
+        let target = Target {
+            namespace: "ml",
+            prefix: "gantry",
+        };
+        let settings = KubernetesSection::default();
+        let job = build_warm(
+            &name,
+            &class,
+            spec,
+            &warm,
+            &settings,
+            &target,
+            "gantry.warm.q",
+        )
+        .unwrap();
+        assert_eq!(job.metadata.name.as_deref(), Some(name.as_str()));
+        let labels = job.metadata.labels.clone().unwrap();
+        assert_eq!(labels[keys::MANAGED_BY], "gantry");
+        assert_eq!(labels[keys::EXECUTOR], "vllm");
+        assert_eq!(labels[keys::WARM], "true");
+        assert!(!labels.contains_key(keys::TASK_ID) && !labels.contains_key(keys::ATTEMPT));
+        let job_spec = job.spec.clone().unwrap();
+        assert_eq!(
+            job_spec.active_deadline_seconds,
+            Some(i64::try_from(warm.job_deadline().as_secs()).unwrap())
+        );
+        assert_eq!(job_spec.backoff_limit, Some(0));
+        let pod = job_spec.template.spec.unwrap();
+        let volumes: Vec<_> = pod
+            .volumes
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(volumes, ["tmp"], "no task Secret is mounted");
+        let names: Vec<String> = env_of(&job).into_iter().map(|e| e.name).collect();
+        for present in [
+            "GANTRY_AMQP_URL",
+            "GANTRY_PREFIX",
+            "GANTRY_JOB_NAME",
+            "GANTRY_POD_NAME",
+            "GANTRY_NODE_NAME",
+            "GANTRY_ENGINE",
+            "GANTRY_WARM_QUEUE",
+            "GANTRY_WARM",
+        ] {
+            assert!(names.iter().any(|n| n == present), "{present} in {names:?}");
+        }
+        for absent in [
+            "GANTRY_TASK_FILE",
+            "GANTRY_DISPATCH_ID",
+            "GANTRY_REPLY_TO",
+            "GANTRY_TRACEPARENT",
+        ] {
+            assert!(!names.iter().any(|n| n == absent), "{absent} in {names:?}");
+        }
+        let container = &pod.containers[0];
+        let limits = container.resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits[GPU], Quantity("2".into()), "the class's GPUs");
+        assert_eq!(pod.node_selector.unwrap()[GPU_PRODUCT], "NVIDIA-L4");
+
+        // The same hardening as a task's Job: one pod builder makes both.
+        let mut task = task(None);
+        task.executor = class;
+        let (one, _) = build(&task, spec, &settings, &target, "d-1", Utc::now()).unwrap();
+        let one = one.spec.unwrap().template.spec.unwrap();
+        assert_eq!(one.security_context, pod.security_context);
+        assert_eq!(
+            one.containers[0].security_context,
+            container.security_context
+        );
+        let one_env = one.containers[0].env.clone().unwrap();
+        for var in env_of(&job) {
+            if !matches!(
+                var.name.as_str(),
+                "GANTRY_JOB_NAME" | "GANTRY_WARM_QUEUE" | "GANTRY_WARM"
+            ) {
+                assert!(one_env.contains(&var), "{var:?} is shared");
+            }
+        }
+    }
+
+    #[test]
+    fn a_warm_class_refuses_a_task_asking_for_another_gpu_type() {
+        let catalog = warm_catalog();
+        let spec = catalog.get(&ExecutorClass::parse("vllm").unwrap()).unwrap();
+        let mut t = task(Some(1));
+        assert!(admit(&t, spec).is_ok(), "fewer GPUs of the class's type");
+        t.resources = Some(Resources {
+            gpu_count: None,
+            gpu_type: Some("NVIDIA-H100".into()),
+        });
+        let refused = admit(&t, spec).unwrap_err().to_string();
+        assert!(refused.contains("NVIDIA-L4"), "{refused}");
+        // A class of one Job per task takes it: the Job asks for the type.
+        let one_per_task = ExecutorSpec {
+            warm: None,
+            ..spec.clone()
+        };
+        assert!(admit(&t, &one_per_task).is_ok());
     }
 }

@@ -1,7 +1,8 @@
-//! The `kubernetes` runtime: creates each attempt's Job through [`JobClient`] and follows
-//! Jobs and Pods through one watch each (by the `managed-by: gantry` label) into a cache,
-//! instead of polling per task. A Job that ends without a result from its executor is mapped
-//! to the failure a result must carry:
+//! The `kubernetes` runtime: creates each attempt's Job, and each warm executor's, through
+//! [`JobClient`] and follows Jobs and Pods through one watch each (by the `managed-by:
+//! gantry` label) into a cache, instead of polling per task. A Job that ends without a
+//! result from its executor is mapped to the failure a result must carry (for a warm
+//! executor's Job, of each task it still held):
 //!
 //! | what the cluster says | status | error kind | retryable |
 //! |---|---|---|---|
@@ -24,7 +25,7 @@ use gantry_shared::message::{Attempt, ErrorKind, Evidence, ExecutorClass, JobNam
 use kube::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, instrument, warn};
 
 use super::cache::{JobCache, PodView, to_chrono};
 use super::client::{Created, JobClient};
@@ -35,7 +36,9 @@ use crate::runtime::{End, Job, JobEnd, Runtime};
 use crate::settings::KubernetesSection;
 use crate::{Error, Result};
 
-/// One attempt's Job, as the runtime follows it.
+/// One Job as the runtime follows it: a task attempt's, or a warm executor's (then
+/// `task_id` is nil and `attempt` is 1, as on the local runtime: its tasks are the
+/// dispatcher's to know).
 #[derive(Debug, Clone)]
 pub(crate) struct KubeJob {
     pub(crate) name: JobName,
@@ -199,9 +202,6 @@ impl KubeRuntime {
     }
 }
 
-/// Why a warm class's task does not run on this runtime.
-const WARM_UNSUPPORTED: &str = "the class is warm, and warm executors run on the local runtime only so far; remove `warm:` from the class to run one Job per task";
-
 impl Runtime for KubeRuntime {
     type Job = KubeJob;
 
@@ -215,31 +215,44 @@ impl Runtime for KubeRuntime {
     }
 
     fn admit(&self, task: &Task, spec: &ExecutorSpec) -> Result<()> {
-        if spec.warm.is_some() {
-            return Err(Error::Unrunnable {
-                task: task.id.to_string(),
-                reason: WARM_UNSUPPORTED.into(),
-            });
-        }
         job::admit(task, spec).map_err(|e| Error::Unrunnable {
             task: task.id.to_string(),
             reason: e.to_string(),
         })
     }
 
-    /// Warm executors run on the `local` runtime only, so far; [`Runtime::admit`] refuses
-    /// their tasks before anything is recorded.
+    /// Creates the warm executor's Job (`spec` has its resolved image: the hand-off that
+    /// starts it resolved it for its task). No Secret: its tasks come over `queue`.
+    #[instrument(skip_all, fields(job_name = %name))]
     async fn start_warm(
         &self,
         name: &JobName,
-        _class: &ExecutorClass,
-        _spec: &ExecutorSpec,
-        _warm: &WarmSpec,
-        _queue: &str,
+        class: &ExecutorClass,
+        spec: &ExecutorSpec,
+        warm: &WarmSpec,
+        queue: &str,
     ) -> Result<KubeJob> {
-        Err(Error::Unrunnable {
-            task: name.to_string(),
-            reason: WARM_UNSUPPORTED.into(),
+        let target = job::Target {
+            namespace: &self.namespace,
+            prefix: &self.prefix,
+        };
+        let job_err = |message: String| Error::Job {
+            job: name.to_string(),
+            message,
+        };
+        let job = job::build_warm(name, class, spec, warm, &self.settings, &target, queue)
+            .map_err(|e| job_err(e.to_string()))?;
+        let created = self
+            .client
+            .create_job(&job)
+            .await
+            .map_err(|e| job_err(gantry_shared::telemetry::chain(&e)))?;
+        Ok(KubeJob {
+            name: name.clone(),
+            task_id: TaskId::from(uuid::Uuid::nil()),
+            attempt: Attempt::FIRST,
+            executor: class.to_string(),
+            created_at: created_at(&created),
         })
     }
 
@@ -276,11 +289,7 @@ impl Runtime for KubeRuntime {
                 message: gantry_shared::telemetry::chain(&e),
             })?;
         let existed = matches!(created, Created::Existing(_));
-        let created_at = created
-            .metadata()
-            .creation_timestamp
-            .as_ref()
-            .map_or_else(Utc::now, to_chrono);
+        let created_at = created_at(&created);
         Ok((
             KubeJob {
                 name: JobName::for_task(task.id, task.attempt),
@@ -437,17 +446,25 @@ impl Runtime for KubeRuntime {
         self.delete(name).await
     }
 
-    /// Jobs in the cache, with whether they still run: for adoption at start.
+    /// Jobs in the cache, task Jobs and warm executors' alike, with whether they still
+    /// run: for adoption at start.
     fn scan(&self) -> Result<Vec<(KubeJob, bool)>> {
         Ok(self
             .cache
             .jobs()
-            .iter()
-            .filter_map(|job| {
-                let (task_id, attempt) = (job.task_id?, job.attempt?);
+            .into_iter()
+            .filter_map(|(name, job)| {
+                let (name, task_id, attempt) = if job.warm {
+                    let name = JobName::recorded(&name);
+                    name.is_warm()
+                        .then(|| (name, TaskId::from(uuid::Uuid::nil()), Attempt::FIRST))?
+                } else {
+                    let (task_id, attempt) = (job.task_id?, job.attempt?);
+                    (JobName::for_task(task_id, attempt), task_id, attempt)
+                };
                 Some((
                     KubeJob {
-                        name: JobName::for_task(task_id, attempt),
+                        name,
                         task_id,
                         attempt,
                         executor: job.executor.clone(),
@@ -485,6 +502,15 @@ impl Job for KubeJob {
     fn created_at(&self) -> Option<DateTime<Utc>> {
         Some(self.created_at)
     }
+}
+
+/// When the API server says it created the Job.
+fn created_at(created: &Created) -> DateTime<Utc> {
+    created
+        .metadata()
+        .creation_timestamp
+        .as_ref()
+        .map_or_else(Utc::now, to_chrono)
 }
 
 /// The end of a finished Job, from its reason and its pod.
