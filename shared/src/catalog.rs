@@ -202,6 +202,9 @@ pub struct ExecutorSpec {
     /// CPU and memory of a job's container, as Kubernetes quantities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ContainerLimits>,
+    /// The Celery task names this class runs (see [`crate::celery`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub celery: Option<crate::celery::CeleryClass>,
 }
 
 /// A Kubernetes toleration, as written in a pod spec.
@@ -315,6 +318,7 @@ impl Catalog {
                 node_selector: BTreeMap::new(),
                 tolerations: Vec::new(),
                 limits: None,
+                celery: None,
             },
         );
         Catalog { executors }
@@ -368,6 +372,9 @@ impl Catalog {
                     }
                 }
                 Engine::Echo | Engine::Command { .. } => {}
+            }
+            if let Some(problem) = spec.celery.as_ref().and_then(|c| c.problem()) {
+                return Err(err(format!("{class}: {problem}")));
             }
         }
         Ok(catalog)

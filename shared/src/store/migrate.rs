@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "dead letter fillfactor",
         sql: include_str!("migrations/0003_dead_letter_fillfactor.sql"),
     },
+    Migration {
+        version: 4,
+        name: "celery tasks",
+        sql: include_str!("migrations/0004_celery.sql"),
+    },
 ];
 
 /// The schema version this binary knows: its newest migration.
