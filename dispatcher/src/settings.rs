@@ -155,6 +155,8 @@ pub struct DispatcherSection {
     pub kubernetes: KubernetesSection,
     /// Where `/livez`, `/readyz` and `/metrics` are served.
     pub http_addr: HttpAddr,
+    /// The Celery bridge: Celery clients' tasks in, their results back (docs/celery.md).
+    pub celery: CelerySection,
 }
 
 impl Default for DispatcherSection {
@@ -176,6 +178,7 @@ impl Default for DispatcherSection {
             node_name: None,
             kubernetes: KubernetesSection::default(),
             http_addr: HttpAddr::DEFAULT,
+            celery: CelerySection::default(),
         }
     }
 }
@@ -284,6 +287,7 @@ impl Settings {
             "GANTRY_EXECUTOR_REGISTRY_TIMEOUT",
             &mut k.executor_registry_timeout,
         )?;
+        d.celery.read_env()?;
         Ok(d)
     }
 
@@ -364,6 +368,53 @@ pub fn configmap_ref(value: &str) -> Result<(Option<&str>, &str), String> {
         ));
     }
     Ok((namespace, name))
+}
+
+/// The `celery:` part of the `dispatcher:` section: the Celery bridge of the dispatch role.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CelerySection {
+    /// Consume Celery task messages and revokes (off by default).
+    pub enabled: bool,
+    /// The Celery queues to consume (a Celery app's `task_default_queue` and its
+    /// `task_routes` queues).
+    pub queues: Vec<String>,
+    /// Celery's control exchange, where `revoke` is broadcast: `<control_exchange>.pidbox`
+    /// for a Celery app's `control_exchange` (default `celery`).
+    pub control_exchange: String,
+    /// Celery deliveries taken at once per queue.
+    pub prefetch: u16,
+}
+
+impl Default for CelerySection {
+    fn default() -> Self {
+        CelerySection {
+            enabled: false,
+            queues: vec!["celery".into()],
+            control_exchange: "celery.pidbox".into(),
+            prefetch: 64,
+        }
+    }
+}
+
+impl CelerySection {
+    /// `GANTRY_CELERY`, `GANTRY_CELERY_QUEUES` (comma-separated),
+    /// `GANTRY_CELERY_CONTROL_EXCHANGE`, `GANTRY_CELERY_PREFETCH`.
+    fn read_env(&mut self) -> Result<()> {
+        env_parse("GANTRY_CELERY", &mut self.enabled)?;
+        if let Some(v) = env("GANTRY_CELERY_QUEUES") {
+            self.queues = v
+                .split(',')
+                .map(|q| q.trim().to_owned())
+                .filter(|q| !q.is_empty())
+                .collect();
+        }
+        if let Some(v) = env("GANTRY_CELERY_CONTROL_EXCHANGE") {
+            self.control_exchange = v;
+        }
+        env_parse("GANTRY_CELERY_PREFETCH", &mut self.prefetch)?;
+        Ok(())
+    }
 }
 
 /// The `kubernetes:` part of the `dispatcher:` section: how Jobs are made.
