@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: setup test demo fmt lint deny bench bench-kube faults images images-dry-run executor-base bench-llm
+.PHONY: setup test demo fmt lint deny bench bench-kube faults images images-dry-run executor-base bench-llm bench-celery
 
 setup:
 	bash scripts/setup.sh
@@ -59,3 +59,10 @@ executor-base:
 bench-llm: setup
 	cargo build --release --locked --bins
 	target/release/gantry-bench-llm
+
+# The same Celery client against a Celery worker (prefork -c 2, acks late) and against
+# Gantry's Celery bridge (docs/benchmarks.md). The first run installs celery in a venv
+# (scripts/celery-client.sh).
+bench-celery: setup
+	cargo build --release --locked --bins
+	target/release/gantry-bench-celery
