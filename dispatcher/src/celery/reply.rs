@@ -4,7 +4,7 @@
 //! (revoked, expired or dead-lettered before it ran) is answered from its record
 //! ([`of_record`], [`after_dead_letters`]).
 
-use gantry_shared::celery::{CeleryOrigin, CeleryState, reply};
+use gantry_shared::celery::{CeleryOrigin, CeleryState, DeadlineFrom, reply};
 use gantry_shared::message::{TaskId, TaskResult};
 use gantry_shared::store::TaskRecord;
 use lapin::BasicProperties;
@@ -57,22 +57,28 @@ pub(crate) async fn of_record(ctx: &Ctx, record: &TaskRecord, origin: &CeleryOri
 }
 
 /// After dead letters are recorded: the Celery tasks among them that they ended (expired
-/// or refused before they ran) get their reply now.
+/// before they ran, or refused by the bridge) get their reply now. `ended` holds each
+/// task ended and its dead letter's properties.
 ///
 /// # Errors
 /// As [`of_record`].
-pub(crate) async fn after_dead_letters(ctx: &Ctx, ids: &[TaskId]) -> Result<()> {
+pub(crate) async fn after_dead_letters(
+    ctx: &Ctx,
+    ended: &[(TaskId, &BasicProperties)],
+) -> Result<()> {
     if !ctx.settings.dispatcher.celery.enabled {
         return Ok(());
     }
-    for id in ids {
-        let Some(origin) = ctx
-            .persist("read Celery origin", || ctx.store.celery_origin(*id))
-            .await?
-        else {
+    for (id, props) in ended {
+        let id = *id;
+        let kept = ctx
+            .persist("read Celery origin", || ctx.store.celery_origin(id))
+            .await?;
+        // A message the bridge refused has no origin kept: its reply queue is its own.
+        let Some(origin) = kept.or_else(|| refused_origin(id, props)) else {
             continue;
         };
-        if let Some(record) = ctx.persist("read task", || ctx.store.task(*id)).await?
+        if let Some(record) = ctx.persist("read task", || ctx.store.task(id)).await?
             && record.state.is_terminal()
             && record.forwarded_at.is_none()
         {
@@ -80,4 +86,24 @@ pub(crate) async fn after_dead_letters(ctx: &Ctx, ids: &[TaskId]) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// The origin of a Celery message the bridge refused: where its reply goes.
+fn refused_origin(task_id: TaskId, props: &BasicProperties) -> Option<CeleryOrigin> {
+    let headers = props.headers().as_ref()?;
+    gantry_shared::celery::is_celery_message(headers).then_some(())?;
+    Some(CeleryOrigin {
+        task_id,
+        reply_to: props
+            .reply_to()
+            .as_ref()
+            .map(|r| r.to_string())
+            .filter(|r| !r.is_empty()),
+        root_id: None,
+        parent_id: None,
+        group: None,
+        retries: 0,
+        eta: None,
+        deadline_from: DeadlineFrom::Default,
+    })
 }

@@ -20,9 +20,11 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
         })
         .await?;
     let mut ended = Vec::new();
-    for (DeadLetter { label: letter, .. }, outcome) in letters.iter().zip(outcomes) {
+    for ((DeadLetter { label: letter, .. }, outcome), delivery) in
+        letters.iter().zip(outcomes).zip(batch)
+    {
         if let (Applied::Changed { .. }, Some(id)) = (&outcome, letter.task_id) {
-            ended.push(id);
+            ended.push((id, &delivery.properties));
         }
         if outcome != Applied::Duplicate {
             ctx.metrics.dead_letter_recorded(letter.reason_kind());

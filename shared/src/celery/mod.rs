@@ -46,6 +46,13 @@ pub const NOT_BEFORE_HEADER: &str = "x-gantry-not-before";
 /// it has a dot, so it can never be an executor class's key.
 pub const ETA_ROUTING_KEY: &str = "celery.eta";
 
+/// Whether a message's headers are those of a Celery protocol 2 task message: a `task`
+/// and an `id`.
+pub fn is_celery_message(headers: &lapin::types::FieldTable) -> bool {
+    use crate::message::FieldTableExt;
+    headers.get_str("task").is_some() && headers.get_str("id").is_some()
+}
+
 /// Where a Celery task's deadline came from, which decides how its expiry is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

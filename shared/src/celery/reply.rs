@@ -84,10 +84,11 @@ impl CeleryState {
 }
 
 fn failure(error: Option<&TaskError>) -> CeleryState {
-    let message = error.map_or_else(
-        || "failed: the task failed without an error".to_owned(),
-        |e| format!("{}: {}", e.kind, e.message),
-    );
+    let message = match error {
+        None => "failed: the task failed without an error".to_owned(),
+        Some(e) if e.message.starts_with(&format!("{}:", e.kind)) => e.message.clone(),
+        Some(e) => format!("{}: {}", e.kind, e.message),
+    };
     CeleryState::Failure {
         exc_module: "builtins",
         exc_type: "RuntimeError",

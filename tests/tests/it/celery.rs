@@ -341,6 +341,22 @@ async fn messages_gantry_cannot_take_are_dead_lettered_with_a_reason_and_the_bri
     }
     let out = gantry(&w.env, &["dlq", "list"]).await?;
     assert!(stdout(&out).contains("protocol 1"), "{}", stdout(&out));
+    // A protocol 2 message names its task: it is in `gantry status`, and the client that
+    // waits for it is told why it will not run.
+    let (_, _, unclaimed) = &expected[3];
+    let got = w.client.get(unclaimed, GET).await?;
+    assert_eq!(got["state"], "FAILURE", "{got}");
+    assert!(
+        got["exc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no executor class claims"),
+        "{got}"
+    );
+    for (kind, _, id) in &expected[1..] {
+        let record = w.reaches(id, TaskState::DeadLettered).await?;
+        assert!(record.dispatched_at.is_none(), "{kind}: {record:?}");
+    }
 
     // The bridge goes on.
     let id = w
