@@ -384,6 +384,8 @@ pub struct CelerySection {
     pub control_exchange: String,
     /// Celery deliveries taken at once per queue.
     pub prefetch: u16,
+    /// Send `STARTED` when a task's job runs (Celery's `task_track_started`).
+    pub track_started: bool,
 }
 
 impl Default for CelerySection {
@@ -393,13 +395,15 @@ impl Default for CelerySection {
             queues: vec!["celery".into()],
             control_exchange: "celery.pidbox".into(),
             prefetch: 64,
+            track_started: false,
         }
     }
 }
 
 impl CelerySection {
     /// `GANTRY_CELERY`, `GANTRY_CELERY_QUEUES` (comma-separated),
-    /// `GANTRY_CELERY_CONTROL_EXCHANGE`, `GANTRY_CELERY_PREFETCH`.
+    /// `GANTRY_CELERY_CONTROL_EXCHANGE`, `GANTRY_CELERY_PREFETCH`,
+    /// `GANTRY_CELERY_TRACK_STARTED`.
     fn read_env(&mut self) -> Result<()> {
         env_parse("GANTRY_CELERY", &mut self.enabled)?;
         if let Some(v) = env("GANTRY_CELERY_QUEUES") {
@@ -413,6 +417,7 @@ impl CelerySection {
             self.control_exchange = v;
         }
         env_parse("GANTRY_CELERY_PREFETCH", &mut self.prefetch)?;
+        env_parse("GANTRY_CELERY_TRACK_STARTED", &mut self.track_started)?;
         Ok(())
     }
 }

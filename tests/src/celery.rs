@@ -63,12 +63,13 @@ impl CeleryNames {
         format!("{}.pidbox", self.control)
     }
 
-    /// The dispatcher's `celery:` settings for these names.
+    /// The dispatcher's `celery:` settings for these names, `STARTED` sent.
     pub fn section(&self) -> CelerySection {
         CelerySection {
             enabled: true,
             queues: vec![self.queue.clone()],
             control_exchange: self.pidbox(),
+            track_started: true,
             ..CelerySection::default()
         }
     }

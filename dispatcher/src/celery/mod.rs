@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gantry_shared::amqp::{self, confirm_channel};
-use gantry_shared::celery::ETA_ROUTING_KEY;
+use gantry_shared::celery::{CeleryState, ETA_ROUTING_KEY};
+use gantry_shared::message::TaskId;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::quorum_args;
 use lapin::message::Delivery;
@@ -42,6 +43,32 @@ use crate::context::Ctx;
 use crate::health::Loops;
 use crate::session::{SessionEnd, Source, open_until_shutdown};
 use crate::{Error, Result};
+
+/// Sends `STARTED` to the Celery client of `task_id` once its job runs, when
+/// `celery.track_started` is on (Celery's `task_track_started`, which is a worker's setting
+/// in Celery and so Gantry's here). Best effort: a `STARTED` lost changes nothing the client
+/// waits for.
+pub(crate) async fn started(ctx: &Ctx, task_id: TaskId) {
+    let celery = &ctx.settings.dispatcher.celery;
+    if !(celery.enabled && celery.track_started) {
+        return;
+    }
+    let sent = async {
+        let Some(queue) = ctx
+            .store
+            .celery_origin(task_id)
+            .await?
+            .and_then(|o| o.reply_to)
+        else {
+            return Ok(());
+        };
+        let (body, props) = gantry_shared::celery::reply(task_id, &CeleryState::Started);
+        ctx.reply(task_id, &queue, &body, props).await.map(drop)
+    };
+    if let Err(e) = sent.await {
+        warn!(%task_id, error = %chain(&e), "could not send STARTED to the Celery client");
+    }
+}
 
 /// The queue of tasks back from the delay queues, due or not.
 fn eta_queue(ctx: &Ctx) -> String {

@@ -155,6 +155,7 @@ pub(crate) async fn hand_off<R: Runtime>(
             .await?;
         if recorded.changed() {
             ctx.metrics.task_entered(class.as_str(), TaskState::Running);
+            crate::celery::started(ctx, task.id).await;
         }
     }
     let origin = if existed {

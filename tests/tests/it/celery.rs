@@ -227,6 +227,21 @@ async fn revoke_cancels_a_queued_task_and_terminates_a_running_one() -> anyhow::
         )
         .await?;
     w.reaches(&running, TaskState::Running).await?;
+    // The client asked for STARTED (track_started): it sees the task run.
+    let client = tokio::sync::Mutex::new(&mut w.client);
+    eventually(
+        "the client to see STARTED",
+        Duration::from_secs(10),
+        || async {
+            let answer = client
+                .lock()
+                .await
+                .call(json!({"op": "state", "id": running}), GET)
+                .await?;
+            Ok((answer["state"] == "STARTED").then_some(()))
+        },
+    )
+    .await?;
     let queued = w
         .client
         .send("proj.work.add", json!([1]), json!({}), json!({}))
