@@ -4,7 +4,9 @@
 //! (revoked, expired or dead-lettered before it ran) is answered from its record
 //! ([`of_record`], [`after_dead_letters`]).
 
-use gantry_shared::celery::{CeleryOrigin, CeleryState, DeadlineFrom, reply};
+use gantry_shared::celery::{
+    CeleryOrigin, CeleryState, DeadlineFrom, ORIGIN_HEADER, is_celery_message, reply,
+};
 use gantry_shared::message::{TaskId, TaskResult};
 use gantry_shared::store::TaskRecord;
 use lapin::BasicProperties;
@@ -13,7 +15,8 @@ use crate::Result;
 use crate::context::Ctx;
 
 /// The reply for a result that ended a Celery task, `None` for any other task (its
-/// `gantry.result/v1` message is forwarded as it is).
+/// `gantry.result/v1` message is forwarded as it is). Asked whatever this process's
+/// settings say: the recorder may run apart from the dispatchers that take Celery tasks.
 ///
 /// # Errors
 /// Postgres errors.
@@ -21,9 +24,6 @@ pub(crate) async fn rpc_reply(
     ctx: &Ctx,
     result: &TaskResult,
 ) -> Result<Option<(Vec<u8>, BasicProperties)>> {
-    if !ctx.settings.dispatcher.celery.enabled {
-        return Ok(None);
-    }
     let origin = ctx
         .persist("read Celery origin", || {
             ctx.store.celery_origin(result.task_id)
@@ -66,11 +66,12 @@ pub(crate) async fn after_dead_letters(
     ctx: &Ctx,
     ended: &[(TaskId, &BasicProperties)],
 ) -> Result<()> {
-    if !ctx.settings.dispatcher.celery.enabled {
-        return Ok(());
-    }
     for (id, props) in ended {
         let id = *id;
+        let headers = props.headers().clone().unwrap_or_default();
+        if !headers.contains_key(ORIGIN_HEADER) && !is_celery_message(&headers) {
+            continue;
+        }
         let kept = ctx
             .persist("read Celery origin", || ctx.store.celery_origin(id))
             .await?;
@@ -90,8 +91,7 @@ pub(crate) async fn after_dead_letters(
 
 /// The origin of a Celery message the bridge refused: where its reply goes.
 fn refused_origin(task_id: TaskId, props: &BasicProperties) -> Option<CeleryOrigin> {
-    let headers = props.headers().as_ref()?;
-    gantry_shared::celery::is_celery_message(headers).then_some(())?;
+    is_celery_message(props.headers().as_ref()?).then_some(())?;
     Some(CeleryOrigin {
         task_id,
         reply_to: props
