@@ -1,8 +1,8 @@
 //! The real Celery client (celery 5 from PyPI) against a dispatcher with its Celery bridge
-//! on: `send_task` and `get`, a failure raised in the caller, an expired task reported
-//! `REVOKED` (and replayed from its dead letter), a countdown honoured, revokes of a queued
-//! and of a running task, a thousand tasks gathered, and the messages Gantry cannot take
-//! dead-lettered with their reasons while the bridge goes on.
+//! on: `send_task` and `get`, a failure raised in the caller, a time limit, an expired task
+//! reported `REVOKED` (and replayed from its dead letter), a countdown honoured, revokes of
+//! a queued and of a running task, a thousand tasks gathered, and the messages Gantry
+//! cannot take dead-lettered with their reasons while the bridge goes on.
 
 use std::time::Duration;
 
@@ -145,6 +145,30 @@ async fn a_failing_task_raises_in_the_caller_with_the_executors_error() -> anyho
     assert_eq!(
         w.record(&id).await?.map(|r| r.state),
         Some(TaskState::Failed)
+    );
+    w.cleanup().await
+}
+
+#[tokio::test]
+async fn a_time_limit_stops_the_task_and_raises_time_limit_exceeded() -> anyhow::Result<()> {
+    let mut w = World::new().await?;
+    let started = std::time::Instant::now();
+    let id = w
+        .client
+        .send(
+            "proj.work.sleep",
+            json!([]),
+            json!({"sleep": 120}),
+            json!({"time_limit": 3}),
+        )
+        .await?;
+    let got = w.client.get(&id, GET).await?;
+    assert_eq!(got["state"], "FAILURE", "{got}");
+    assert_eq!(got["exc_type"], "TimeLimitExceeded", "{got}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        w.record(&id).await?.map(|r| r.state),
+        Some(TaskState::Expired)
     );
     w.cleanup().await
 }
