@@ -527,6 +527,21 @@ mod tests {
     }
 
     #[test]
+    fn the_celery_bridge_is_off_unless_asked_and_reads_its_queues() {
+        assert!(!DispatcherSection::default().celery.enabled);
+        assert_eq!(DispatcherSection::default().celery.queues, ["celery"]);
+        let d: DispatcherSection = serde_norway::from_str(
+            "celery:\n  enabled: true\n  queues: [celery, reports]\n  control_exchange: backend.pidbox\n  track_started: true\n",
+        )
+        .unwrap();
+        assert!(d.celery.enabled && d.celery.track_started);
+        assert_eq!(d.celery.queues, ["celery", "reports"]);
+        assert_eq!(d.celery.control_exchange, "backend.pidbox");
+        assert_eq!(d.celery.prefetch, 64);
+        assert!(serde_norway::from_str::<DispatcherSection>("celery: { queue: x }\n").is_err());
+    }
+
+    #[test]
     fn the_image_settings_parse_from_the_file() {
         let d: DispatcherSection = serde_norway::from_str(
             "catalog_configmap: ml/gantry-catalog\nkubernetes:\n  dev_mode: true\n  executor_registry: http://executor-registry:8080\n  executor_registry_cache: 10s\n  allowed_registries: [registry.example.com]\n",
