@@ -204,7 +204,7 @@ pub struct ExecutorSpec {
     pub limits: Option<ContainerLimits>,
     /// The Celery task names this class runs (see [`crate::celery`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub celery: Option<crate::celery::CeleryClass>,
+    pub celery: Option<crate::celery::class::CeleryClass>,
 }
 
 /// A Kubernetes toleration, as written in a pod spec.

@@ -4,13 +4,12 @@
 //! dead-lettered with a reason, like any bad task.
 
 use chrono::{DateTime, Utc};
-use gantry_shared::celery::{CeleryOrigin, CeleryTask, ORIGIN_HEADER, claim};
+use gantry_shared::celery::{CeleryOrigin, CeleryTask, claim};
 use gantry_shared::message::{Rejection, Task, traceparent};
-use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
 use tracing::{info, warn};
 
+use super::publish::{marked, publish};
 use super::{eta, reply};
 use crate::Result;
 use crate::context::Ctx;
@@ -130,21 +129,6 @@ fn convert(
         Converted::Run { task, not_before }
     };
     Ok((converted, origin))
-}
-
-/// Publishes a task to its class's queue, marked as Celery's.
-pub(super) async fn publish(ctx: &Ctx, task: &Task, now: DateTime<Utc>) -> Result<()> {
-    let (body, props) = task.to_amqp(now).map_err(gantry_shared::Error::from)?;
-    let exchange = ctx.topology.tasks_exchange();
-    ctx.publish_task(&exchange, task.executor.as_str(), &body, marked(props))
-        .await
-}
-
-/// The task message's properties with the header that says it came from Celery.
-pub(super) fn marked(props: BasicProperties) -> BasicProperties {
-    let mut table = props.headers().clone().unwrap_or_default();
-    table.insert(ORIGIN_HEADER.into(), AMQPValue::LongString("celery".into()));
-    props.with_headers(table)
 }
 
 /// Dead-letters a task that expired before it could be dispatched, as the Gantry task it

@@ -15,7 +15,7 @@ use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use tracing::{debug, warn};
 
-use super::bridge;
+use super::publish::{marked, publish};
 use crate::context::Ctx;
 use crate::recorder::retry::tier_for;
 use crate::{Error, Result, dead_letter};
@@ -46,7 +46,7 @@ pub(super) async fn delay(
         NOT_BEFORE_HEADER.into(),
         AMQPValue::LongString(due.to_rfc3339().into()),
     );
-    let props = bridge::marked(props.with_headers(table));
+    let props = marked(props.with_headers(table));
     debug!(task_id = %task.id, %due, tier = %tier_name(tier), "Celery task not due yet; delayed");
     let exchange = ctx.topology.retry_exchange();
     ctx.publish_task(&exchange, ETA_ROUTING_KEY, &body, props)
@@ -88,6 +88,6 @@ pub(super) async fn take(ctx: &Ctx, queue: &str, delivery: &Delivery) -> Result<
         .map(|t| t.with_timezone(&Utc));
     match due {
         Some(due) if due > now => delay(ctx, &task, due, now).await,
-        _ => bridge::publish(ctx, &task, now).await,
+        _ => publish(ctx, &task, now).await,
     }
 }

@@ -13,12 +13,14 @@
 //! # Layout
 //!
 //! - `bridge`: a Celery queue's consumer and the conversion of each delivery.
-//! - `eta`: tasks not due yet, through the delay queues and back.
+//! - `eta`: tasks not due yet, through the delay queues and back. `publish`: a converted
+//!   task published, marked as Celery's.
 //! - `revoke`: the control exchange's revokes.
 //! - `reply`: replies in Celery's format, after the commit.
 
 mod bridge;
 mod eta;
+mod publish;
 pub(crate) mod reply;
 mod revoke;
 

@@ -1,56 +1,9 @@
-//! Which executor class runs a Celery task: each class lists the Celery task names it
-//! claims, exact or with `*` wildcards, under `celery.tasks` in the catalog.
+//! Which executor class runs a Celery task: the class whose `celery.tasks` (exact names, or
+//! patterns with `*` wildcards) claim its name.
 
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
+use super::class::CeleryClass;
 use crate::catalog::Catalog;
 use crate::message::ExecutorClass;
-
-/// The `celery:` part of an executor class in the catalog.
-///
-/// ```yaml
-/// executors:
-///   thumbnails:
-///     engine: { kind: command, command: [python3, /opt/thumbnail.py] }
-///     celery:
-///       tasks: [media.thumbnail, "media.thumbnails.*"]
-///       ttl: 30m
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CeleryClass {
-    /// Celery task names this class runs: exact names, or patterns where `*` stands for any
-    /// run of characters (`media.*`).
-    pub tasks: Vec<String>,
-    /// The deadline of a task sent without `expires`, from when it is due.
-    #[serde(
-        default = "default_ttl",
-        with = "crate::config::humantime_serde_compat"
-    )]
-    pub ttl: Duration,
-}
-
-fn default_ttl() -> Duration {
-    Duration::from_secs(3600)
-}
-
-impl CeleryClass {
-    /// What is wrong with these settings, if anything.
-    pub fn problem(&self) -> Option<String> {
-        if self.tasks.is_empty() {
-            return Some("celery.tasks must name at least one Celery task name or pattern".into());
-        }
-        if let Some(bad) = self.tasks.iter().find(|p| p.trim().is_empty()) {
-            return Some(format!("celery.tasks has an empty pattern {bad:?}"));
-        }
-        if self.ttl.is_zero() {
-            return Some("celery.ttl must be more than zero".into());
-        }
-        None
-    }
-}
 
 /// The class that claims the Celery task `name`, with its Celery settings. An exact name
 /// wins over a pattern; among patterns the longest wins, and among equally long ones the
@@ -102,6 +55,7 @@ fn matches(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn patterns_match_with_wildcards() {

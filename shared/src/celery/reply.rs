@@ -9,7 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::ShortString;
 use serde_json::{Value, json};
 
-use super::DeadlineFrom;
+use super::origin::DeadlineFrom;
 use crate::message::{ResultStatus, TaskError, TaskId, TaskResult};
 use crate::store::{TaskRecord, TaskState};
 

@@ -12,7 +12,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use lapin::BasicProperties;
 use serde_json::{Map, Value, json};
 
-use super::{CeleryOrigin, DeadlineFrom};
+use super::origin::{CeleryOrigin, DeadlineFrom};
 use crate::message::{FieldTableExt, Limits, Rejection, TaskEnvelope, TaskId, TaskName};
 
 /// A Celery task message, checked.
