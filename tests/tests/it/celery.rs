@@ -313,6 +313,30 @@ async fn revoke_cancels_a_queued_task_and_terminates_a_running_one() -> anyhow::
 }
 
 #[tokio::test]
+async fn gantry_cancel_of_a_celery_task_tells_its_client_revoked() -> anyhow::Result<()> {
+    let mut w = World::new().await?;
+    let id = w
+        .client
+        .send("proj.echo", json!([1]), json!({}), json!({"countdown": 60}))
+        .await?;
+    // Its origin is kept once the bridge has taken it.
+    let store = w.env.store().await?;
+    let task: TaskId = id.parse()?;
+    eventually(
+        "the bridge to take the task",
+        Duration::from_secs(30),
+        || async { Ok(store.celery_origin(task).await?.map(|_| ())) },
+    )
+    .await?;
+    let out = gantry(&w.env, &["cancel", &id]).await?;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("REVOKED"), "{}", stdout(&out));
+    let got = w.client.get(&id, GET).await?;
+    assert_eq!(got["state"], "REVOKED", "{got}");
+    w.cleanup().await
+}
+
+#[tokio::test]
 async fn a_thousand_tasks_are_sent_and_gathered() -> anyhow::Result<()> {
     let mut w = World::new().await?;
     let answer = w
