@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: help setup test demo fmt lint deny bench bench-kube bench-warm faults images images-dry-run executor-base bench-llm \
+.PHONY: help setup test demo fmt lint deny bench bench-kube bench-warm faults images images-dry-run executor-base bench-llm bench-celery \
 	build-image push-image build-multiarch push-multiarch run-local test-image logs stop clean image-settings
 
 help: ## These targets and the settings of the image targets
@@ -155,3 +155,10 @@ clean: image-settings ## stop, then remove IMAGE_REPOSITORY/IMAGE:VERSION and ta
 	-$(CONTAINER_ENGINE) rm -f $(CONTAINER)
 	-$(CONTAINER_ENGINE) rmi $(IMAGE_REF)
 	rm -rf target/images target/image-digests
+
+# The same Celery client against a Celery worker (prefork -c 2, acks late) and against
+# Gantry's Celery bridge (docs/benchmarks.md). The first run installs celery in a venv
+# (scripts/celery-client.sh).
+bench-celery: setup ## The Celery bridge beside a Celery worker (docs/benchmarks.md)
+	cargo build --release --locked --bins
+	target/release/gantry-bench-celery

@@ -65,6 +65,11 @@ GANTRY_LLM_PYTHON="$(bash scripts/llm-server.sh | tail -n 1)"
 export GANTRY_LLM_PYTHON
 "$GANTRY_LLM_PYTHON" -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)'
 
+step "the Celery client for the Celery bridge's tests (celery 5 from PyPI, in a venv)"
+GANTRY_CELERY_PYTHON="$(bash scripts/celery-client.sh | tail -n 1)"
+export GANTRY_CELERY_PYTHON
+"$GANTRY_CELERY_PYTHON" -c 'import celery; print("celery", celery.__version__)'
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

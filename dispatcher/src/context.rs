@@ -10,11 +10,12 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use gantry_shared::amqp::Publisher;
 use gantry_shared::catalog::Catalog;
-use gantry_shared::message::{ExecutorClass, TaskResult};
+use gantry_shared::message::{ExecutorClass, TaskId, TaskResult};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
+use lapin::BasicProperties;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -84,6 +85,66 @@ impl Ctx {
         tokio::select! {
             r = publishing => Ok(r?),
             _ = self.shutdown.cancelled() => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// Publishes a task message (`mandatory`, confirmed, re-sent on broker failures for up
+    /// to a minute).
+    ///
+    /// # Errors
+    /// No queue takes it, the broker refuses it, or no confirm within the minute.
+    pub(crate) async fn publish_task(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<()> {
+        self.publisher
+            .publish(
+                exchange,
+                routing_key,
+                body,
+                props,
+                true,
+                retry::for_at_most(Duration::from_secs(60)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Sends a task's reply to the caller's queue `queue` through the default exchange
+    /// (`mandatory`, confirmed, re-sent for up to 30 seconds); `false` when the queue no
+    /// longer exists: that is logged and skipped, the caller has gone, and the task's end
+    /// stays in Postgres.
+    ///
+    /// # Errors
+    /// A broker failure that outlasts the 30 seconds.
+    pub(crate) async fn reply(
+        &self,
+        task_id: TaskId,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<bool> {
+        let sent = self
+            .publisher
+            .publish(
+                "",
+                queue,
+                body,
+                props,
+                true,
+                retry::for_at_most(Duration::from_secs(30)),
+            )
+            .await;
+        match sent {
+            Ok(()) => Ok(true),
+            Err(gantry_shared::Error::Unroutable { .. }) => {
+                warn!(%task_id, queue, "the caller's reply queue no longer exists; the result stays in Postgres");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -17,6 +17,23 @@ use uuid::Uuid;
 
 use crate::Result;
 
+/// A message refused: where it came from and what it is.
+pub(crate) struct Refused<'a> {
+    pub(crate) routing_key: &'a str,
+    pub(crate) properties: &'a BasicProperties,
+    pub(crate) body: &'a [u8],
+}
+
+impl<'a> From<&'a Delivery> for Refused<'a> {
+    fn from(delivery: &'a Delivery) -> Self {
+        Refused {
+            routing_key: delivery.routing_key.as_str(),
+            properties: &delivery.properties,
+            body: &delivery.data,
+        }
+    }
+}
+
 /// Publishes `delivery` to the dead-letter exchange `dlx` with `reason`, from `queue`.
 ///
 /// # Errors
@@ -28,27 +45,42 @@ pub(crate) async fn publish(
     delivery: &Delivery,
     reason: &str,
 ) -> Result<()> {
-    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    publish_message(publisher, dlx, queue, &Refused::from(delivery), reason).await
+}
+
+/// Publishes a refused message to the dead-letter exchange `dlx` with `reason`, from
+/// `queue`: a delivery, or a message made from one (a Celery task converted, then refused).
+///
+/// # Errors
+/// As [`publish`].
+pub(crate) async fn publish_message(
+    publisher: &Publisher,
+    dlx: &str,
+    queue: &str,
+    message: &Refused<'_>,
+    reason: &str,
+) -> Result<()> {
+    let mut table = message.properties.headers().clone().unwrap_or_default();
     let mut put = |k: &str, v: &str| {
         table.insert(k.into(), AMQPValue::LongString(v.into()));
     };
     put(headers::REASON, reason);
     put(
         headers::DEAD_LETTER_ID,
-        &letter_id(queue, delivery, reason).to_string(),
+        &letter_id(queue, message, reason).to_string(),
     );
     put(headers::ORIGINAL_QUEUE, queue);
-    put(headers::ORIGINAL_ROUTING_KEY, delivery.routing_key.as_str());
+    put(headers::ORIGINAL_ROUTING_KEY, message.routing_key);
     table.insert(
         headers::DEAD_AT.into(),
         AMQPValue::Timestamp(Utc::now().timestamp().max(0) as u64),
     );
-    let props = strip_expiration(delivery.properties.clone()).with_headers(table);
+    let props = strip_expiration(message.properties.clone()).with_headers(table);
     publisher
         .publish(
             dlx,
             queue,
-            &delivery.data,
+            message.body,
             props,
             true,
             retry::for_at_most(std::time::Duration::from_secs(60)),
@@ -62,12 +94,12 @@ pub(crate) async fn publish(
 
 /// The same id for the same message refused for the same reason, so a redelivery after a
 /// lost ack (the dead letter is published again) is recorded once.
-fn letter_id(queue: &str, delivery: &Delivery, reason: &str) -> Uuid {
-    let mut key = Vec::with_capacity(delivery.data.len() + 128);
+fn letter_id(queue: &str, message: &Refused<'_>, reason: &str) -> Uuid {
+    let mut key = Vec::with_capacity(message.body.len() + 128);
     for part in [
         queue,
         reason,
-        delivery
+        message
             .properties
             .message_id()
             .as_ref()
@@ -76,7 +108,7 @@ fn letter_id(queue: &str, delivery: &Delivery, reason: &str) -> Uuid {
         key.extend_from_slice(part.as_bytes());
         key.push(0);
     }
-    key.extend_from_slice(&delivery.data);
+    key.extend_from_slice(message.body);
     Uuid::new_v5(&Uuid::NAMESPACE_OID, &key)
 }
 

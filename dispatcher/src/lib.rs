@@ -32,6 +32,7 @@
 //! - [`settings`]: the dispatcher's configuration (runtime, roles, state directory, …).
 
 mod catalog;
+mod celery;
 mod context;
 mod dead_letter;
 mod dispatch;

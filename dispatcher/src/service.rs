@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::runtime::kubernetes::runtime::KubeRuntime;
 use crate::runtime::local::{LocalOptions, LocalRuntime};
 use crate::settings::{Role, RuntimeKind, Settings};
-use crate::{Error, Result, catalog, dispatch, queues, recorder};
+use crate::{Error, Result, catalog, celery, dispatch, queues, recorder};
 
 /// Runs the dispatcher until `shutdown` resolves, then stops consuming, lets in-flight
 /// hand-offs and record batches finish, stops serving HTTP, and returns. Running jobs keep
@@ -133,6 +133,9 @@ pub async fn run(
                 api = Some((client, runtime.namespace().to_owned()));
                 dispatch::start(ctx.clone(), runtime, &mut loops).await?;
             }
+        }
+        if ctx.settings.dispatcher.celery.enabled {
+            celery::start(ctx.clone(), &mut loops).await?;
         }
     }
     loops.spawn("queues", queues::keep_in_step(ctx.clone()));

@@ -155,6 +155,8 @@ pub struct DispatcherSection {
     pub kubernetes: KubernetesSection,
     /// Where `/livez`, `/readyz` and `/metrics` are served.
     pub http_addr: HttpAddr,
+    /// The Celery bridge: Celery clients' tasks in, their results back (docs/celery.md).
+    pub celery: CelerySection,
 }
 
 impl Default for DispatcherSection {
@@ -176,6 +178,7 @@ impl Default for DispatcherSection {
             node_name: None,
             kubernetes: KubernetesSection::default(),
             http_addr: HttpAddr::DEFAULT,
+            celery: CelerySection::default(),
         }
     }
 }
@@ -284,6 +287,7 @@ impl Settings {
             "GANTRY_EXECUTOR_REGISTRY_TIMEOUT",
             &mut k.executor_registry_timeout,
         )?;
+        d.celery.read_env()?;
         Ok(d)
     }
 
@@ -364,6 +368,58 @@ pub fn configmap_ref(value: &str) -> Result<(Option<&str>, &str), String> {
         ));
     }
     Ok((namespace, name))
+}
+
+/// The `celery:` part of the `dispatcher:` section: the Celery bridge of the dispatch role.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CelerySection {
+    /// Consume Celery task messages and revokes (off by default).
+    pub enabled: bool,
+    /// The Celery queues to consume (a Celery app's `task_default_queue` and its
+    /// `task_routes` queues).
+    pub queues: Vec<String>,
+    /// Celery's control exchange, where `revoke` is broadcast: `<control_exchange>.pidbox`
+    /// for a Celery app's `control_exchange` (default `celery`).
+    pub control_exchange: String,
+    /// Celery deliveries taken at once per queue.
+    pub prefetch: u16,
+    /// Send `STARTED` when a task's job runs (Celery's `task_track_started`).
+    pub track_started: bool,
+}
+
+impl Default for CelerySection {
+    fn default() -> Self {
+        CelerySection {
+            enabled: false,
+            queues: vec!["celery".into()],
+            control_exchange: "celery.pidbox".into(),
+            prefetch: 64,
+            track_started: false,
+        }
+    }
+}
+
+impl CelerySection {
+    /// `GANTRY_CELERY`, `GANTRY_CELERY_QUEUES` (comma-separated),
+    /// `GANTRY_CELERY_CONTROL_EXCHANGE`, `GANTRY_CELERY_PREFETCH`,
+    /// `GANTRY_CELERY_TRACK_STARTED`.
+    fn read_env(&mut self) -> Result<()> {
+        env_parse("GANTRY_CELERY", &mut self.enabled)?;
+        if let Some(v) = env("GANTRY_CELERY_QUEUES") {
+            self.queues = v
+                .split(',')
+                .map(|q| q.trim().to_owned())
+                .filter(|q| !q.is_empty())
+                .collect();
+        }
+        if let Some(v) = env("GANTRY_CELERY_CONTROL_EXCHANGE") {
+            self.control_exchange = v;
+        }
+        env_parse("GANTRY_CELERY_PREFETCH", &mut self.prefetch)?;
+        env_parse("GANTRY_CELERY_TRACK_STARTED", &mut self.track_started)?;
+        Ok(())
+    }
 }
 
 /// The `kubernetes:` part of the `dispatcher:` section: how Jobs are made.
@@ -468,6 +524,21 @@ mod tests {
         let off: DispatcherSection = serde_norway::from_str("http_addr: \"off\"\n").unwrap();
         assert_eq!(off.http_addr, HttpAddr(None));
         assert!(serde_norway::from_str::<DispatcherSection>("http_addr: 8380\n").is_err());
+    }
+
+    #[test]
+    fn the_celery_bridge_is_off_unless_asked_and_reads_its_queues() {
+        assert!(!DispatcherSection::default().celery.enabled);
+        assert_eq!(DispatcherSection::default().celery.queues, ["celery"]);
+        let d: DispatcherSection = serde_norway::from_str(
+            "celery:\n  enabled: true\n  queues: [celery, reports]\n  control_exchange: backend.pidbox\n  track_started: true\n",
+        )
+        .unwrap();
+        assert!(d.celery.enabled && d.celery.track_started);
+        assert_eq!(d.celery.queues, ["celery", "reports"]);
+        assert_eq!(d.celery.control_exchange, "backend.pidbox");
+        assert_eq!(d.celery.prefetch, 64);
+        assert!(serde_norway::from_str::<DispatcherSection>("celery: { queue: x }\n").is_err());
     }
 
     #[test]

@@ -13,8 +13,7 @@ use gantry_shared::message::Evidence;
 use crate::engine::Engine;
 use crate::job_dir::JobDir;
 use crate::report;
-use crate::run::Settings;
-use crate::warm::WarmSettings;
+use crate::run::{Settings, WarmSettings};
 
 const ABOUT: &str = "\
 Runs one Gantry task inside its job and publishes its result.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use chrono::Utc;
+use gantry_shared::catalog::WarmSpec;
 use gantry_shared::config::Config;
 use gantry_shared::message::{
     Attempt, ErrorKind, Evidence, ReportedBy, ResultStatus, TaskEnvelope, TaskError, TaskResult,
@@ -43,7 +44,16 @@ pub(crate) struct Settings {
     /// Waited before the engine starts, as a model load would take (benchmarks).
     pub(crate) start_delay: Option<std::time::Duration>,
     /// Set for a warm executor, which serves many tasks instead of `task_file`'s one.
-    pub(crate) warm: Option<crate::warm::WarmSettings>,
+    pub(crate) warm: Option<WarmSettings>,
+}
+
+/// What makes an executor warm: its queues and its class's settings.
+/// (Read by `crate::warm`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WarmSettings {
+    pub(crate) queue: String,
+    pub(crate) control: String,
+    pub(crate) spec: WarmSpec,
 }
 
 /// How a run ended.

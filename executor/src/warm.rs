@@ -22,7 +22,6 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::StreamExt;
 use gantry_shared::amqp::{self, Publisher};
-use gantry_shared::catalog::WarmSpec;
 use gantry_shared::config::Config;
 use gantry_shared::message::{Attempt, Evidence, HandedTask, ResultStatus, TaskId, WarmOrder};
 use gantry_shared::telemetry::chain;
@@ -38,7 +37,7 @@ use crate::engine::{StopReason, Warm};
 use crate::progress::ProgressPublisher;
 use crate::publish::publish_result_on;
 use crate::report::ExitReport;
-use crate::run::{Execution, Settings, judge, result_of, write_reports};
+use crate::run::{Execution, Settings, WarmSettings, judge, result_of, write_reports};
 
 /// Exit code when the engine could not be made ready.
 const EXIT_ENGINE: u8 = 4;
@@ -49,14 +48,6 @@ const EXIT_BROKER: u8 = 3;
 const IDLE_MARGIN: Duration = Duration::from_secs(30);
 /// Cancellations remembered for tasks not yet received.
 const EARLY_CANCELS: usize = 10_000;
-
-/// What makes an executor warm: its queues and its class's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct WarmSettings {
-    pub(crate) queue: String,
-    pub(crate) control: String,
-    pub(crate) spec: WarmSpec,
-}
 
 /// Serves tasks until told to end; returns the exit code.
 pub(crate) async fn serve(

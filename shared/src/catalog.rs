@@ -207,6 +207,9 @@ pub struct ExecutorSpec {
     /// per task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmSpec>,
+    /// The Celery task names this class runs (see [`crate::celery`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub celery: Option<crate::celery::class::CeleryClass>,
 }
 
 impl ExecutorSpec {
@@ -399,6 +402,7 @@ impl Catalog {
                 tolerations: Vec::new(),
                 limits: None,
                 warm: None,
+                celery: None,
             },
         );
         Catalog { executors }
@@ -455,6 +459,9 @@ impl Catalog {
                     }
                 }
                 Engine::Echo | Engine::Command { .. } => {}
+            }
+            if let Some(problem) = spec.celery.as_ref().and_then(|c| c.problem()) {
+                return Err(err(format!("{class}: {problem}")));
             }
         }
         Ok(catalog)

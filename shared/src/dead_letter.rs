@@ -92,12 +92,21 @@ impl Label {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
+        // A Celery task message refused as it came names its task in its headers.
+        let celery = crate::celery::is_celery_message(table);
+        let celery_header = |key: &str| {
+            celery
+                .then(|| table.get_str(key).map(str::to_owned))
+                .flatten()
+        };
         Label {
             id,
-            task_id: string(body.task_id).and_then(|t| t.parse::<TaskId>().ok()),
+            task_id: string(body.task_id)
+                .or_else(|| celery_header("id"))
+                .and_then(|t| t.parse::<TaskId>().ok()),
             message_id,
             attempt,
-            task: string(body.task),
+            task: string(body.task).or_else(|| celery_header("task")),
             executor: string(body.executor),
             reason,
             dead_at,

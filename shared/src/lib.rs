@@ -6,6 +6,8 @@
 //! - [`message`]: `gantry.task/v1` and `gantry.result/v1`, parsed into validated domain types,
 //!   and their mapping to and from AMQP properties and headers.
 //! - [`topology`]: exchange and queue names under a prefix, and `apply` that declares them.
+//! - [`celery`]: Celery's protocol 2 task messages, `rpc://` results and revokes, for the
+//!   dispatcher's Celery bridge.
 //! - [`catalog`]: the executor catalog (executor class → engine, capacity, image, resources).
 //! - [`config`]: layered configuration (defaults → file → `GANTRY_*` environment).
 //! - `cli` (feature `cli`): the flags every binary shares (`--config`, `--amqp-url`,
@@ -22,6 +24,7 @@
 
 pub mod amqp;
 pub mod catalog;
+pub mod celery;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;

@@ -303,7 +303,11 @@ impl Topology {
             .map_err(|source| conflict_or_amqp("exchange", name, source))
     }
 
-    async fn queue(&self, channel: &Channel, name: &str, args: FieldTable) -> Result<()> {
+    /// Declares a durable queue with `args`.
+    ///
+    /// # Errors
+    /// It exists with other arguments ([`Error::TopologyConflict`]), or the broker fails.
+    pub async fn queue(&self, channel: &Channel, name: &str, args: FieldTable) -> Result<()> {
         channel
             .queue_declare(
                 ShortString::from(name),
@@ -315,7 +319,11 @@ impl Topology {
             .map_err(|source| conflict_or_amqp("queue", name, source))
     }
 
-    async fn bind(
+    /// Binds `queue` to `exchange` with `routing_key` and `args`.
+    ///
+    /// # Errors
+    /// The broker refuses.
+    pub async fn bind(
         &self,
         channel: &Channel,
         queue: &str,
@@ -352,7 +360,8 @@ pub fn tier_name(delay: Duration) -> String {
     }
 }
 
-fn quorum_args() -> FieldTable {
+/// The arguments of a quorum queue.
+pub fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),

@@ -24,7 +24,18 @@ impl TestEnv {
     /// # Errors
     /// Its settings are refused, or it stops or fails to consume within a minute.
     pub async fn dispatcher(&self) -> Result<InProcessDispatcher> {
-        InProcessDispatcher::start(self).await
+        InProcessDispatcher::start(self, |_| {}).await
+    }
+
+    /// [`TestEnv::dispatcher`] with `edit` applied to its `dispatcher:` settings.
+    ///
+    /// # Errors
+    /// As [`TestEnv::dispatcher`].
+    pub async fn dispatcher_with(
+        &self,
+        edit: impl FnOnce(&mut DispatcherSection),
+    ) -> Result<InProcessDispatcher> {
+        InProcessDispatcher::start(self, edit).await
     }
 
     /// Starts the `gantry-dispatcher` binary for this world, for a test that needs the
@@ -46,8 +57,11 @@ pub struct InProcessDispatcher {
 }
 
 impl InProcessDispatcher {
-    async fn start(env: &TestEnv) -> Result<InProcessDispatcher> {
-        let dispatcher = DispatcherSection {
+    async fn start(
+        env: &TestEnv,
+        edit: impl FnOnce(&mut DispatcherSection),
+    ) -> Result<InProcessDispatcher> {
+        let mut dispatcher = DispatcherSection {
             runtime: RuntimeKind::Local,
             catalog: Some(env.catalog_path.clone()),
             state_dir: env.dir.path().join("state"),
@@ -57,6 +71,7 @@ impl InProcessDispatcher {
             http_addr: HttpAddr(Some(([127, 0, 0, 1], 0).into())),
             ..DispatcherSection::default()
         };
+        edit(&mut dispatcher);
         let settings = Settings::resolve(env.config(), dispatcher, None)
             .context("the test dispatcher's settings")?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();

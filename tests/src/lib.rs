@@ -20,6 +20,8 @@
 //! - [`echo_spec`]: an `echo` task, as the tests and the benchmarks submit them.
 //! - [`container_registry`]: a real container registry, images pushed to it, and the
 //!   executor registry service (`gantry-registry`) in front of it.
+//! - [`celery`]: the real Celery client (from PyPI, in a venv of `scripts/celery-client.sh`)
+//!   driven line by line, and a dispatcher with its Celery bridge on.
 //! - [`warm`]: the evidence every task run by a warm executor shows.
 //! - [`tls`]: a throwaway CA, and a RabbitMQ node and a Postgres cluster of the test's own
 //!   with TLS listeners.
@@ -28,6 +30,7 @@
 //! broker and Postgres, the built binaries) and `waiting` (for a condition).
 
 pub mod by_hand;
+pub mod celery;
 pub mod container_registry;
 pub mod duplicate;
 pub mod executions;
@@ -39,6 +42,7 @@ pub mod warm;
 
 mod dispatchers;
 mod servers;
+mod venv;
 mod waiting;
 mod world;
 

@@ -14,12 +14,11 @@
 //! `max_tokens`, finish_reason "length", or to a stop sequence), and it only writes
 //! printable ASCII.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -27,6 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+
+use crate::venv::{cache_dir, workspace};
 
 /// The name the tests serve the tiny model under (`--model_alias`, the catalog's `{model}`).
 pub const MODEL_NAME: &str = "tiny";
@@ -54,35 +55,11 @@ pub fn python() -> Result<PathBuf> {
 }
 
 fn find_python() -> Result<PathBuf> {
-    if let Some(python) = std::env::var_os("GANTRY_LLM_PYTHON") {
-        return Ok(PathBuf::from(python));
-    }
-    let script = workspace().join("scripts/llm-server.sh");
-    // Test processes that start together take turns: one installs, the others then find
-    // the venv ready.
-    let _turn = lock(&cache_dir()?.join("llm-server.lock"))?;
-    let out = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}): see its output above, or set GANTRY_LLM_PYTHON to a Python that \
-             has llama-cpp-python[server] and gguf",
-            script.display(),
-            out.status
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let python = stdout
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .with_context(|| format!("{} printed no path to its Python", script.display()))?;
-    Ok(PathBuf::from(python))
+    crate::venv::python_of(
+        "scripts/llm-server.sh",
+        "GANTRY_LLM_PYTHON",
+        "has llama-cpp-python[server] and gguf",
+    )
 }
 
 /// The tiny model's GGUF file, written by `tests/llm/make_model.py` the first time into
@@ -371,37 +348,6 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
-}
-
-/// The workspace's root directory.
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is in the workspace")
-        .to_path_buf()
-}
-
-/// `$HOME/.cache/gantry`, created if missing: the venv's default home, and the model's.
-fn cache_dir() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").context(
-        "HOME is not set: the model server's venv and the tiny model live in $HOME/.cache/gantry",
-    )?;
-    let dir = Path::new(&home).join(".cache/gantry");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// An exclusive lock on `path`, held until the file is dropped.
-fn lock(path: &Path) -> Result<File> {
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    file.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
-    Ok(file)
 }
 
 /// FNV-1a, 64 bits: a name for the model that changes with its script, the same in every

@@ -125,16 +125,13 @@ async fn carry_out<R: Runtime>(
                     return Box::pin(carry_out(role, queue, delivery, refused)).await;
                 }
             };
-            ctx.publisher
-                .publish(
-                    &ctx.topology.tasks_exchange(),
-                    task.executor.as_str(),
-                    &body,
-                    props,
-                    true,
-                    gantry_shared::retry::for_at_most(std::time::Duration::from_secs(60)),
-                )
-                .await?;
+            ctx.publish_task(
+                &ctx.topology.tasks_exchange(),
+                task.executor.as_str(),
+                &body,
+                props,
+            )
+            .await?;
             ack(delivery).await;
             info!(task_id = %task.id, why, "requeued at the end of the queue");
             Handled::Requeued(reason)

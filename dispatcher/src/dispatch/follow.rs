@@ -68,6 +68,7 @@ pub(crate) async fn follow<R: Runtime>(
         match recorded {
             Ok(applied) if applied.changed() => {
                 ctx.metrics.task_entered(&class, TaskState::Running);
+                crate::celery::started(ctx, task_id).await;
             }
             Ok(_) => {}
             Err(_) => return,

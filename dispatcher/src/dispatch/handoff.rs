@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use gantry_shared::message::{Attempt, ErrorKind, Evidence, ExecutorClass, JobName, Task, TaskId};
+use gantry_shared::message::{ErrorKind, Evidence, ExecutorClass, JobName, Task};
 use gantry_shared::store::{Applied, Change, TaskState};
 use gantry_shared::telemetry::chain;
 use tokio::sync::OwnedSemaphorePermit;
@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::disposition::Disposition;
 use super::follow::{Origin, follow};
+use super::record::record;
 use super::role::Role;
 use crate::runtime::{Job, Runtime};
 use crate::{Error, Result};
@@ -152,47 +153,4 @@ pub(crate) async fn hand_off<R: Runtime>(
     };
     tokio::spawn(follow(role.clone(), job, Some(permit), origin));
     Ok(Disposition::Started { adopted: existed })
-}
-
-/// Records that the task's attempt entered `state` with `change`, counting it when it did
-/// (not when another delivery had recorded it already).
-///
-/// # Errors
-/// A write that Postgres refuses, or [`Error::ShuttingDown`].
-pub(super) async fn record<R: Runtime>(
-    role: &Role<R>,
-    class: &ExecutorClass,
-    task: &Task,
-    state: TaskState,
-    change: &Change,
-) -> Result<Applied> {
-    record_attempt(role, class, task.id, task.attempt, state, change).await
-}
-
-/// [`record`] for an attempt known by its task id.
-///
-/// # Errors
-/// A write that Postgres refuses, or [`Error::ShuttingDown`].
-pub(super) async fn record_attempt<R: Runtime>(
-    role: &Role<R>,
-    class: &ExecutorClass,
-    id: TaskId,
-    attempt: Attempt,
-    state: TaskState,
-    change: &Change,
-) -> Result<Applied> {
-    let what = match state {
-        TaskState::Dispatched => "record dispatched",
-        _ => "record running",
-    };
-    let applied = role
-        .ctx
-        .persist(what, || {
-            role.lifecycle.transition(id, attempt, state, change)
-        })
-        .await?;
-    if applied.changed() {
-        role.ctx.metrics.task_entered(class.as_str(), state);
-    }
-    Ok(applied)
 }

@@ -6,7 +6,8 @@
 //! becomes of it (a [`Disposition`](disposition::Disposition)) and starts the job →
 //! `disposition` carries that out (ack, return, requeue, dead-letter, fail the attempt) →
 //! `follow` follows the job to its end; `warm` hands the tasks of a warm class to
-//! executors that serve many. `reconcile` runs once at start, before any
+//! executors that serve many (`pools` holds them). `record` writes an attempt's
+//! `dispatched` and `running`. `reconcile` runs once at start, before any
 //! delivery; `cancel` listens for cancellations; `role` holds what they share.
 
 mod cancel;
@@ -15,7 +16,9 @@ mod consume;
 mod disposition;
 mod follow;
 mod handoff;
+mod pools;
 mod reconcile;
+mod record;
 mod role;
 mod warm;
 

@@ -18,7 +18,7 @@ pub(crate) struct Role<R: Runtime> {
     pub(crate) lifecycle: Lifecycle,
     following: Mutex<HashSet<JobName>>,
     /// The warm executors and the tasks in hand on each.
-    pub(crate) warm: super::warm::Pools,
+    pub(crate) warm: super::pools::Pools,
 }
 
 impl<R: Runtime> Role<R> {
@@ -29,7 +29,7 @@ impl<R: Runtime> Role<R> {
             runtime,
             lifecycle,
             following: Mutex::new(HashSet::new()),
-            warm: super::warm::Pools::default(),
+            warm: super::pools::Pools::default(),
         }
     }
 

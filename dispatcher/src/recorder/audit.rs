@@ -19,11 +19,17 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             ctx.store.record_dead_letters(&letters)
         })
         .await?;
-    for (DeadLetter { label: letter, .. }, outcome) in letters.iter().zip(outcomes) {
+    let mut ended = Vec::new();
+    for ((DeadLetter { label: letter, .. }, outcome), delivery) in
+        letters.iter().zip(outcomes).zip(batch)
+    {
+        if let (Applied::Changed { .. }, Some(id)) = (&outcome, letter.task_id) {
+            ended.push((id, &delivery.properties));
+        }
         if outcome != Applied::Duplicate {
             ctx.metrics.dead_letter_recorded(letter.reason_kind());
             info!(dead_letter_id = %letter.id, task_id = ?letter.task_id.map(|t| t.to_string()), reason = %letter.reason, "dead letter recorded");
         }
     }
-    Ok(())
+    crate::celery::reply::after_dead_letters(ctx, &ended).await
 }

@@ -4,7 +4,7 @@
 
 mod audit;
 mod results;
-mod retry;
+pub(crate) mod retry;
 
 use std::time::Duration;
 

@@ -197,26 +197,12 @@ async fn follow_plan(ctx: &Ctx, result: &TaskResult, plan: &Plan) -> Result<()> 
 /// no longer exists is noted and skipped; a broker failure leaves the batch unacked, so the
 /// redelivery forwards it (the result itself is already durable).
 async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
-    let (body, props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
-    let sent = ctx
-        .publisher
-        .publish(
-            "",
-            queue,
-            &body,
-            props,
-            true,
-            gantry_shared::retry::for_at_most(std::time::Duration::from_secs(30)),
-        )
-        .await;
-    match sent {
-        Ok(()) => {
-            ctx.metrics.forwarded.inc();
-        }
-        Err(gantry_shared::Error::Unroutable { .. }) => {
-            warn!(task_id = %result.task_id, queue, "the caller's reply queue no longer exists; the result stays in Postgres");
-        }
-        Err(e) => return Err(e.into()),
+    let (body, props) = match crate::celery::reply::rpc_reply(ctx, result).await? {
+        Some(celery) => celery,
+        None => result.to_amqp().map_err(gantry_shared::Error::from)?,
+    };
+    if ctx.reply(result.task_id, queue, &body, props).await? {
+        ctx.metrics.forwarded.inc();
     }
     ctx.persist("mark forwarded", || {
         ctx.store.mark_forwarded(result.task_id)

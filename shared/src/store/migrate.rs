@@ -35,6 +35,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "warm executor evidence",
         sql: include_str!("migrations/0004_warm_seq.sql"),
     },
+    Migration {
+        version: 5,
+        name: "celery tasks",
+        sql: include_str!("migrations/0005_celery.sql"),
+    },
 ];
 
 /// The schema version this binary knows: its newest migration.

@@ -17,10 +17,12 @@
 //! - `rules`: the transition rule for one task under its row lock. `batch`: the same for
 //!   many tasks in a few statements. `state`: [`TaskState`].
 //! - `tasks`: the task lifecycle's reads and writes. `dead_letters`: dead letters.
+//!   `celery`: what is kept of a task from a Celery client.
 //! - `sql`: what every statement needs (errors, cleaning, prepared statements).
 //! - `column`: Gantry's types as Postgres columns.
 
 mod batch;
+mod celery;
 mod column;
 mod dead_letters;
 mod migrate;

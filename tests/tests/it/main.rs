@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod cancel;
+mod celery;
 mod cli;
 mod cli_db;
 mod client_submit;

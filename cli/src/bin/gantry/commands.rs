@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use gantry_cli::topology;
 use gantry_producer::{Producer, Tracker, human_duration};
+use gantry_shared::amqp::Publisher;
 use gantry_shared::catalog::Catalog;
+use gantry_shared::celery::CeleryState;
 use gantry_shared::config::{Config, redact_url};
 use gantry_shared::message::{Task, TaskId, TaskSpec};
 use gantry_shared::retry;
@@ -151,6 +153,7 @@ async fn cancel(config: &Config, args: CancelArgs) -> Result<Exit> {
         gantry_shared::store::Cancel::Cancelled(was) => {
             let was = was.map_or("not yet received".to_owned(), |s| s.to_string());
             println!("cancelled {} (it was {was})", args.task_id);
+            tell_celery_client(config, store, args.task_id).await;
             Ok(Exit::Done)
         }
         gantry_shared::store::Cancel::AlreadyEnded(state) => {
@@ -159,6 +162,47 @@ async fn cancel(config: &Config, args: CancelArgs) -> Result<Exit> {
                 args.task_id
             );
             Ok(Exit::TaskDidNotSucceed)
+        }
+    }
+}
+
+/// A task from a Celery client: its client gets `REVOKED`, as after `app.control.revoke`.
+/// The cancel is recorded whatever happens here; a reply that cannot be sent is said on
+/// stderr.
+async fn tell_celery_client(config: &Config, store: &Store, id: TaskId) {
+    let told = async {
+        let Some(queue) = store.celery_origin(id).await?.and_then(|o| o.reply_to) else {
+            return Ok(false);
+        };
+        let state = CeleryState::Revoked("revoked".into());
+        let (body, props) = gantry_shared::celery::reply(id, &state);
+        let publisher =
+            Publisher::connect(&config.amqp_url, "gantry-cli/cancel", config.broker_timeout)
+                .await?;
+        let sent = publisher
+            .publish(
+                "",
+                &queue,
+                &body,
+                props,
+                true,
+                retry::for_at_most(Duration::from_secs(30)),
+            )
+            .await;
+        publisher.close().await;
+        match sent {
+            // The client has gone: nobody waits for the reply.
+            Ok(()) | Err(gantry_shared::Error::Unroutable { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        store.mark_forwarded(id).await?;
+        Ok::<_, gantry_shared::Error>(true)
+    };
+    match told.await {
+        Ok(true) => println!("its Celery client was told: REVOKED"),
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("the task is cancelled, but its Celery client could not be told REVOKED: {e}")
         }
     }
 }

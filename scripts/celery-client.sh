@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the real Celery client (and worker) from PyPI, for the tests and the benchmark of
+# Gantry's Celery bridge (docs/celery.md).
+#
+#   bash scripts/celery-client.sh        # prints the venv's python on its last line
+#
+# The venv lives outside the checkout ($GANTRY_CELERY_VENV, default
+# $HOME/.cache/gantry/celery-venv); pip keeps the wheels in its own cache, so a new venv
+# installs in seconds after the first time.
+set -euo pipefail
+
+CELERY_VERSION=5.5.3
+venv="${GANTRY_CELERY_VENV:-$HOME/.cache/gantry/celery-venv}"
+stamp="$venv/.gantry-celery-$CELERY_VERSION"
+
+say() { printf 'celery-client: %s\n' "$*" >&2; }
+
+if [[ ! -f "$stamp" ]]; then
+    if [[ ! -x "$venv/bin/python" ]]; then
+        mkdir -p "$(dirname "$venv")"
+        python3 -m venv "$venv" 2>/dev/null || {
+            say "installing python3-venv"
+            apt-get install -y --no-install-recommends python3-venv >/dev/null
+            python3 -m venv "$venv"
+        }
+    fi
+    say "installing celery==$CELERY_VERSION into $venv"
+    "$venv/bin/pip" install --quiet "celery==$CELERY_VERSION"
+    touch "$stamp"
+fi
+"$venv/bin/python" -c 'import celery, kombu' || {
+    say "the venv at $venv is broken; remove it and run again"
+    exit 1
+}
+echo "$venv/bin/python"
