@@ -29,7 +29,6 @@ use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
 use gantry_shared::message::{
     ErrorKind, Evidence, ExecutorClass, HandedTask, JobName, Task, WarmOrder,
 };
-use gantry_shared::retry;
 use gantry_shared::store::{Change, TaskRecord, TaskState};
 use gantry_shared::telemetry::chain;
 use lapin::BasicProperties;
