@@ -277,3 +277,11 @@ impl Cpu {
         }
     }
 }
+
+/// The `warm:` line of a benchmark's echo class (YAML, indented for the class), or nothing:
+/// warm executors of `max_concurrency` slots, idle for 30 s before they end.
+pub fn warm_line(max_concurrency: Option<u16>) -> String {
+    max_concurrency
+        .map(|n| format!("    warm: {{ max_concurrency: {n}, idle_timeout: 30s }}\n"))
+        .unwrap_or_default()
+}

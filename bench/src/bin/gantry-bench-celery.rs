@@ -36,6 +36,10 @@ struct Args {
     /// `max_active_jobs` of Gantry's echo class.
     #[arg(long, default_value_t = 8)]
     max_active_jobs: u32,
+    /// Make Gantry's echo class warm, each executor running this many tasks at once
+    /// (`max_active_jobs` then counts warm executors).
+    #[arg(long, value_name = "MAX_CONCURRENCY")]
+    warm: Option<u16>,
 }
 
 /// What one side measured.
@@ -48,8 +52,13 @@ struct Side {
 async fn main() -> Result<()> {
     let args = Args::parse();
     println!(
-        "Celery client → Celery worker (prefork -c 2, acks late) vs Gantry (local runtime, echo class, max_active_jobs {}), {} tasks at once, {} one at a time",
-        args.max_active_jobs, args.burst, args.serial
+        "Celery client → Celery worker (prefork -c 2, acks late) vs Gantry (local runtime, echo class, max_active_jobs {}{}), {} tasks at once, {} one at a time",
+        args.max_active_jobs,
+        args.warm
+            .map(|n| format!(", warm × {n}"))
+            .unwrap_or_default(),
+        args.burst,
+        args.serial
     );
     let celery = celery_worker(&args).await?;
     let gantry = gantry(&args).await?;
@@ -117,8 +126,9 @@ async fn celery_worker(args: &Args) -> Result<Side> {
 
 /// The Gantry side: a dispatcher with its Celery bridge on, on a world of its own.
 async fn gantry(args: &Args) -> Result<Side> {
+    let warm = gantry_bench::warm_line(args.warm);
     let catalog = format!(
-        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    max_active_jobs: {}\n    celery: {{ tasks: [bench.echo] }}\n",
+        "executors:\n  echo:\n    engine: {{ kind: echo }}\n    max_active_jobs: {}\n    celery: {{ tasks: [bench.echo] }}\n{warm}",
         args.max_active_jobs
     );
     let env = TestEnv::new(Some(&catalog)).await?;

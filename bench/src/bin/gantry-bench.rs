@@ -87,10 +87,7 @@ async fn main() -> Result<()> {
 }
 
 async fn gantry(args: &Args) -> Result<(Figures, Figures)> {
-    let warm = args
-        .warm
-        .map(|n| format!("    warm: {{ max_concurrency: {n}, idle_timeout: 30s }}\n"))
-        .unwrap_or_default();
+    let warm = gantry_bench::warm_line(args.warm);
     let catalog = format!(
         "executors:\n  echo:\n    engine: {{ kind: echo }}\n    max_active_jobs: {}\n{warm}",
         args.max_active
