@@ -318,6 +318,7 @@ async fn http_creates(doubles: &Doubles, n: usize, concurrency: usize) -> Result
     let target = job::Target {
         namespace: double.namespace(),
         prefix: "bench",
+        otlp_endpoint: None,
     };
     let mut bodies = Vec::with_capacity(n);
     for i in 0..n {

@@ -29,4 +29,5 @@ mod restart;
 mod retries;
 mod store_batch;
 mod topology;
+mod traces;
 mod warm;

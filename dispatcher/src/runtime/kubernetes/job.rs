@@ -95,6 +95,8 @@ pub struct Target<'a> {
     pub namespace: &'a str,
     /// The topology prefix the executor publishes under.
     pub prefix: &'a str,
+    /// Where the executor exports its spans (`otlp_endpoint`), when the dispatcher does.
+    pub otlp_endpoint: Option<&'a str>,
 }
 
 /// The Job and its payload Secret for one attempt of `task`, as of `now`.
@@ -170,6 +172,7 @@ pub fn build(
         name: &name,
         image: &image,
         prefix: target.prefix,
+        otlp_endpoint: target.otlp_endpoint,
         gpus: asked
             .and_then(|r| r.gpu_count)
             .unwrap_or_else(|| class_gpus(spec)),
@@ -220,6 +223,7 @@ pub fn build_warm(
         name: name.as_str(),
         image: &image,
         prefix: target.prefix,
+        otlp_endpoint: target.otlp_endpoint,
         gpus: class_gpus(spec),
         gpu_type: class_gpu_type(spec),
         env: vec![
@@ -335,6 +339,7 @@ struct Pod<'a> {
     name: &'a str,
     image: &'a str,
     prefix: &'a str,
+    otlp_endpoint: Option<&'a str>,
     gpus: u32,
     gpu_type: Option<String>,
     /// The Job's own environment, after the shared one.
@@ -380,6 +385,9 @@ fn pod_spec(spec: &ExecutorSpec, settings: &KubernetesSection, pod: Pod<'_>) -> 
         node_selector.entry(GPU_PRODUCT.into()).or_insert(gpu_type);
     }
     let mut env = shared_env(spec, settings, pod.name, pod.prefix);
+    if let Some(endpoint) = pod.otlp_endpoint {
+        env.push(value("GANTRY_OTLP_ENDPOINT", endpoint.to_owned()));
+    }
     env.extend(pod.env);
     let mut mounts = Vec::new();
     let mut volumes = Vec::new();
@@ -555,6 +563,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         build(
             task,
@@ -578,6 +587,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         let spec = catalog.get(&task.executor).unwrap();
         let (job, secret) =
@@ -676,6 +686,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         let settings = KubernetesSection::default();
         let job = build_warm(
