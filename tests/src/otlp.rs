@@ -50,7 +50,7 @@ impl ReceivedSpan {
 
 /// A running receiver; stopped when dropped.
 pub struct OtlpReceiver {
-    _child: Child,
+    child: Child,
     endpoint: String,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
 }
@@ -107,10 +107,15 @@ impl OtlpReceiver {
             }
         });
         Ok(OtlpReceiver {
-            _child: child,
+            child,
             endpoint: format!("http://127.0.0.1:{port}"),
             spans,
         })
+    }
+
+    /// The receiver's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// The endpoint to give a Gantry process (`GANTRY_OTLP_ENDPOINT`).

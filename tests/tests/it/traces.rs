@@ -224,3 +224,42 @@ async fn a_retried_task_and_its_replay_continue_one_trace() -> anyhow::Result<()
     dispatcher.terminate(Duration::from_secs(30))?;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn a_receiver_that_is_down_costs_no_task_and_is_logged_once() -> anyhow::Result<()> {
+    // A port nothing listens on: every export is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let endpoint = format!("http://{closed}");
+    let env = TestEnv::new(None).await?;
+    let mut dispatcher = Dispatcher::start(
+        &env,
+        &[
+            ("GANTRY_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    )?;
+    let producer = env.producer().await?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            producer
+                .submit(gantry_tests::echo_spec(
+                    "traces.down",
+                    serde_json::json!({"i": i}),
+                )?)
+                .await?,
+        );
+    }
+    for id in ids {
+        let record = producer.wait(id, PATIENCE).await?;
+        assert_eq!(record.state, TaskState::Succeeded);
+    }
+    dispatcher.wait_for_log("cannot export spans", PATIENCE)?;
+    producer.close().await;
+    // Its spans went out in many batches, all refused, the last at its exit.
+    let log = dispatcher.log.clone();
+    assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
+    let log = std::fs::read_to_string(log)?;
+    assert_eq!(log.matches("cannot export spans").count(), 1, "{log}");
+    env.cleanup().await
+}
