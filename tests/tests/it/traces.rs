@@ -11,6 +11,7 @@ use gantry_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use gantry_tests::{Dispatcher, PATIENCE, TestEnv, eventually};
 
 /// OTLP span kinds.
+const CLIENT: i64 = 3;
 const PRODUCER: i64 = 4;
 const CONSUMER: i64 = 5;
 
@@ -29,13 +30,14 @@ fn traced_dispatcher(env: &TestEnv, receiver: &OtlpReceiver) -> anyhow::Result<D
 async fn submit(
     env: &TestEnv,
     receiver: &OtlpReceiver,
+    class: &str,
     payload: &str,
     reply_to: Option<&str>,
 ) -> anyhow::Result<TaskId> {
     let mut command = gantry_command(env);
     command
         .env("GANTRY_OTLP_ENDPOINT", receiver.endpoint())
-        .args(["submit", "--executor", "echo", "--task", "traces.echo"])
+        .args(["submit", "--executor", class, "--task", "traces.task"])
         .args(["--payload", payload]);
     if let Some(queue) = reply_to {
         command.args(["--reply-to", queue]);
@@ -85,7 +87,14 @@ async fn a_tasks_trace_holds_submit_dispatch_run_commit_and_reply_each_the_child
     let channel = env.channel().await?;
     let reply = env.reply_queue(&channel).await?;
     let dispatcher = traced_dispatcher(&env, &receiver)?;
-    let id = submit(&env, &receiver, r#"{"hello": "trace"}"#, Some(&reply)).await?;
+    let id = submit(
+        &env,
+        &receiver,
+        "echo",
+        r#"{"hello": "trace"}"#,
+        Some(&reply),
+    )
+    .await?;
 
     let spans = receiver
         .wait_for("the five spans of the task", PATIENCE, |all| {
@@ -161,6 +170,7 @@ async fn a_retried_task_and_its_replay_continue_one_trace() -> anyhow::Result<()
     let id = submit(
         &env,
         &receiver,
+        "echo",
         r#"{"fail": "not today", "retryable": true}"#,
         None,
     )
@@ -261,5 +271,46 @@ async fn a_receiver_that_is_down_costs_no_task_and_is_logged_once() -> anyhow::R
     assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
     let log = std::fs::read_to_string(log)?;
     assert_eq!(log.matches("cannot export spans").count(), 1, "{log}");
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn an_llm_request_is_a_genai_span_of_the_run_with_its_model_and_tokens() -> anyhow::Result<()>
+{
+    let receiver = OtlpReceiver::start().await?;
+    let server = serde_json::to_string(&gantry_tests::llm::server_argv()?)?;
+    let catalog = format!(
+        "executors:\n  chat:\n    engine: {{ kind: openai, model: tiny, server: {server}, startup_timeout: 90s, stop_grace: 5s }}\n    max_active_jobs: 1\n"
+    );
+    let env = TestEnv::new(Some(&catalog)).await?;
+    let dispatcher = traced_dispatcher(&env, &receiver)?;
+    let payload =
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}"#;
+    let id = submit(&env, &receiver, "chat", payload, None).await?;
+
+    let spans = receiver
+        .wait_for("the run's span and its request's", PATIENCE, |all| {
+            let trace = trace_of(all, id);
+            count(&trace, "chat tiny") == 1 && count(&trace, "gantry.run") == 1
+        })
+        .await?;
+    let trace = trace_of(&spans, id);
+    let run = one(&trace, "gantry.run");
+    let request = one(&trace, "chat tiny");
+    assert_eq!(request.parent_span_id, run.span_id);
+    assert_eq!(request.kind, CLIENT);
+    assert_eq!(request.service, "gantry-executor");
+    assert_eq!(request.attribute("gen_ai.operation.name"), "chat");
+    assert_eq!(request.attribute("gen_ai.system"), "openai");
+    assert_eq!(request.attribute("gen_ai.request.model"), "tiny");
+    // The tiny model never ends an answer by itself: it runs to max_tokens.
+    assert_eq!(request.attribute("gen_ai.usage.output_tokens"), 8);
+    let input = request.attribute("gen_ai.usage.input_tokens");
+    assert!(input.as_i64().is_some_and(|n| n > 0), "{input}");
+    assert_eq!(
+        request.attribute("gen_ai.response.finish_reasons"),
+        "length"
+    );
+    dispatcher.terminate(Duration::from_secs(30))?;
     env.cleanup().await
 }
