@@ -314,3 +314,32 @@ async fn an_llm_request_is_a_genai_span_of_the_run_with_its_model_and_tokens() -
     dispatcher.terminate(Duration::from_secs(30))?;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn a_task_run_by_a_warm_executor_is_its_dispatchs_child_as_a_jobs_run_is()
+-> anyhow::Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let catalog = "executors:\n  echo:\n    engine: { kind: echo }\n    max_active_jobs: 1\n    warm: { max_concurrency: 2, max_tasks_per_job: 10, idle_timeout: 1s, max_job_lifetime: 1h }\n";
+    let env = TestEnv::new(Some(catalog)).await?;
+    let dispatcher = traced_dispatcher(&env, &receiver)?;
+    let id = submit(&env, &receiver, "echo", r#"{"warm": true}"#, None).await?;
+
+    // The warm executor exports as it goes (every 100 ms: the local runtime passes on the
+    // dispatcher's environment).
+    let spans = receiver
+        .wait_for("the warm run's span and its commit", PATIENCE, |all| {
+            let trace = trace_of(all, id);
+            count(&trace, "gantry.run") == 1 && count(&trace, "gantry.commit") == 1
+        })
+        .await?;
+    let trace = trace_of(&spans, id);
+    let dispatch = one(&trace, "gantry.dispatch");
+    let run = one(&trace, "gantry.run");
+    let commit = one(&trace, "gantry.commit");
+    assert_eq!(run.parent_span_id, dispatch.span_id);
+    assert_eq!(commit.parent_span_id, run.span_id);
+    assert_eq!(run.attribute("gantry.warm"), true);
+    assert_eq!(run.service, "gantry-executor");
+    dispatcher.terminate(Duration::from_secs(30))?;
+    env.cleanup().await
+}
