@@ -86,6 +86,10 @@ where
     let tracer = provider.tracer("gantry");
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        // A span's parent is found through `tracing`'s own tree: no OpenTelemetry context
+        // to activate at each poll, and no busy/idle clock read there either.
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
         .with_location(false)
         .with_threads(false)
         .with_target(false)
