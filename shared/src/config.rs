@@ -272,6 +272,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_otlp_endpoint_is_a_plain_http_url_with_a_host() {
+        assert!(check_otlp_endpoint("http://127.0.0.1:4318").is_ok());
+        assert!(check_otlp_endpoint("http://otel-collector.observability:4318/").is_ok());
+        for bad in [
+            "https://collector:4318",
+            "collector:4318",
+            "http://",
+            "grpc://c:4317",
+        ] {
+            let e = check_otlp_endpoint(bad).unwrap_err().to_string();
+            assert!(e.contains("otlp_endpoint"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("amqp://guest:secret@host:5672/%2f"),
