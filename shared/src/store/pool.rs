@@ -161,6 +161,28 @@ impl Store {
         })
     }
 
+    /// A connection of its own, outside the pool, made as the pool's are (the URL's settings
+    /// and TLS), named `application_name`: for work that prepares its statements once and
+    /// keeps them for its life. Its notices are dropped; its end is logged.
+    ///
+    /// # Errors
+    /// As [`Store::dedicated_connection`].
+    pub async fn connection_apart(&self, application_name: &str) -> Result<Client> {
+        let mut store = self.clone();
+        store.config.application_name(application_name);
+        let (client, mut messages) = store.dedicated_connection().await?;
+        let name = application_name.to_owned();
+        tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                if let Err(e) = message {
+                    warn!(error = %e, connection = %name, "a Postgres connection ended");
+                    break;
+                }
+            }
+        });
+        Ok(client)
+    }
+
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool
             .get()
