@@ -214,7 +214,7 @@ impl Metrics {
             reconnects: family(
                 &mut r,
                 "amqp_reconnects",
-                "Consumer sessions reopened after their connection or channel broke, by consumer",
+                "RabbitMQ connections reopened after they or their channel broke, by consumer or publisher",
             ),
             checks: family(
                 &mut r,
@@ -342,14 +342,15 @@ impl Metrics {
         let _ = self.retries.get_or_create(&labels);
     }
 
-    /// Gives the consumer `consumer` its reconnect counter, at zero.
+    /// Gives the connection `consumer` (a consumer's, or the publisher's) its reconnect
+    /// counter, at zero.
     pub(crate) fn consumer(&self, consumer: &str) {
         let _ = self.reconnects.get_or_create(&ConsumerLabel {
             consumer: consumer.to_owned(),
         });
     }
 
-    /// Counts a consumer session reopened after it broke.
+    /// Counts a consumer session, or the publisher's connection, reopened after it broke.
     pub(crate) fn reconnected(&self, consumer: &str) {
         self.reconnects
             .get_or_create(&ConsumerLabel {
