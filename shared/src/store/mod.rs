@@ -18,10 +18,13 @@
 //!   many tasks in a few statements. `state`: [`TaskState`].
 //! - `tasks`: the task lifecycle's reads and writes. `dead_letters`: dead letters.
 //!   `celery`: what is kept of a task from a Celery client.
+//! - `capacity`: what dispatchers side by side share: presence, a class's capacity,
+//!   adoption of a gone dispatcher's claims.
 //! - `sql`: what every statement needs (errors, cleaning, prepared statements).
 //! - `column`: Gantry's types as Postgres columns.
 
 mod batch;
+mod capacity;
 mod celery;
 mod column;
 mod dead_letters;
@@ -33,6 +36,7 @@ mod state;
 mod tasks;
 
 pub use batch::Transition;
+pub use capacity::{Claim, Claimed, Presence};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterRecord};
 pub use migrate::{Migrated, SCHEMA_VERSION};
 pub use pool::{Store, set_up_session};
