@@ -1,5 +1,6 @@
 //! Dispatchers side by side on one database: what the tests of several dispatchers watch
-//! and check. [`Claims`] samples, while the test runs, how many attempts hold a job at once
+//! and check. [`Claims`] samples, while the test runs, how many attempts of a class hold a
+//! job at once
 //! (what `max_active_jobs` bounds across dispatchers) and which dispatchers claimed them;
 //! [`ended_once`] checks that every task reached one terminal state, ran once, and that
 //! each attempt that did not run was one whose job was never created.
@@ -37,11 +38,11 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Starts sampling the database at `url`.
+    /// Starts sampling the claims of the class `executor` in the database at `url`.
     ///
     /// # Errors
     /// The database cannot be reached.
-    pub async fn watch(url: &str) -> Result<Claims> {
+    pub async fn watch(url: &str, executor: &str) -> Result<Claims> {
         let (client, connection) = tokio_postgres::connect(url, NoTls)
             .await
             .context("connecting to sample the claims")?;
@@ -50,14 +51,15 @@ impl Claims {
         let stopped = stop.clone();
         let last = Arc::new(Mutex::new(Vec::new()));
         let latest = last.clone();
+        let executor = executor.to_owned();
         let sampling = tokio::spawn(async move {
             let mut seen = Seen::default();
             while !stopped.load(Ordering::Relaxed) {
                 let rows = client
                     .query(
-                        "SELECT dispatcher FROM tasks
-                          WHERE state IN ('dispatched', 'running') AND warm_seq IS NULL",
-                        &[],
+                        "SELECT dispatcher FROM tasks WHERE executor = $1
+                            AND state IN ('dispatched', 'running') AND warm_seq IS NULL",
+                        &[&executor],
                     )
                     .await?;
                 seen.samples += 1;

@@ -9,6 +9,8 @@
 //!   recorded, one published on its behalf if it ends without one); an attempt whose job
 //!   does not exist [`GRACE`] after its claim was never started (its dispatcher stopped
 //!   between the claim and the create) and is failed as `job_lost`, which is retried.
+//!   Their warm executors are taken over too (every [`ADOPT_EVERY`]; at start,
+//!   `super::reconcile` does it): each drains and is followed to its end.
 //!
 //! Only the claims of this runtime instance are taken: on Kubernetes every dispatcher of a
 //! namespace sees its Jobs; on `local`, only a dispatcher on the same state directory sees
@@ -27,6 +29,7 @@ use tracing::{error, info, warn};
 
 use super::follow::{Origin, follow, on_behalf};
 use super::role::Role;
+use super::warm;
 use crate::Result;
 use crate::runtime::{End, Job, JobEnd, Runtime};
 
@@ -89,6 +92,9 @@ pub(crate) async fn keep_adopting<R: Runtime>(role: Arc<Role<R>>) {
         }
         if let Err(e) = adopt(&role, None).await {
             warn!(error = %chain(&e), "cannot take over the claims of gone dispatchers; trying again later");
+        }
+        if let Err(e) = adopt_warm(&role).await {
+            warn!(error = %chain(&e), "cannot take over the warm executors of gone dispatchers; trying again later");
         }
     }
 }
@@ -158,6 +164,62 @@ async fn settle<R: Runtime>(
             {
                 error!(task_id = %orphan.task_id, error = %chain(&e), "cannot fail the lost attempt; it is taken over at the next start");
             }
+        }
+    }
+}
+
+/// Takes over the warm executors of gone dispatchers: each drains and is followed to its
+/// end, holding the attempts Postgres says it has; one whose job does not exist
+/// [`GRACE`] later stops counting, and its attempts are failed as lost.
+///
+/// # Errors
+/// Postgres cannot be read.
+async fn adopt_warm<R: Runtime>(role: &Arc<Role<R>>) -> Result<()> {
+    let ctx = &role.ctx;
+    let instance = role.runtime.instance().to_owned();
+    let names = ctx
+        .persist("adopt warm executors", || {
+            ctx.store.adopt_warm(role.dispatcher, &instance)
+        })
+        .await?;
+    for name in names {
+        info!(job = %name, "taking over a warm executor whose dispatcher is gone");
+        ctx.metrics.reconciled.inc();
+        tokio::spawn(settle_warm(role.clone(), JobName::recorded(&name)));
+    }
+    Ok(())
+}
+
+async fn settle_warm<R: Runtime>(role: Arc<Role<R>>, name: JobName) {
+    let ctx = &role.ctx;
+    if !role.runtime.knows(&name) {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(GRACE) => {}
+        }
+    }
+    let read =
+        async { Ok::<_, crate::Error>((role.runtime.scan()?, ctx.store.unfinished(None).await?)) };
+    let (jobs, unfinished) = match read.await {
+        Ok(read) => read,
+        Err(e) => {
+            error!(job = %name, error = %chain(&e), "cannot read the warm executor's job or tasks; it is taken over at the next start");
+            return;
+        }
+    };
+    if let Some((job, running)) = jobs.into_iter().find(|(job, _)| job.name() == &name) {
+        warm::adopt(&role, job, running, &unfinished, None);
+        return;
+    }
+    warm::uncount(&role, &name).await;
+    let held = unfinished.iter().filter(|r| {
+        r.job_name.as_deref() == Some(name.as_str())
+            && matches!(r.state, TaskState::Dispatched | TaskState::Running)
+    });
+    for record in held {
+        if let Err(e) = fail_lost(&role, record.task_id, record.attempt, record.state, &name).await
+        {
+            error!(task_id = %record.task_id, error = %chain(&e), "cannot fail the lost attempt; it is taken over at the next start");
         }
     }
 }

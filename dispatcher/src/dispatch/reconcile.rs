@@ -35,15 +35,28 @@ pub(crate) async fn reconcile<R: Runtime>(
     // The claims of gone dispatchers (this process's earlier life among them) are this
     // one's now; the jobs live dispatchers claimed are theirs to follow.
     adopt(role, Some(capacity)).await?;
+    let (me, instance) = (role.dispatcher, runtime.instance().to_owned());
+    let adopted_warm = ctx
+        .persist("adopt warm executors", || {
+            ctx.store.adopt_warm(me, &instance)
+        })
+        .await?;
     let others = ctx
         .persist("read the claims of other dispatchers", || {
-            ctx.store.held_by_others(role.dispatcher)
+            ctx.store.held_by_others(me)
+        })
+        .await?;
+    let others_warm = ctx
+        .persist("read the warm executors of other dispatchers", || {
+            ctx.store.warm_held_by_others(me)
         })
         .await?;
     let mut warm_jobs = Vec::new();
     for (job, running) in runtime.scan()? {
         if job.is_warm() {
-            warm_jobs.push((job, running));
+            if !others_warm.contains(job.name().as_str()) {
+                warm_jobs.push((job, running));
+            }
             continue;
         }
         if others.contains(&(job.task_id(), job.attempt())) {
@@ -60,6 +73,13 @@ pub(crate) async fn reconcile<R: Runtime>(
     let unfinished = ctx
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
         .await?;
+    // A gone dispatcher's warm executor that no longer exists counts no more.
+    for name in adopted_warm {
+        let name = JobName::recorded(&name);
+        if !runtime.knows(&name) {
+            warm::uncount(role, &name).await;
+        }
+    }
     for (job, running) in warm_jobs {
         ctx.metrics.reconciled.inc();
         let semaphore = ExecutorClass::parse(job.executor())
@@ -83,7 +103,7 @@ pub(crate) async fn reconcile<R: Runtime>(
         let Some(job_name) = record
             .job_name
             .as_deref()
-            .filter(|name| mine && JobName::names_warm(name))
+            .filter(|name| mine && JobName::names_warm(name) && !others_warm.contains(*name))
         else {
             continue;
         };

@@ -31,7 +31,7 @@ use crate::message::{Attempt, ExecutorClass, TaskId};
 
 /// Names the class locks among advisory locks of two keys (the other key: the class's
 /// `hashtext`). Presence locks are of one key, a space of their own.
-const CLASS_LOCK: i32 = 0x6761_6e74;
+pub(super) const CLASS_LOCK: i32 = 0x6761_6e74;
 
 /// Attempts that hold a job of their own (what capacity counts and adoption moves).
 const HOLDS_A_JOB: &str = "state IN ('dispatched', 'running') AND warm_seq IS NULL";
@@ -185,15 +185,10 @@ impl Store {
         let mut adopted = Vec::new();
         for owner in owners {
             let tx = client.transaction().await.map_err(pg("begin"))?;
-            if let Some(owner) = owner {
-                let gone: bool = tx
-                    .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&owner])
-                    .await
-                    .and_then(|r| r.try_get(0))
-                    .map_err(pg("test a dispatcher's presence"))?;
-                if !gone {
-                    continue;
-                }
+            if let Some(owner) = owner
+                && !gone(&tx, owner).await?
+            {
+                continue;
             }
             let rows = tx
                 .query(
@@ -239,4 +234,13 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Whether the dispatcher `owner` is gone: its presence lock is free. If so, `tx` holds
+/// that lock until it ends, so no other dispatcher takes over the same claims meanwhile.
+pub(super) async fn gone(tx: &deadpool_postgres::Transaction<'_>, owner: i64) -> Result<bool> {
+    tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&owner])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(pg("test a dispatcher's presence"))
 }

@@ -31,7 +31,7 @@ async fn two_local_dispatchers_share_max_active_jobs_and_one_killed_loses_nothin
     let executions = Executions::new(&env.dir.path().join("executions"))?;
     let first = dispatcher_on(&env, "state-a")?;
     let _second = dispatcher_on(&env, "state-b")?;
-    let claims = Claims::watch(&env.database_url).await?;
+    let claims = Claims::watch(&env.database_url, "work").await?;
     let producer = env.producer().await?;
     let mut ids = Vec::new();
     for _ in 0..TASKS {

@@ -5,3 +5,15 @@
 ALTER TABLE tasks ADD COLUMN dispatcher bigint;
 CREATE INDEX tasks_dispatcher_idx ON tasks (dispatcher)
     WHERE state IN ('dispatched', 'running');
+
+-- The warm executors that exist, each counted against its class's max_active_jobs across
+-- every dispatcher, and the dispatcher that follows it (taken over as its claims are). A
+-- row is made before the executor's job is started and removed when its end is handled.
+CREATE TABLE warm_executors (
+    job_name text PRIMARY KEY,
+    executor text NOT NULL,
+    instance text NOT NULL,
+    dispatcher bigint NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX warm_executors_executor_idx ON warm_executors (executor);
