@@ -1284,3 +1284,38 @@ async fn two_dispatchers_one_killed_run_every_task_once_within_the_shared_capaci
     producer.close().await;
     env.cleanup().await
 }
+
+/// A warm class's `max_active_jobs` holds across two dispatchers: they never run more warm
+/// Jobs of it at once than it says, between them, and every task succeeds on one of them.
+/// A dispatcher that has no executor of the class while the other has them all hands its
+/// deliveries back after `max_hold`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_never_run_more_warm_jobs_than_max_active_jobs_between_them()
+-> anyhow::Result<()> {
+    let c = cluster_with(&warm_echo(4, "3s"), 2, &[("GANTRY_MAX_HOLD", "2s")]).await?;
+    let kubeconfig = c.env.dir.path().join("kubeconfig").display().to_string();
+    let other = gantry_tests::Dispatcher::start(
+        &c.env,
+        &[
+            ("GANTRY_RUNTIME", "kubernetes"),
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("GANTRY_MAX_HOLD", "2s"),
+        ],
+    )?;
+    let producer = c.env.producer().await?;
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        ids.push(submit_echo(&producer, json!({"n": n, "sleep_ms": 300})).await?);
+    }
+    for id in &ids {
+        succeeded(&other, &producer, *id).await?;
+    }
+    let peak = c.double.peak_active_jobs();
+    assert!(
+        peak <= 2,
+        "at most max_active_jobs warm Jobs at once: {peak}"
+    );
+    assert_eq!(warm_jobs(&c.double).len() as u64, c.double.jobs_created());
+    producer.close().await;
+    c.env.cleanup().await
+}
