@@ -43,14 +43,8 @@ pub(super) async fn claim<R: Runtime>(
         limit,
         dispatcher: role.dispatcher,
     };
-    let mut present = role.present.subscribe();
     loop {
-        // A dispatcher whose presence is lost may have its claims taken over: it makes
-        // none until its presence is back.
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Err(Error::ShuttingDown),
-            p = present.wait_for(|p| *p) => if p.is_err() { return Err(Error::ShuttingDown) },
-        }
+        present(role).await?;
         // Listening before the count, so an end announced in between is not missed.
         let freed = role.capacity_freed.notified();
         tokio::pin!(freed);
@@ -79,5 +73,18 @@ pub(super) async fn claim<R: Runtime>(
             _ = &mut freed => {}
             _ = tokio::time::sleep(RECHECK.min(until - now)) => {}
         }
+    }
+}
+
+/// Waits until this dispatcher holds its presence: one whose presence is lost may have its
+/// claims taken over, so it makes none until it is back.
+///
+/// # Errors
+/// [`Error::ShuttingDown`].
+pub(super) async fn present<R: Runtime>(role: &Role<R>) -> Result<()> {
+    let mut present = role.present.subscribe();
+    tokio::select! {
+        _ = role.ctx.shutdown.cancelled() => Err(Error::ShuttingDown),
+        p = present.wait_for(|p| *p) => p.map(|_| ()).map_err(|_| Error::ShuttingDown),
     }
 }

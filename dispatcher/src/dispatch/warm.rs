@@ -178,6 +178,7 @@ async fn count<R: Runtime>(
     job: &JobName,
 ) -> Result<bool> {
     let ctx = &role.ctx;
+    super::claim::present(role).await?;
     let executor = WarmExecutor {
         job: job.as_str(),
         executor: class,
