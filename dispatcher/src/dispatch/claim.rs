@@ -38,8 +38,8 @@ pub(super) async fn claim<R: Runtime>(
     let claim = Claim {
         id: task.id,
         attempt: task.attempt,
-        change,
-        executor: class,
+        change: change.clone(),
+        executor: class.clone(),
         limit,
         dispatcher: role.dispatcher,
     };
@@ -50,7 +50,7 @@ pub(super) async fn claim<R: Runtime>(
         tokio::pin!(freed);
         freed.as_mut().enable();
         match ctx
-            .persist("record dispatched", || ctx.store.claim(&claim))
+            .persist("record dispatched", || role.lifecycle.claim(&claim))
             .await?
         {
             Claimed::Applied(applied) => {

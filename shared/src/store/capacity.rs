@@ -21,6 +21,7 @@ use std::collections::HashSet;
 
 use tokio::sync::oneshot;
 
+use super::batch::{Transition, transitions_in};
 use super::pool::Store;
 use super::rules::{Applied, Change, lock, transition_in};
 use super::sql::pg;
@@ -47,12 +48,12 @@ pub struct Presence {
 }
 
 /// One claim with capacity, for [`Store::claim`].
-#[derive(Debug, Clone, Copy)]
-pub struct Claim<'a> {
+#[derive(Debug, Clone)]
+pub struct Claim {
     pub id: TaskId,
     pub attempt: Attempt,
-    pub change: &'a Change,
-    pub executor: &'a ExecutorClass,
+    pub change: Change,
+    pub executor: ExecutorClass,
     /// Most attempts of the class that may hold a job at once.
     pub limit: u32,
     /// The claiming dispatcher's [`Presence::id`].
@@ -102,58 +103,39 @@ impl Store {
 
     /// Claims an attempt (its `dispatched` event, as [`Store::transition`] writes it) for
     /// the dispatcher `claim.dispatcher`, if its class has room: fewer than `claim.limit`
-    /// of its attempts hold a job. Claims of one class are taken one at a time.
+    /// of its attempts hold a job. Claims of one class are taken one transaction at a time.
     ///
     /// # Errors
     /// Postgres errors; then nothing is claimed.
-    #[tracing::instrument(skip_all, fields(task_id = %claim.id, executor = %claim.executor))]
-    pub async fn claim(&self, claim: &Claim<'_>) -> Result<Claimed> {
+    pub async fn claim(&self, claim: &Claim) -> Result<Claimed> {
+        let mut claimed = self.claim_many(std::slice::from_ref(claim)).await?;
+        Ok(claimed.pop().unwrap_or(Claimed::Applied(Applied::Unknown)))
+    }
+
+    /// [`Store::claim`] for many, in one transaction per class; what each did, in the order
+    /// given. A class's room goes to its claims in that order.
+    ///
+    /// # Errors
+    /// Postgres errors; then nothing is claimed.
+    #[tracing::instrument(skip_all, fields(claims = claims.len()))]
+    pub async fn claim_many(&self, claims: &[Claim]) -> Result<Vec<Claimed>> {
+        let mut out: Vec<Option<Claimed>> = vec![None; claims.len()];
+        let mut classes: Vec<&ExecutorClass> = claims.iter().map(|c| &c.executor).collect();
+        classes.sort();
+        classes.dedup();
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg("begin"))?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&CLASS_LOCK, &claim.executor.as_str()],
-        )
-        .await
-        .map_err(pg("lock the class's capacity"))?;
-        let active: i64 = tx
-            .query_one(
-                &format!("SELECT count(*) FROM tasks WHERE executor = $1 AND {HOLDS_A_JOB}"),
-                &[&claim.executor.as_str()],
-            )
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(pg("count the class's active jobs"))?;
-        let active = u32::try_from(active).unwrap_or(u32::MAX);
-        if active >= claim.limit {
-            // Full: unless the write would change nothing anyway (a repeated delivery of a
-            // claimed or ended attempt), which the caller is told as it is.
-            let claimable = lock(&tx, claim.id).await?.is_some_and(|l| {
-                l.state
-                    .can_become(l.attempt, TaskState::Dispatched, claim.attempt)
-            });
-            if claimable {
-                return Ok(Claimed::Full { active });
-            }
+        for class in classes {
+            let of_class: Vec<usize> = (0..claims.len())
+                .filter(|&i| &claims[i].executor == class)
+                .collect();
+            let tx = client.transaction().await.map_err(pg("begin"))?;
+            claim_class(&tx, claims, &of_class, &mut out).await?;
+            tx.commit().await.map_err(pg("commit claims"))?;
         }
-        let applied = transition_in(
-            &tx,
-            claim.id,
-            claim.attempt,
-            TaskState::Dispatched,
-            claim.change,
-        )
-        .await?;
-        if applied.changed() {
-            tx.execute(
-                "UPDATE tasks SET dispatcher = $2 WHERE task_id = $1",
-                &[&claim.id.as_uuid(), &claim.dispatcher],
-            )
-            .await
-            .map_err(pg("record the claiming dispatcher"))?;
-        }
-        tx.commit().await.map_err(pg("commit claim"))?;
-        Ok(Claimed::Applied(applied))
+        Ok(out
+            .into_iter()
+            .map(|c| c.unwrap_or(Claimed::Applied(Applied::Unknown)))
+            .collect())
     }
 
     /// Hands to the dispatcher `me` the claims (attempts with a job of their own, not yet
@@ -243,4 +225,92 @@ pub(super) async fn gone(tx: &deadpool_postgres::Transaction<'_>, owner: i64) ->
         .await
         .and_then(|r| r.try_get(0))
         .map_err(pg("test a dispatcher's presence"))
+}
+
+/// The claims `indices` of one class, under its lock, in `tx`: as many as its room allows,
+/// in order; the rest are `Full`, but for those whose write would change nothing anyway (a
+/// repeated delivery of a claimed or ended attempt), which are answered as they are.
+async fn claim_class(
+    tx: &deadpool_postgres::Transaction<'_>,
+    claims: &[Claim],
+    indices: &[usize],
+    out: &mut [Option<Claimed>],
+) -> Result<()> {
+    let Some(&first) = indices.first() else {
+        return Ok(());
+    };
+    let class = claims[first].executor.as_str();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&CLASS_LOCK, &class],
+    )
+    .await
+    .map_err(pg("lock the class's capacity"))?;
+    let active: i64 = tx
+        .query_one(
+            &format!("SELECT count(*) FROM tasks WHERE executor = $1 AND {HOLDS_A_JOB}"),
+            &[&class],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(pg("count the class's active jobs"))?;
+    let mut active = u32::try_from(active).unwrap_or(u32::MAX);
+    let mut next = 0;
+    while next < indices.len() {
+        let room = claims[indices[next]].limit.saturating_sub(active) as usize;
+        if room == 0 {
+            break;
+        }
+        let round = &indices[next..indices.len().min(next + room)];
+        let batch: Vec<Transition> = round
+            .iter()
+            .map(|&i| Transition {
+                id: claims[i].id,
+                attempt: claims[i].attempt,
+                state: TaskState::Dispatched,
+                change: claims[i].change.clone(),
+            })
+            .collect();
+        let applied = transitions_in(tx, &batch).await?;
+        let mut won: Vec<(uuid::Uuid, i64)> = Vec::new();
+        for (&i, applied) in round.iter().zip(applied) {
+            if applied.changed() {
+                active += 1;
+                won.push((claims[i].id.as_uuid(), claims[i].dispatcher));
+            }
+            out[i] = Some(Claimed::Applied(applied));
+        }
+        let (ids, dispatchers): (Vec<uuid::Uuid>, Vec<i64>) = won.into_iter().unzip();
+        tx.execute(
+            "UPDATE tasks SET dispatcher = c.dispatcher
+               FROM unnest($1::uuid[], $2::bigint[]) AS c(task_id, dispatcher)
+              WHERE tasks.task_id = c.task_id",
+            &[&ids, &dispatchers],
+        )
+        .await
+        .map_err(pg("record the claiming dispatchers"))?;
+        next += round.len();
+    }
+    for &i in &indices[next..] {
+        let claim = &claims[i];
+        let claimable = lock(tx, claim.id).await?.is_some_and(|l| {
+            l.state
+                .can_become(l.attempt, TaskState::Dispatched, claim.attempt)
+        });
+        out[i] = Some(if claimable {
+            Claimed::Full { active }
+        } else {
+            Claimed::Applied(
+                transition_in(
+                    tx,
+                    claim.id,
+                    claim.attempt,
+                    TaskState::Dispatched,
+                    &claim.change,
+                )
+                .await?,
+            )
+        });
+    }
+    Ok(())
 }
