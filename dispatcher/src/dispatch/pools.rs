@@ -41,7 +41,7 @@ struct Held {
     attempt: Attempt,
     /// The evidence of its claim, once it was published to the executor's queue.
     claim: Option<Evidence>,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Where a task was placed.
@@ -97,7 +97,7 @@ impl Executor {
             Held {
                 attempt,
                 claim: None,
-                _permit: Some(permit),
+                permit: Some(permit),
             },
         );
         self.handed
@@ -252,6 +252,20 @@ impl Pools {
         held
     }
 
+    /// Forgets a new executor that may not be started after all (its class has no room
+    /// across dispatchers); the unit of capacity of the task placed on it.
+    pub(super) fn withdraw(&self, job: &JobName) -> Option<OwnedSemaphorePermit> {
+        let mut classes = self.lock();
+        let mut permit = None;
+        for executors in classes.values_mut() {
+            if let Some(i) = executors.iter().position(|e| &e.name == job) {
+                let executor = executors.swap_remove(i);
+                permit = executor.in_hand.into_values().find_map(|h| h.permit);
+            }
+        }
+        permit
+    }
+
     /// Takes an executor found at start: it drains, holding `held` (with a unit of
     /// capacity each where one is free).
     pub(super) fn adopt(
@@ -269,7 +283,7 @@ impl Pools {
                 Held {
                     attempt,
                     claim: None,
-                    _permit: permit,
+                    permit,
                 },
             );
         }

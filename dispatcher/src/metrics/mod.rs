@@ -44,7 +44,7 @@ pub(crate) struct Metrics {
     /// What became of each delivery from the task queues.
     pub(crate) deliveries: Deliveries,
     tasks: Family<ClassState, Counter>,
-    /// Jobs found at start and followed from there.
+    /// Jobs (and claims) found at start, or left by a gone dispatcher, and taken over.
     pub(crate) reconciled: Counter,
     results_recorded: Family<ClassStatus, Counter>,
     results_recorded_total: Counter,
@@ -128,7 +128,7 @@ impl Metrics {
             reconciled: counter(
                 &mut r,
                 "jobs_reconciled",
-                "Jobs found at start and followed",
+                "Jobs (and claims) found at start, or left by a gone dispatcher, and taken over",
             ),
             results_recorded: family(
                 &mut r,

@@ -10,6 +10,7 @@ use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, Recycling
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::oneshot;
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
@@ -220,6 +221,40 @@ impl Store {
             .collect();
         servers.join(",")
     }
+}
+
+/// Drives a connection of its own, in a task, until it is lost or `notified` (given each
+/// notification's payload) says to stop. Its client is sent on the first channel once it
+/// is set up, and kept, so the session lives as long as the task; the second channel
+/// closes when the task ends.
+pub(super) fn drive(
+    mut messages: Messages,
+    mut notified: impl FnMut(&str) -> bool + Send + 'static,
+) -> (oneshot::Sender<Client>, oneshot::Receiver<()>) {
+    let (keep, mut kept) = oneshot::channel();
+    let (ended, end) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ended = ended;
+        let mut _client = None;
+        loop {
+            tokio::select! {
+                c = &mut kept, if _client.is_none() => match c {
+                    Ok(c) => _client = Some(c),
+                    Err(_) => break,
+                },
+                message = messages.next() => match message {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if !notified(n.payload()) {
+                            break;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                },
+            }
+        }
+    });
+    (keep, end)
 }
 
 async fn connect_apart<T>(
