@@ -10,6 +10,8 @@ use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
 use gantry_shared::message::{Attempt, Evidence, ExecutorClass, JobName, Task, TaskId};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
+use crate::metrics::InUse;
+
 /// The warm executors of every class.
 #[derive(Default)]
 pub(crate) struct Pools {
@@ -34,6 +36,8 @@ struct Executor {
     in_hand: HashMap<TaskId, Held>,
     born: Instant,
     idle_since: Instant,
+    /// Counts it in `gantry_capacity_in_use` while the dispatcher knows it.
+    in_use: Option<InUse>,
 }
 
 /// A task in hand on an executor, holding one unit of its class's capacity.
@@ -65,6 +69,7 @@ impl Executor {
             in_hand: HashMap::new(),
             born: now,
             idle_since: now,
+            in_use: None,
         }
     }
 
@@ -147,6 +152,14 @@ impl Pools {
             seq,
             new: true,
         })
+    }
+
+    /// Counts the executor `job` as a unit of its class's capacity in use, until it is
+    /// forgotten.
+    pub(super) fn count_in_use(&self, job: &JobName, in_use: InUse) {
+        if let Some(executor) = self.find(&mut self.lock(), job) {
+            executor.in_use = Some(in_use);
+        }
     }
 
     /// Marks an executor started: it takes tasks.

@@ -72,7 +72,11 @@ pub(crate) async fn hand_off<R: Runtime>(
         let mut full = false;
         match role.warm.place(class, spec, warm, &task, p) {
             Ok(placed) if placed.new => match count(role, class, spec, &placed.job).await {
-                Ok(true) => break placed,
+                Ok(true) => {
+                    let in_use = ctx.metrics.capacity_in_use(class.as_str());
+                    role.warm.count_in_use(&placed.job, in_use);
+                    break placed;
+                }
                 Ok(false) => {
                     permit = role.warm.withdraw(&placed.job);
                     full = true;
@@ -301,7 +305,9 @@ pub(crate) fn adopt<R: Runtime>(
         .collect();
     info!(job = %name, running, in_hand = held.len(), "adopting a warm executor found at start; it drains");
     if let Ok(class) = ExecutorClass::parse(job.executor()) {
+        let in_use = role.ctx.metrics.capacity_in_use(class.as_str());
         role.warm.adopt(class, name.clone(), held);
+        role.warm.count_in_use(&name, in_use);
     }
     let role = role.clone();
     tokio::spawn(async move {

@@ -203,7 +203,7 @@ impl Metrics {
             capacity_in_use: family(
                 &mut r,
                 "capacity_in_use",
-                "Units of capacity held by the jobs this dispatcher follows, by executor class",
+                "Units of capacity held by this dispatcher (jobs it follows, warm executors it keeps), by executor class",
             ),
             capacity_limit: family(
                 &mut r,
