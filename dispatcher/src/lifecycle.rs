@@ -1,7 +1,8 @@
 //! The dispatch loop's Postgres writes (`received`, `dispatched`, `running`), committed in
 //! groups: each hand-off asks and awaits its own write as before, and one writer applies
 //! whatever writes are waiting in one transaction per kind ([`Store::record_received_many`],
-//! [`Store::transitions`]). Under load, the writes that arrive while a group commits form
+//! [`Store::transitions`]; the claims with capacity, [`Store::claim_many`], in one per
+//! class, which counts the class's active jobs once for the group). Under load, the writes that arrive while a group commits form
 //! the next group; alone, a write is committed at once, so grouping adds no wait.
 //!
 //! One transaction per write made Postgres and the round trips to it the larger part of a
@@ -10,7 +11,7 @@
 use std::sync::Arc;
 
 use gantry_shared::message::{Attempt, Task, TaskId};
-use gantry_shared::store::{Applied, Change, Store, TaskState, Transition};
+use gantry_shared::store::{Applied, Change, Claim, Claimed, Store, TaskState, Transition};
 use gantry_shared::telemetry::chain;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -28,6 +29,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(3);
 enum Request {
     Received(Box<Task>, oneshot::Sender<Result<(TaskState, Attempt)>>),
     Transition(Box<Transition>, oneshot::Sender<Result<Applied>>),
+    Claim(Box<Claim>, oneshot::Sender<Result<Claimed>>),
 }
 
 /// The handle the dispatch loop writes through; the writer runs while a handle exists.
@@ -84,6 +86,19 @@ impl Lifecycle {
         }
     }
 
+    /// [`Store::claim`], committed with the claims of its class waiting beside it.
+    ///
+    /// # Errors
+    /// Postgres errors, as [`Store::claim`] has them.
+    pub(crate) async fn claim(&self, claim: &Claim) -> Result<Claimed> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Claim(Box::new(claim.clone()), reply);
+        match self.ask(request, answer).await {
+            Some(outcome) => outcome,
+            None => self.store.claim(claim).await,
+        }
+    }
+
     /// Hands `request` to the writer and awaits its answer; `None` if the writer is gone
     /// (then the caller writes on its own).
     async fn ask<T>(&self, request: Request, answer: oneshot::Receiver<T>) -> Option<T> {
@@ -107,21 +122,24 @@ async fn write(store: Store, mut incoming: mpsc::Receiver<Request>, counts: Arc<
                 }
             }
         }
-        let (mut received, mut transitions) = (Vec::new(), Vec::new());
+        let (mut received, mut transitions, mut claims) = (Vec::new(), Vec::new(), Vec::new());
         for request in waiting.drain(..) {
             match request {
                 Request::Received(task, reply) => received.push((task, reply)),
                 Request::Transition(t, reply) => transitions.push((*t, reply)),
+                Request::Claim(c, reply) => claims.push((*c, reply)),
             }
         }
         debug!(
             received = received.len(),
             transitions = transitions.len(),
+            claims = claims.len(),
             "committing a group of lifecycle writes"
         );
         tokio::join!(
             write_received(&store, received, &counts),
-            write_transitions(&store, transitions, &counts)
+            write_transitions(&store, transitions, &counts),
+            write_claims(&store, claims, &counts)
         );
     }
 }
@@ -174,6 +192,29 @@ async fn write_transitions(
                 let _ = reply.send(match alone {
                     Some(e) => Err(e),
                     None => store.transition(t.id, t.attempt, t.state, &t.change).await,
+                });
+            }
+        }
+    }
+}
+
+async fn write_claims(store: &Store, group: Vec<(Claim, Reply<Claimed>)>, counts: &Groups) {
+    if group.is_empty() {
+        return;
+    }
+    let (batch, replies): (Vec<Claim>, Vec<Reply<Claimed>>) = group.into_iter().unzip();
+    match store.claim_many(&batch).await {
+        Ok(outcomes) => {
+            counts.committed(outcomes.len());
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            for (reply, claim, alone) in failed("claims", e, replies.into_iter().zip(batch)) {
+                let _ = reply.send(match alone {
+                    Some(e) => Err(e),
+                    None => store.claim(&claim).await,
                 });
             }
         }

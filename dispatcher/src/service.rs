@@ -27,6 +27,9 @@ use crate::runtime::local::{LocalOptions, LocalRuntime};
 use crate::settings::{Role, RuntimeKind, Settings};
 use crate::{Error, Result, catalog, celery, dispatch, queues, recorder};
 
+/// The name of the connection every publish of the dispatcher goes through.
+const PUBLISHER: &str = "gantry-dispatcher/publish";
+
 /// Runs the dispatcher until `shutdown` resolves, then stops consuming, lets in-flight
 /// hand-offs and record batches finish, stops serving HTTP, and returns. Running jobs keep
 /// running; the next start adopts them.
@@ -90,12 +93,10 @@ pub async fn run(
 
     let store = Store::connect(&common.database_url, common.db_pool_size, startup).await?;
     health.ok(Check::Postgres);
-    let publisher = Publisher::connect(
-        &common.amqp_url,
-        "gantry-dispatcher/publish",
-        common.broker_timeout,
-    )
-    .await?;
+    let publisher = Publisher::connect(&common.amqp_url, PUBLISHER, common.broker_timeout).await?;
+    metrics.consumer(PUBLISHER);
+    let counted = metrics.clone();
+    publisher.on_reconnect(move || counted.reconnected(PUBLISHER));
     let ctx = Arc::new(Ctx {
         topology,
         store,

@@ -287,6 +287,9 @@ impl Settings {
             "GANTRY_EXECUTOR_REGISTRY_TIMEOUT",
             &mut k.executor_registry_timeout,
         )?;
+        if let Some(v) = env("GANTRY_EXECUTOR_CA_CONFIGMAP") {
+            k.executor_ca_configmap = Some(v);
+        }
         d.celery.read_env()?;
         Ok(d)
     }
@@ -327,6 +330,21 @@ impl Settings {
                     format!("{}: {m}", config::redact_url(url)),
                 )
             })?;
+        }
+        if let Some(name) = &dispatcher.kubernetes.executor_ca_configmap {
+            match configmap_ref(name) {
+                Ok((None, _)) => {}
+                Ok((Some(_), _)) => {
+                    return Err(invalid(
+                        "dispatcher.kubernetes.executor_ca_configmap",
+                        format!("{name:?}: a pod mounts only ConfigMaps of its own namespace; give the NAME of one in the Jobs' namespace"),
+                    )
+                    .into());
+                }
+                Err(m) => {
+                    return Err(invalid("dispatcher.kubernetes.executor_ca_configmap", m).into());
+                }
+            }
         }
         let catalog = match dispatcher.catalog_configmap {
             Some(_) => None,
@@ -464,6 +482,11 @@ pub struct KubernetesSection {
     /// While the registry does not answer, an answer cached less than this long ago is used.
     #[serde(with = "humantime_serde_compat")]
     pub executor_registry_stale: Duration,
+    /// A ConfigMap of the Jobs' namespace whose key `ca.crt` holds the CA certificates
+    /// (PEM) the executors trust for `amqps://`: mounted in every executor pod and named
+    /// by its `GANTRY_TLS_CA_FILE`. Unset: the executors trust the CA their URL names, or
+    /// the system's roots.
+    pub executor_ca_configmap: Option<String>,
 }
 
 impl Default for KubernetesSection {
@@ -485,6 +508,7 @@ impl Default for KubernetesSection {
             executor_registry_cache: Duration::from_secs(30),
             executor_registry_timeout: Duration::from_secs(2),
             executor_registry_stale: Duration::from_secs(300),
+            executor_ca_configmap: None,
         }
     }
 }

@@ -49,7 +49,8 @@ pub enum Error {
         source: Box<gantry_shared::Error>,
     },
 
-    /// The connection that listens for finished tasks was lost while waiting.
+    /// The connection that listens for finished tasks was lost while waiting, and another
+    /// could not be made.
     #[error(
         "lost the Postgres connection while waiting for task {task_id}; wait again with `gantry wait {task_id}`"
     )]

@@ -36,6 +36,7 @@
 //!   tokens, as [`StreamEvent::Progress`]) to its end ([`StreamEvent::Finished`]).
 //! - [`Error`]: everything that can go wrong here, each variant saying what to do.
 
+mod endings;
 mod error;
 mod producer;
 mod stream;

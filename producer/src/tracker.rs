@@ -17,8 +17,10 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::OnceCell;
+use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, instrument};
 
+use crate::endings::Endings;
 use crate::{Error, Result};
 
 /// How long the first database use keeps trying to reach Postgres.
@@ -35,11 +37,13 @@ pub struct TaskEvent {
     pub at: DateTime<Utc>,
 }
 
-/// Reads task state from Postgres. Cheap to clone: clones share one connection pool.
+/// Reads task state from Postgres. Cheap to clone: clones share one connection pool, and
+/// one more connection on which all their waits hear tasks end.
 #[derive(Clone)]
 pub struct Tracker {
     config: Arc<Config>,
     store: Arc<OnceCell<Store>>,
+    endings: Arc<Endings>,
 }
 
 impl fmt::Debug for Tracker {
@@ -57,6 +61,7 @@ impl Tracker {
         Tracker {
             config: Arc::new(config.clone()),
             store: Arc::new(OnceCell::new()),
+            endings: Endings::new(),
         }
     }
 
@@ -124,7 +129,8 @@ impl Tracker {
 
     /// Waits until the task is terminal (succeeded, failed, expired, cancelled or
     /// dead-lettered) and returns it. Reacts to the recorder's commit notification rather
-    /// than polling. A task no dispatcher has recorded yet is waited for as well: it may
+    /// than polling, heard on the one connection every wait of this tracker shares (so
+    /// many waits at once take one connection, not one each). A task no dispatcher has recorded yet is waited for as well: it may
     /// still be in its queue.
     ///
     /// # Errors
@@ -133,12 +139,15 @@ impl Tracker {
     #[instrument(skip(self))]
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
         let store = self.store().await?;
+        let listen = || async {
+            self.endings
+                .subscribe(store)
+                .await
+                .map_err(|e| self.database_error(e))
+        };
         let waiting = async {
             // Listen first, then look: a task that ends between the two is not missed.
-            let mut done = store
-                .terminal_notifications()
-                .await
-                .map_err(|e| self.database_error(e))?;
+            let mut endings = listen().await?;
             loop {
                 if let Some(record) = self.status(id).await?
                     && record.state.is_terminal()
@@ -146,13 +155,21 @@ impl Tracker {
                     return Ok(record);
                 }
                 loop {
-                    match done.recv().await {
-                        Some(finished) if finished == id => break,
-                        Some(_) => continue,
-                        None => return Err(Error::ListenLost { task_id: id }),
+                    match endings.recv().await {
+                        Ok(finished) if finished == id => break,
+                        Ok(_) => continue,
+                        // What went by unheard may have been this task's end: look again.
+                        Err(RecvError::Lagged(_)) => break,
+                        // The connection was lost: listen again, then look again.
+                        Err(RecvError::Closed) => {
+                            endings = listen()
+                                .await
+                                .map_err(|_| Error::ListenLost { task_id: id })?;
+                            break;
+                        }
                     }
                 }
-                debug!(task_id = %id, "task finished");
+                debug!(task_id = %id, "task finished, or its end may have gone unheard");
             }
         };
         match tokio::time::timeout(timeout, waiting).await {

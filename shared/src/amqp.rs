@@ -5,7 +5,7 @@
 //! publishing connections only, and must not stall consumers that would free space.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -17,7 +17,7 @@ use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Queue};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::redact_url;
 use crate::config::tls::{self, Check, Trust};
@@ -259,6 +259,8 @@ struct PublisherInner {
     name: String,
     timeout: Duration,
     channel: Mutex<Option<(Connection, Channel)>>,
+    /// Told of each connection opened after one broke (see [`Publisher::on_reconnect`]).
+    reconnected: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Publisher {
@@ -273,6 +275,7 @@ impl Publisher {
                 name: name.to_owned(),
                 timeout,
                 channel: Mutex::new(None),
+                reconnected: OnceLock::new(),
             }),
         };
         publisher.channel().await?;
@@ -295,8 +298,21 @@ impl Publisher {
         debug!(name = %self.inner.name, "opening publishing connection");
         let conn = connect(&self.inner.url, &self.inner.name, self.inner.timeout).await?;
         let channel = confirm_channel(&conn, self.inner.timeout).await?;
-        *slot = Some((conn, channel.clone()));
+        // A slot still holding the broken connection means this one replaces it.
+        if slot.replace((conn, channel.clone())).is_some() {
+            info!(name = %self.inner.name, "publishing connection reopened");
+            if let Some(reconnected) = self.inner.reconnected.get() {
+                reconnected();
+            }
+        }
         Ok(channel)
+    }
+
+    /// Calls `reconnected` each time a connection is opened in place of one that broke
+    /// (not for the first, nor after [`Publisher::close`]): for a reconnect counter. Only the
+    /// first hook given is kept, for every clone of this publisher.
+    pub fn on_reconnect(&self, reconnected: impl Fn() + Send + Sync + 'static) {
+        let _ = self.inner.reconnected.set(Box::new(reconnected));
     }
 
     /// Publishes and waits for the confirm, reconnecting and re-sending on broker failures

@@ -14,6 +14,8 @@
 //!   for the dispatcher and the recorder, and runs the `gantry` binary as an operator would.
 //! - [`duplicate`]: at-least-once delivery on purpose: copies of task messages, sent late.
 //! - [`executions`]: a class whose work leaves a record of every execution.
+//! - [`replicas`]: dispatchers side by side: the claims they hold at once, and every task
+//!   ended once.
 //! - [`point_at_double`]: a `kubernetes` dispatcher's way to the Kubernetes API double
 //!   (`gantry-kube-double`).
 //! - [`services`]: restarts of this machine's RabbitMQ and PostgreSQL.
@@ -39,6 +41,7 @@ pub mod executions;
 pub mod llm;
 pub mod observability;
 pub mod otlp;
+pub mod replicas;
 pub mod services;
 pub mod tls;
 pub mod warm;

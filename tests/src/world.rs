@@ -207,6 +207,30 @@ impl TestEnv {
         Ok(Publisher::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?)
     }
 
+    /// Publishes `body` as a task of `class` with only a content type and a message id:
+    /// `{not json` is refused by the dispatcher and dead-lettered.
+    ///
+    /// # Errors
+    /// The broker refuses or does not confirm within 10 seconds.
+    pub async fn publish_raw(&self, class: &str, body: &[u8]) -> Result<()> {
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(uuid::Uuid::new_v4().to_string().into());
+        let publisher = self.publisher().await?;
+        publisher
+            .publish(
+                &self.topology().tasks_exchange(),
+                class,
+                body,
+                props,
+                true,
+                retry::for_at_most(Duration::from_secs(10)),
+            )
+            .await?;
+        publisher.close().await;
+        Ok(())
+    }
+
     /// A channel of the test's own (no confirms) on a connection of its own, for declaring,
     /// inspecting and taking messages by hand; the connection closes with the channel.
     pub async fn channel(&self) -> Result<Channel> {

@@ -8,8 +8,9 @@ use anyhow::{Result, bail};
 use gantry_producer::Producer;
 use gantry_shared::message::{ExecutorClass, TaskId, TaskName, TaskSpec};
 use gantry_shared::store::TaskState;
-use gantry_tests::TestEnv;
+use gantry_tests::observability::get;
 use gantry_tests::services::{restart_postgres, restart_rabbitmq};
+use gantry_tests::{TestEnv, eventually};
 use serde_json::json;
 
 async fn submit_batch(producer: &Producer, n: usize, sleep_ms: u64) -> Result<Vec<TaskId>> {
@@ -59,6 +60,21 @@ async fn tasks_in_flight_survive_a_rabbitmq_restart() -> Result<()> {
         dispatcher.log_text().contains("reconnecting"),
         "the dispatcher noticed and reconnected"
     );
+    // Its publisher reconnects at its first publish after the restart: a dead letter.
+    env.publish_raw("echo", b"{not json").await?;
+    let addr = dispatcher.http_addr()?;
+    for connection in ["gantry-dispatcher/echo", "gantry-dispatcher/publish"] {
+        let line = format!("gantry_amqp_reconnects_total{{consumer=\"{connection}\"}} ");
+        eventually(&line, Duration::from_secs(30), || async {
+            let (_, text) = get(addr, "/metrics").await?;
+            let count = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .and_then(|n| n.parse::<f64>().ok());
+            Ok(count.filter(|n| *n >= 1.0))
+        })
+        .await?;
+    }
     assert!(dispatcher.terminate(Duration::from_secs(30))?.success());
     producer.close().await;
     env.cleanup().await

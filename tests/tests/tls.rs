@@ -189,6 +189,15 @@ async fn postgres_over_tls_checks_the_chain_and_the_name_as_sslmode_says() -> Re
         .await
         .context("the cancel was not heard")?;
     assert_eq!(heard, Some(id));
+    // So have the batched writes of `gantry dlq` (beside the pool), over TLS as well.
+    let apart = store.connection_apart("gantry-test").await?;
+    let row = apart
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    assert!(row.get::<_, bool>(0), "a connection apart went without TLS");
 
     // verify-full by address: the certificate does not name it.
     let by_address = server.url(

@@ -97,24 +97,25 @@ impl Pipeline {
         let timeout = config.broker_timeout;
         let queue = dl.queue();
         let in_flight = action.in_flight();
-        // Postgres (the store, and the connection of the batched writes) and the publisher
-        // are connected at once: a pass is timed from its start.
+        // Postgres (the store, then the connection of the batched writes beside its pool)
+        // and the publisher are connected at once: a pass is timed from its start.
         let publisher = async {
             match action {
                 Action::Replay(_) => open_publisher(dl, timeout).await.map(Some),
                 Action::Purge(_) => Ok(None),
             }
         };
-        let connect_writes = async {
-            Writes::connect(config)
+        let postgres = async {
+            let store = dl.tracker.store().await.map_err(Error::from)?.clone();
+            let writes = Writes::connect(&store)
                 .await
-                .map_err(|e| dl.database_error(e))
+                .map_err(|e| dl.database_error(e))?;
+            Ok::<_, Error>((store, writes))
         };
-        let store = async { dl.tracker.store().await.map_err(Error::from) };
-        let (store, writes, publisher) = tokio::join!(store, connect_writes, publisher);
-        let (store, writes) = match (store, writes) {
-            (Ok(store), Ok(writes)) => (store.clone(), writes),
-            (Err(e), _) | (_, Err(e)) => {
+        let (postgres, publisher) = tokio::join!(postgres, publisher);
+        let (store, writes) = match postgres {
+            Ok(connected) => connected,
+            Err(e) => {
                 if let Ok(Some((channel, connection))) = &publisher {
                     close(Some(channel), connection).await;
                 }

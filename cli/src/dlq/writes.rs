@@ -9,24 +9,17 @@
 //! One transaction per dead letter made Postgres the limit of a replay (two commits per
 //! message); in batches a replay runs at the broker's pace, and marking in the statement
 //! that records the next batch saves a commit per batch. The store of `gantry-shared` has
-//! no batched form of these writes yet, so they live here, on a connection of their own;
+//! no batched form of these writes yet, so they live here, on a connection of their own
+//! (made as the store's are, TLS included);
 //! the schema and its migrations stay the store's.
 
-use std::collections::{HashMap, HashSet};
-use std::str::FromStr;
-use std::time::Duration;
-
-use gantry_shared::config::Config;
 use gantry_shared::message::TaskId;
-use gantry_shared::store::Applied;
-use secrecy::ExposeSecret;
-use tokio_postgres::{Client, NoTls, Statement};
+use gantry_shared::store::{Applied, Store};
+use std::collections::{HashMap, HashSet};
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
 type Result<T> = gantry_shared::Result<T>;
-
-/// How long opening the connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a pass notes about the dead letters it handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,21 +80,13 @@ fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> gantry_s
 }
 
 impl Writes {
-    /// Connects to the configured database (whose schema the pass's store found in place).
+    /// Opens the pass's connection beside `store`'s pool, as its connections are made (the
+    /// URL's settings and TLS).
     ///
     /// # Errors
-    /// A bad URL or an unreachable server.
-    pub(super) async fn connect(config: &Config) -> Result<Writes> {
-        let mut pg_config = tokio_postgres::Config::from_str(config.database_url.expose_secret())
-            .map_err(|e| gantry_shared::Error::DatabaseUrl(e.to_string()))?;
-        pg_config.connect_timeout(CONNECT_TIMEOUT);
-        pg_config.application_name("gantry-dlq");
-        let (client, connection) = pg_config.connect(NoTls).await.map_err(pg("connect"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "the Postgres connection of a dead-letter pass ended");
-            }
-        });
+    /// An unreachable server, or its certificate refused.
+    pub(super) async fn connect(store: &Store) -> Result<Writes> {
+        let client = store.connection_apart("gantry-dlq").await?;
         // Generic plans are fine here, unlike on the store's long-lived connections (see
         // `gantry_shared::store::set_up_session`): a pass's connection lives for the pass,
         // during which the tables it reads keep their size.

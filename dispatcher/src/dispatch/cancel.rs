@@ -1,8 +1,9 @@
 //! Cancellation: stops the jobs of tasks cancelled while this dispatcher follows them
 //! (`gantry cancel` records `cancelled`; the store announces it on its `LISTEN` channel).
 //! A cancelled task still in its queue is skipped when it arrives (its attempt is over).
-//! The same announcements free the slots of warm executors as their attempts end; a
-//! cancelled task in hand on one is aborted by an order to that executor.
+//! The same announcements free the slots of warm executors as their attempts end (a
+//! cancelled task in hand on one is aborted by an order to that executor), and wake the
+//! hand-offs that wait for their class's capacity.
 
 use std::sync::Arc;
 
@@ -46,6 +47,8 @@ pub(crate) async fn watch_cancellations<R: Runtime>(role: Arc<Role<R>>) {
                     None => break,
                 },
             };
+            // The attempt's unit of its class's capacity is free, wherever it was held.
+            role.capacity_freed.notify_waiters();
             // A warm executor's slot frees as the attempt ends, whatever ended it.
             let warm_job = role.warm.release(id);
             let Ok(Some(record)) = ctx.store.task(id).await else {

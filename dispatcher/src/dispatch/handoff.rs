@@ -1,6 +1,7 @@
 //! One task's hand-off to the runtime, from a valid delivery to its [`Disposition`]:
-//! record `received` → resolve and admit the image → claim the attempt → start its job →
-//! record `running` (where the runtime runs jobs at once) → follow the job.
+//! record `received` → resolve and admit the image → claim the attempt, with a unit of its
+//! class's capacity shared by every dispatcher (`super::claim`) → start its job → record
+//! `running` (where the runtime runs jobs at once) → follow the job.
 //!
 //! The attempt's job is created only by the delivery that claims it: the claim is the
 //! attempt's `dispatched` event, recorded in Postgres before the create, and a task row that
@@ -8,7 +9,7 @@
 //! delivery without a job. So a repeated delivery of an attempt (a redelivery, a duplicate
 //! retry, a copy dead-lettered twice out of a delay queue) never runs it a second time, even
 //! after its first job is gone. A claim whose job was never created (the dispatcher stopped
-//! in between) is failed as lost at the next start (`super::reconcile`); one whose
+//! in between) is failed as lost by the dispatcher that adopts it (`super::adopt`); one whose
 //! Kubernetes Job was created without its Secret is completed by the redelivery.
 
 use std::sync::Arc;
@@ -126,7 +127,15 @@ async fn start<R: Runtime>(
         },
         ..Change::default()
     };
-    let claimed = record(role, class, &task, TaskState::Dispatched, &claim).await?;
+    let limit = spec.max_active_jobs;
+    let Some(claimed) = super::claim::claim(role, class, &task, &claim, limit, arrived).await?
+    else {
+        return Ok(Disposition::Requeue {
+            task: Box::new(task),
+            reason: "capacity",
+            why: "held too long waiting for capacity",
+        });
+    };
     if !claimed.changed() {
         if claimed == Applied::Duplicate
             && let Err(e) = runtime.complete(&task, &spec).await

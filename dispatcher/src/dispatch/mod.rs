@@ -6,11 +6,15 @@
 //! becomes of it (a [`Disposition`](disposition::Disposition)) and starts the job →
 //! `disposition` carries that out (ack, return, requeue, dead-letter, fail the attempt) →
 //! `follow` follows the job to its end; `warm` hands the tasks of a warm class to
-//! executors that serve many (`pools` holds them). `record` writes an attempt's
-//! `dispatched` and `running`. `reconcile` runs once at start, before any
-//! delivery; `cancel` listens for cancellations; `role` holds what they share.
+//! executors that serve many (`pools` holds them). `claim` claims an attempt with a unit
+//! of its class's capacity, shared by every dispatcher on the database; `record` writes an
+//! attempt's `running` (and a warm attempt's `dispatched`). `reconcile` runs once at start,
+//! before any delivery; `adopt` keeps this dispatcher present and takes over what gone
+//! dispatchers left; `cancel` listens for cancellations; `role` holds what they share.
 
+mod adopt;
 mod cancel;
+mod claim;
 mod classes;
 mod consume;
 mod disposition;
@@ -29,10 +33,12 @@ use std::time::Duration;
 use gantry_shared::message::ExecutorClass;
 use tokio::sync::Semaphore;
 
-use crate::Result;
+use tracing::info;
+
 use crate::context::Ctx;
 use crate::health::Loops;
 use crate::runtime::Runtime;
+use crate::{Error, Result};
 
 /// Starts the dispatch role on `runtime`: reconciles first (so a restart loses and
 /// duplicates nothing), then spawns into `loops` the class consumers, the cancellation
@@ -41,7 +47,18 @@ use crate::runtime::Runtime;
 /// # Errors
 /// Reconciliation fails (the runtime's state or Postgres cannot be read).
 pub(crate) async fn start<R: Runtime>(ctx: Arc<Ctx>, runtime: R, loops: &mut Loops) -> Result<()> {
-    let role = Arc::new(role::Role::new(ctx.clone(), runtime));
+    let presence = ctx
+        .persist("take this dispatcher's presence", || {
+            ctx.store.be_present(None)
+        })
+        .await?
+        .ok_or(Error::ShuttingDown)?;
+    info!(dispatcher = presence.id, "present on the database");
+    let role = Arc::new(role::Role::new(ctx.clone(), runtime, presence.id));
+    loops.spawn(
+        "dispatch/presence",
+        adopt::keep_present(role.clone(), presence),
+    );
     let capacity: HashMap<ExecutorClass, Arc<Semaphore>> = ctx
         .catalog()
         .iter()
@@ -58,6 +75,7 @@ pub(crate) async fn start<R: Runtime>(ctx: Arc<Ctx>, runtime: R, loops: &mut Loo
         cancel::watch_cancellations(role.clone()),
     );
     loops.spawn("dispatch/warm", warm::retire(role.clone()));
+    loops.spawn("dispatch/adopt", adopt::keep_adopting(role.clone()));
     loops.spawn(
         "dispatch/consumers",
         classes::supervise(role.clone(), capacity),

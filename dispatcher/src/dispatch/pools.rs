@@ -10,6 +10,8 @@ use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
 use gantry_shared::message::{Attempt, Evidence, ExecutorClass, JobName, Task, TaskId};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
+use crate::metrics::InUse;
+
 /// The warm executors of every class.
 #[derive(Default)]
 pub(crate) struct Pools {
@@ -34,6 +36,8 @@ struct Executor {
     in_hand: HashMap<TaskId, Held>,
     born: Instant,
     idle_since: Instant,
+    /// Counts it in `gantry_capacity_in_use` while the dispatcher knows it.
+    in_use: Option<InUse>,
 }
 
 /// A task in hand on an executor, holding one unit of its class's capacity.
@@ -41,7 +45,7 @@ struct Held {
     attempt: Attempt,
     /// The evidence of its claim, once it was published to the executor's queue.
     claim: Option<Evidence>,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Where a task was placed.
@@ -65,6 +69,7 @@ impl Executor {
             in_hand: HashMap::new(),
             born: now,
             idle_since: now,
+            in_use: None,
         }
     }
 
@@ -97,7 +102,7 @@ impl Executor {
             Held {
                 attempt,
                 claim: None,
-                _permit: Some(permit),
+                permit: Some(permit),
             },
         );
         self.handed
@@ -147,6 +152,14 @@ impl Pools {
             seq,
             new: true,
         })
+    }
+
+    /// Counts the executor `job` as a unit of its class's capacity in use, until it is
+    /// forgotten.
+    pub(super) fn count_in_use(&self, job: &JobName, in_use: InUse) {
+        if let Some(executor) = self.find(&mut self.lock(), job) {
+            executor.in_use = Some(in_use);
+        }
     }
 
     /// Marks an executor started: it takes tasks.
@@ -252,6 +265,20 @@ impl Pools {
         held
     }
 
+    /// Forgets a new executor that may not be started after all (its class has no room
+    /// across dispatchers); the unit of capacity of the task placed on it.
+    pub(super) fn withdraw(&self, job: &JobName) -> Option<OwnedSemaphorePermit> {
+        let mut classes = self.lock();
+        let mut permit = None;
+        for executors in classes.values_mut() {
+            if let Some(i) = executors.iter().position(|e| &e.name == job) {
+                let executor = executors.swap_remove(i);
+                permit = executor.in_hand.into_values().find_map(|h| h.permit);
+            }
+        }
+        permit
+    }
+
     /// Takes an executor found at start: it drains, holding `held` (with a unit of
     /// capacity each where one is free).
     pub(super) fn adopt(
@@ -269,7 +296,7 @@ impl Pools {
                 Held {
                     attempt,
                     claim: None,
-                    _permit: permit,
+                    permit,
                 },
             );
         }

@@ -1,4 +1,5 @@
-//! At start, before any delivery: adopts the jobs the runtime has (running ones are
+//! At start, before any delivery: takes over the claims of gone dispatchers (`super::adopt`),
+//! adopts the jobs the runtime has that no live dispatcher claimed (running ones are
 //! followed, ended ones have their end dealt with), and fails the attempts that Postgres
 //! says this runtime dispatched but whose job is gone, so every task reaches a terminal
 //! state. A job is gone when it was claimed but never created (the dispatcher stopped in
@@ -9,16 +10,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use gantry_shared::message::{ErrorKind, ExecutorClass, JobName};
+use gantry_shared::message::{ExecutorClass, JobName};
 use gantry_shared::store::TaskState;
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::follow::{Origin, follow, on_behalf};
+use super::adopt::{adopt, fail_lost};
+use super::follow::{Origin, follow};
 use super::role::Role;
 use super::warm;
 use crate::Result;
-use crate::runtime::{End, Job, JobEnd, Runtime};
+use crate::runtime::{Job, Runtime};
 
 /// Reconciles the runtime with Postgres; the jobs followed take units of `capacity`.
 ///
@@ -30,10 +32,34 @@ pub(crate) async fn reconcile<R: Runtime>(
 ) -> Result<()> {
     let (ctx, runtime) = (&role.ctx, &role.runtime);
     runtime.sweep();
+    // The claims of gone dispatchers (this process's earlier life among them) are this
+    // one's now; the jobs live dispatchers claimed are theirs to follow.
+    adopt(role, Some(capacity)).await?;
+    let (me, instance) = (role.dispatcher, runtime.instance().to_owned());
+    let adopted_warm = ctx
+        .persist("adopt warm executors", || {
+            ctx.store.adopt_warm(me, &instance)
+        })
+        .await?;
+    let others = ctx
+        .persist("read the claims of other dispatchers", || {
+            ctx.store.held_by_others(me)
+        })
+        .await?;
+    let others_warm = ctx
+        .persist("read the warm executors of other dispatchers", || {
+            ctx.store.warm_held_by_others(me)
+        })
+        .await?;
     let mut warm_jobs = Vec::new();
     for (job, running) in runtime.scan()? {
         if job.is_warm() {
-            warm_jobs.push((job, running));
+            if !others_warm.contains(job.name().as_str()) {
+                warm_jobs.push((job, running));
+            }
+            continue;
+        }
+        if others.contains(&(job.task_id(), job.attempt())) {
             continue;
         }
         let permit = ExecutorClass::parse(job.executor())
@@ -47,6 +73,13 @@ pub(crate) async fn reconcile<R: Runtime>(
     let unfinished = ctx
         .persist("read unfinished tasks", || ctx.store.unfinished(None))
         .await?;
+    // A gone dispatcher's warm executor that no longer exists counts no more.
+    for name in adopted_warm {
+        let name = JobName::recorded(&name);
+        if !runtime.knows(&name) {
+            warm::uncount(role, &name).await;
+        }
+    }
     for (job, running) in warm_jobs {
         ctx.metrics.reconciled.inc();
         let semaphore = ExecutorClass::parse(job.executor())
@@ -66,40 +99,19 @@ pub(crate) async fn reconcile<R: Runtime>(
             .dispatch_id
             .as_deref()
             .is_some_and(|d| d.starts_with(&ours));
-        let Some(job_name) = record.job_name.as_deref().filter(|_| mine) else {
+        // An attempt with a job of its own is taken over through its claim (`adopt`).
+        let Some(job_name) = record
+            .job_name
+            .as_deref()
+            .filter(|name| mine && JobName::names_warm(name) && !others_warm.contains(*name))
+        else {
             continue;
         };
-        let attempt = record.attempt;
-        let name = if JobName::names_warm(job_name) {
-            JobName::recorded(job_name)
-        } else {
-            JobName::for_task(record.task_id, attempt)
-        };
-        if name.as_str() != job_name || runtime.knows(&name) {
+        let name = JobName::recorded(job_name);
+        if runtime.knows(&name) {
             continue;
         }
-        warn!(task_id = %record.task_id, job = %name, state = %record.state, "the attempt's job is gone; failing the attempt as lost");
-        let end = JobEnd {
-            task_id: record.task_id,
-            attempt,
-            job_name: name.clone(),
-            end: End::Failure {
-                kind: ErrorKind::JobLost,
-                retryable: true,
-                reason: "JobLost",
-            },
-            exit: format!(
-                "job lost: the attempt was {} but its job no longer exists (never created, or deleted while no dispatcher followed it)",
-                record.state
-            ),
-            log_tail: String::new(),
-            evidence: runtime.evidence(&name),
-        };
-        ctx.publish_result(&on_behalf(&end)).await?;
-        if !name.is_warm() {
-            runtime.mark_handled(&name);
-        }
-        ctx.metrics.synthesized.inc();
+        fail_lost(role, record.task_id, record.attempt, record.state, &name).await?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The dispatch role's own state ([`Role`]): the shared context, the runtime its jobs run
-//! on, the writer of its lifecycle writes, and the jobs it follows.
+//! on, the writer of its lifecycle writes, the jobs it follows, and who it is among the
+//! dispatchers on the database.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -19,10 +20,16 @@ pub(crate) struct Role<R: Runtime> {
     following: Mutex<HashSet<JobName>>,
     /// The warm executors and the tasks in hand on each.
     pub(crate) warm: super::pools::Pools,
+    /// This process's presence id, which its claims carry (`super::adopt`).
+    pub(crate) dispatcher: i64,
+    /// Told when the store announces an attempt's end: capacity may be free again.
+    pub(crate) capacity_freed: tokio::sync::Notify,
+    /// Whether this process holds its presence now; it claims nothing while it does not.
+    pub(crate) present: tokio::sync::watch::Sender<bool>,
 }
 
 impl<R: Runtime> Role<R> {
-    pub(crate) fn new(ctx: Arc<Ctx>, runtime: R) -> Role<R> {
+    pub(crate) fn new(ctx: Arc<Ctx>, runtime: R, dispatcher: i64) -> Role<R> {
         let lifecycle = Lifecycle::start(ctx.store.clone(), ctx.metrics.lifecycle.clone());
         Role {
             ctx,
@@ -30,6 +37,9 @@ impl<R: Runtime> Role<R> {
             lifecycle,
             following: Mutex::new(HashSet::new()),
             warm: super::pools::Pools::default(),
+            dispatcher,
+            capacity_freed: tokio::sync::Notify::new(),
+            present: tokio::sync::watch::Sender::new(true),
         }
     }
 

@@ -29,7 +29,7 @@ use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
 use gantry_shared::message::{
     ErrorKind, Evidence, ExecutorClass, HandedTask, JobName, Task, WarmOrder,
 };
-use gantry_shared::store::{Change, TaskRecord, TaskState};
+use gantry_shared::store::{Change, TaskRecord, TaskState, WarmExecutor};
 use gantry_shared::telemetry::chain;
 use lapin::BasicProperties;
 use tokio::sync::OwnedSemaphorePermit;
@@ -69,12 +69,30 @@ pub(crate) async fn hand_off<R: Runtime>(
         let Some(p) = permit.take() else {
             return Err(Error::ShuttingDown);
         };
+        let mut full = false;
         match role.warm.place(class, spec, warm, &task, p) {
+            Ok(placed) if placed.new => match count(role, class, spec, &placed.job).await {
+                Ok(true) => {
+                    let in_use = ctx.metrics.capacity_in_use(class.as_str());
+                    role.warm.count_in_use(&placed.job, in_use);
+                    break placed;
+                }
+                Ok(false) => {
+                    permit = role.warm.withdraw(&placed.job);
+                    full = true;
+                }
+                Err(e) => {
+                    role.warm.withdraw(&placed.job);
+                    return Err(e);
+                }
+            },
             Ok(placed) => break placed,
             Err(p) => permit = Some(p),
         }
         tokio::select! {
             () = &mut changed => {}
+            // Another dispatcher's executor of the class may end: nothing announces it.
+            () = tokio::time::sleep(super::claim::RECHECK), if full => {}
             () = tokio::time::sleep_until(until) => {
                 return Ok(Disposition::Requeue {
                     task: Box::new(task),
@@ -120,6 +138,7 @@ pub(crate) async fn hand_off<R: Runtime>(
     {
         error!(task_id = %task.id, job = %placed.job, error = %chain(&e), "cannot start a warm executor");
         role.warm.remove(&placed.job);
+        uncount(role, &placed.job).await;
         return Ok(fail(task, chain(&e)));
     }
     if let Err(e) = publish(role, &task, &dispatch_id, &placed).await {
@@ -151,12 +170,45 @@ fn running_evidence(claim: &Evidence, now: Evidence) -> Evidence {
     }
 }
 
+/// Counts the new executor `job` against its class's `max_active_jobs` across dispatchers;
+/// `false` when the class has no room.
+///
+/// # Errors
+/// A write that Postgres refuses, or [`Error::ShuttingDown`].
+async fn count<R: Runtime>(
+    role: &Role<R>,
+    class: &ExecutorClass,
+    spec: &ExecutorSpec,
+    job: &JobName,
+) -> Result<bool> {
+    let ctx = &role.ctx;
+    super::claim::present(role).await?;
+    let executor = WarmExecutor {
+        job: job.as_str(),
+        executor: class,
+        instance: role.runtime.instance(),
+        dispatcher: role.dispatcher,
+    };
+    ctx.persist("count a warm executor", || {
+        ctx.store.count_warm(&executor, spec.max_active_jobs)
+    })
+    .await
+}
+
+/// Stops counting the executor `job` against its class: it ended, or was never started.
+pub(crate) async fn uncount<R: Runtime>(role: &Role<R>, job: &JobName) {
+    if let Err(e) = role.ctx.store.warm_ended(job.as_str()).await {
+        warn!(job = %job, error = %chain(&e), "cannot stop counting the warm executor; its unit of capacity comes back when a dispatcher takes it over");
+    }
+}
+
 /// Gives back a placement that did not become a hand-off; a new executor not started is
 /// forgotten.
 async fn undo<R: Runtime>(role: &Role<R>, task: &Task, placed: &Placed) {
     role.warm.release(task.id);
     if placed.new {
         role.warm.remove(&placed.job);
+        uncount(role, &placed.job).await;
     }
 }
 
@@ -253,7 +305,9 @@ pub(crate) fn adopt<R: Runtime>(
         .collect();
     info!(job = %name, running, in_hand = held.len(), "adopting a warm executor found at start; it drains");
     if let Ok(class) = ExecutorClass::parse(job.executor()) {
+        let in_use = role.ctx.metrics.capacity_in_use(class.as_str());
         role.warm.adopt(class, name.clone(), held);
+        role.warm.count_in_use(&name, in_use);
     }
     let role = role.clone();
     tokio::spawn(async move {
@@ -303,6 +357,7 @@ pub(crate) async fn follow_warm<R: Runtime>(role: Arc<Role<R>>, job: R::Job) {
     };
     let held = role.warm.remove(&name);
     info!(job = %name, exit = %end.exit, in_hand = held.len(), "warm executor ended");
+    uncount(&role, &name).await;
     for (id, attempt) in held {
         let over = match ctx.store.task(id).await {
             Ok(Some(record)) => record.state.has_ended(record.attempt, attempt),

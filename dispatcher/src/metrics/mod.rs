@@ -44,7 +44,7 @@ pub(crate) struct Metrics {
     /// What became of each delivery from the task queues.
     pub(crate) deliveries: Deliveries,
     tasks: Family<ClassState, Counter>,
-    /// Jobs found at start and followed from there.
+    /// Jobs (and claims) found at start, or left by a gone dispatcher, and taken over.
     pub(crate) reconciled: Counter,
     results_recorded: Family<ClassStatus, Counter>,
     results_recorded_total: Counter,
@@ -128,7 +128,7 @@ impl Metrics {
             reconciled: counter(
                 &mut r,
                 "jobs_reconciled",
-                "Jobs found at start and followed",
+                "Jobs (and claims) found at start, or left by a gone dispatcher, and taken over",
             ),
             results_recorded: family(
                 &mut r,
@@ -203,7 +203,7 @@ impl Metrics {
             capacity_in_use: family(
                 &mut r,
                 "capacity_in_use",
-                "Units of capacity held by the jobs this dispatcher follows, by executor class",
+                "Units of capacity held by this dispatcher (jobs it follows, warm executors it keeps), by executor class",
             ),
             capacity_limit: family(
                 &mut r,
@@ -214,7 +214,7 @@ impl Metrics {
             reconnects: family(
                 &mut r,
                 "amqp_reconnects",
-                "Consumer sessions reopened after their connection or channel broke, by consumer",
+                "RabbitMQ connections reopened after they or their channel broke, by consumer or publisher",
             ),
             checks: family(
                 &mut r,
@@ -342,14 +342,15 @@ impl Metrics {
         let _ = self.retries.get_or_create(&labels);
     }
 
-    /// Gives the consumer `consumer` its reconnect counter, at zero.
+    /// Gives the connection `consumer` (a consumer's, or the publisher's) its reconnect
+    /// counter, at zero.
     pub(crate) fn consumer(&self, consumer: &str) {
         let _ = self.reconnects.get_or_create(&ConsumerLabel {
             consumer: consumer.to_owned(),
         });
     }
 
-    /// Counts a consumer session reopened after it broke.
+    /// Counts a consumer session, or the publisher's connection, reopened after it broke.
     pub(crate) fn reconnected(&self, consumer: &str) {
         self.reconnects
             .get_or_create(&ConsumerLabel {

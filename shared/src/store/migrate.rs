@@ -40,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "celery tasks",
         sql: include_str!("migrations/0005_celery.sql"),
     },
+    Migration {
+        version: 6,
+        name: "dispatcher presence",
+        sql: include_str!("migrations/0006_dispatcher_presence.sql"),
+    },
 ];
 
 /// The schema version this binary knows: its newest migration.

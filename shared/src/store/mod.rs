@@ -18,10 +18,14 @@
 //!   many tasks in a few statements. `state`: [`TaskState`].
 //! - `tasks`: the task lifecycle's reads and writes. `dead_letters`: dead letters.
 //!   `celery`: what is kept of a task from a Celery client.
+//! - `capacity`: what dispatchers side by side share: presence, a class's capacity,
+//!   adoption of a gone dispatcher's claims. `warm_executors`: the same for warm
+//!   executors.
 //! - `sql`: what every statement needs (errors, cleaning, prepared statements).
 //! - `column`: Gantry's types as Postgres columns.
 
 mod batch;
+mod capacity;
 mod celery;
 mod column;
 mod dead_letters;
@@ -31,8 +35,10 @@ mod rules;
 mod sql;
 mod state;
 mod tasks;
+mod warm_executors;
 
 pub use batch::Transition;
+pub use capacity::{Claim, Claimed, Presence};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterRecord};
 pub use migrate::{Migrated, SCHEMA_VERSION};
 pub use pool::{Store, set_up_session};
@@ -40,3 +46,4 @@ pub use rules::{Applied, Change};
 pub use sql::DONE_CHANNEL;
 pub use state::TaskState;
 pub use tasks::{Cancel, ResultWrite, TaskRecord};
+pub use warm_executors::WarmExecutor;

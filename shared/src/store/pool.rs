@@ -10,6 +10,7 @@ use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, Recycling
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::oneshot;
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
@@ -161,6 +162,28 @@ impl Store {
         })
     }
 
+    /// A connection of its own, outside the pool, made as the pool's are (the URL's settings
+    /// and TLS), named `application_name`: for work that prepares its statements once and
+    /// keeps them for its life. Its notices are dropped; its end is logged.
+    ///
+    /// # Errors
+    /// As [`Store::dedicated_connection`].
+    pub async fn connection_apart(&self, application_name: &str) -> Result<Client> {
+        let mut store = self.clone();
+        store.config.application_name(application_name);
+        let (client, mut messages) = store.dedicated_connection().await?;
+        let name = application_name.to_owned();
+        tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                if let Err(e) = message {
+                    warn!(error = %e, connection = %name, "a Postgres connection ended");
+                    break;
+                }
+            }
+        });
+        Ok(client)
+    }
+
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool
             .get()
@@ -198,6 +221,40 @@ impl Store {
             .collect();
         servers.join(",")
     }
+}
+
+/// Drives a connection of its own, in a task, until it is lost or `notified` (given each
+/// notification's payload) says to stop. Its client is sent on the first channel once it
+/// is set up, and kept, so the session lives as long as the task; the second channel
+/// closes when the task ends.
+pub(super) fn drive(
+    mut messages: Messages,
+    mut notified: impl FnMut(&str) -> bool + Send + 'static,
+) -> (oneshot::Sender<Client>, oneshot::Receiver<()>) {
+    let (keep, mut kept) = oneshot::channel();
+    let (ended, end) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ended = ended;
+        let mut _client = None;
+        loop {
+            tokio::select! {
+                c = &mut kept, if _client.is_none() => match c {
+                    Ok(c) => _client = Some(c),
+                    Err(_) => break,
+                },
+                message = messages.next() => match message {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if !notified(n.payload()) {
+                            break;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                },
+            }
+        }
+    });
+    (keep, end)
 }
 
 async fn connect_apart<T>(

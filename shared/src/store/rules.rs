@@ -194,7 +194,8 @@ pub(super) async fn transition_in(
         tx.execute(
             "UPDATE tasks SET dispatched_at = NULL, started_at = NULL, finished_at = NULL,
                  dispatch_id = NULL, job_name = NULL, pod_name = NULL, node = NULL,
-                 terminal_reason = NULL, result = NULL, error = NULL, warm_seq = NULL
+                 terminal_reason = NULL, result = NULL, error = NULL, warm_seq = NULL,
+                 dispatcher = NULL
              WHERE task_id = $1",
             &[&id.as_uuid()],
         )

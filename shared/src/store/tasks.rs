@@ -1,10 +1,9 @@
 //! Task rows and their transitions.
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio_postgres::{AsyncMessage, Row};
+use tokio_postgres::Row;
 use tracing::instrument;
 
 use super::batch::{self, Transition};
@@ -48,7 +47,7 @@ pub struct TaskRecord {
 
 impl TaskRecord {
     /// The row as a record. A state this binary does not know is an error that names it.
-    fn from_row(r: &Row) -> Result<Self> {
+    pub(super) fn from_row(r: &Row) -> Result<Self> {
         let read = || pg("read a task");
         Ok(TaskRecord {
             task_id: TaskId::from(r.try_get::<_, uuid::Uuid>("task_id").map_err(read())?),
@@ -315,33 +314,13 @@ impl Store {
     pub async fn terminal_notifications(
         &self,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<TaskId>> {
-        let (client, mut messages) = self.dedicated_connection().await?;
+        let (client, messages) = self.dedicated_connection().await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (keep, kept) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            // The client is handed over once it has said LISTEN: owning it keeps the session
-            // open for as long as notifications are read.
-            let mut kept = kept;
-            let mut _client = None;
-            loop {
-                tokio::select! {
-                    c = &mut kept, if _client.is_none() => match c {
-                        Ok(c) => _client = Some(c),
-                        Err(_) => break,
-                    },
-                    message = messages.next() => match message {
-                        Some(Ok(AsyncMessage::Notification(n))) => {
-                            if let Ok(id) = n.payload().parse::<TaskId>()
-                                && tx.send(id).is_err()
-                            {
-                                break;
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        _ => break,
-                    },
-                }
-            }
+        // The client is handed over once it has said LISTEN.
+        let (keep, _) = super::pool::drive(messages, move |payload| {
+            payload
+                .parse::<TaskId>()
+                .map_or(true, |id| tx.send(id).is_ok())
         });
         client
             .batch_execute(&format!("LISTEN {DONE_CHANNEL}"))

@@ -8,7 +8,7 @@ use gantry_producer::{Error, Tracker};
 use gantry_shared::message::{ResultStatus, Task, TaskId};
 use gantry_shared::store::TaskState;
 use gantry_tests::by_hand::result;
-use gantry_tests::{PATIENCE, TestEnv, echo_spec};
+use gantry_tests::{PATIENCE, TestEnv, echo_spec, eventually};
 use serde_json::json;
 
 #[tokio::test]
@@ -141,5 +141,109 @@ async fn a_database_without_the_schema_is_refused_and_left_as_it_was() -> anyhow
     );
     assert!(e.to_string().contains("gantry db migrate"), "{e}");
     assert_eq!(env.tables().await?, Vec::<String>::new());
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn three_hundred_waits_at_once_take_one_listening_connection() -> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let store = env.store().await?;
+    let sql = env.sql().await?;
+    let superuser: bool = sql
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        !superuser,
+        "a superuser ignores a database's CONNECTION LIMIT: run the tests as another role"
+    );
+    let mut tasks = Vec::new();
+    for n in 0..300 {
+        let task = Task::new(
+            echo_spec("demo.echo", json!({"n": n}))?,
+            &Default::default(),
+        )?;
+        store.record_received(&task).await?;
+        tasks.push(task);
+    }
+    // The tracker's pool, the store's, this connection, and one to listen on, with room
+    // to spare: far fewer than a connection per wait.
+    let config = env.config();
+    let limit = i32::try_from(config.db_pool_size + 4 + 1 + 1 + 2)?;
+    let database: String = sql
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    sql.batch_execute(&format!(
+        "ALTER DATABASE \"{database}\" CONNECTION LIMIT {limit}"
+    ))
+    .await?;
+
+    let tracker = Tracker::new(&config);
+    let waits: Vec<_> = tasks
+        .iter()
+        .map(|task| {
+            let (tracker, id) = (tracker.clone(), task.id);
+            tokio::spawn(async move { tracker.wait(id, PATIENCE).await })
+        })
+        .collect();
+    let results: Vec<_> = tasks
+        .iter()
+        .map(|task| result(task, ResultStatus::Succeeded))
+        .collect();
+    store.record_results(&results).await?;
+    for (wait, task) in waits.into_iter().zip(&tasks) {
+        let record = wait.await??;
+        assert_eq!(
+            (record.task_id, record.state),
+            (task.id, TaskState::Succeeded)
+        );
+    }
+
+    sql.batch_execute(&format!(
+        "ALTER DATABASE \"{database}\" CONNECTION LIMIT -1"
+    ))
+    .await?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_wait_whose_listening_connection_is_killed_listens_again_and_sees_the_end()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(None).await?;
+    let store = env.store().await?;
+    let task = Task::new(echo_spec("demo.echo", json!({}))?, &Default::default())?;
+    store.record_received(&task).await?;
+    let tracker = Tracker::new(&env.config());
+    let waiting = tokio::spawn({
+        let tracker = tracker.clone();
+        async move { tracker.wait(task.id, PATIENCE).await }
+    });
+
+    let sql = env.sql().await?;
+    let listening = "SELECT pid FROM pg_stat_activity
+                      WHERE datname = current_database() AND query LIKE 'LISTEN %'";
+    let pid: i32 = eventually("the wait's LISTEN connection", PATIENCE, || async {
+        Ok(sql
+            .query(listening, &[])
+            .await?
+            .first()
+            .map(|row| row.get(0)))
+    })
+    .await?;
+    let killed: bool = sql
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?
+        .get(0);
+    assert!(killed, "the LISTEN connection {pid} was not terminated");
+    store
+        .record_results(&[result(&task, ResultStatus::Succeeded)])
+        .await?;
+
+    let record = waiting.await??;
+    assert_eq!(record.state, TaskState::Succeeded);
     env.cleanup().await
 }

@@ -39,3 +39,20 @@ fn an_unknown_runtime_in_the_file_is_refused_with_its_place() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn an_executor_ca_configmap_of_another_namespace_is_refused_with_what_to_give() -> anyhow::Result<()>
+{
+    let (code, stderr) =
+        dispatcher_with(&[("GANTRY_EXECUTOR_CA_CONFIGMAP", "security/gantry-ca")])?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("invalid configuration in dispatcher.kubernetes.executor_ca_configmap")
+            && stderr.contains("give the NAME of one in the Jobs' namespace"),
+        "{stderr}"
+    );
+    let (code, stderr) = dispatcher_with(&[("GANTRY_EXECUTOR_CA_CONFIGMAP", "Gantry_CA")])?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("is not NAME or NAMESPACE/NAME"), "{stderr}");
+    Ok(())
+}

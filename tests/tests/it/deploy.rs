@@ -276,7 +276,6 @@ fn assert_hardened(deployment: &Value, secrets: &BTreeSet<(String, String)>) {
 fn the_dispatcher_runs_hardened_and_reads_its_secrets_by_reference() -> anyhow::Result<()> {
     let docs = documents()?;
     let deployment = the(&docs, "Deployment")?;
-    assert_eq!(deployment["spec"]["replicas"], 1);
     assert_ne!(
         deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "gantry",
@@ -288,6 +287,37 @@ fn the_dispatcher_runs_hardened_and_reads_its_secrets_by_reference() -> anyhow::
     assert!(
         secrets.contains(&(kube.amqp_secret_name, kube.amqp_secret_key)),
         "the template describes the Secret the executors read: {secrets:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_dispatchers_roll_one_at_a_time_and_a_disruption_leaves_one() -> anyhow::Result<()> {
+    let docs = documents()?;
+    let deployment = the(&docs, "Deployment")?;
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 2);
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        spec["strategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}),
+        "a new dispatcher is ready before an old one stops"
+    );
+    let grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap_or(30);
+    let drain = gantry_shared::config::Config::default()
+        .broker_timeout
+        .as_secs();
+    assert!(grace >= 2 * drain, "SIGTERM's drain fits in {grace}s");
+    let budget = the(&docs, "PodDisruptionBudget")?;
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+    assert!(
+        selects(
+            &budget["spec"]["selector"]["matchLabels"],
+            &spec["template"]["metadata"]["labels"]
+        ),
+        "the budget covers the dispatcher's pods"
     );
     Ok(())
 }

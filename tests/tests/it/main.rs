@@ -25,6 +25,7 @@ mod llm_stream;
 mod manifests;
 mod migrations;
 mod observability;
+mod replicas;
 mod restart;
 mod retries;
 mod store_batch;

@@ -57,7 +57,15 @@ fn rendered_jobs_pass_the_official_schemas_for_kubernetes_1_28_and_current() -> 
         }
         let task_file = dir.path().join(format!("task-{i}.json"));
         std::fs::write(&task_file, task.to_string())?;
-        let out = render(&task_file, &catalog)?;
+        // Every other one with the executors' CA mounted from a ConfigMap.
+        let ca = (i % 2 == 1).then_some("gantry-ca");
+        let out = render(&task_file, &catalog, ca)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.contains("/etc/gantry/ca/ca.crt") && text.contains("name: gantry-ca"),
+            ca.is_some(),
+            "{text}"
+        );
         let yaml = dir.path().join(format!("job-{i}.yaml"));
         std::fs::write(&yaml, &out.stdout)?;
         validate(&yaml, 2, "the Job and the Secret")?;
@@ -66,18 +74,24 @@ fn rendered_jobs_pass_the_official_schemas_for_kubernetes_1_28_and_current() -> 
 }
 
 /// What `gantry-dispatcher render-job` prints for the task in `task_file`, in namespace
-/// `ml-jobs`.
+/// `ml-jobs`, with the executors' CA from the ConfigMap `ca` when given.
 fn render(
     task_file: &std::path::Path,
     catalog: &std::path::Path,
+    ca: Option<&str>,
 ) -> anyhow::Result<std::process::Output> {
-    let out = Command::new(bin_path("gantry-dispatcher"))
+    let mut command = Command::new(bin_path("gantry-dispatcher"));
+    command
         .args(["render-job", "--namespace", "ml-jobs", "--task"])
         .arg(task_file)
         .arg("--catalog")
         .arg(catalog)
         .env_remove("GANTRY_CONFIG")
-        .output()?;
+        .env_remove("GANTRY_EXECUTOR_CA_CONFIGMAP");
+    if let Some(ca) = ca {
+        command.env("GANTRY_EXECUTOR_CA_CONFIGMAP", ca);
+    }
+    let out = command.output()?;
     assert!(
         out.status.success(),
         "render-job failed: {}",
@@ -135,7 +149,7 @@ fn a_warm_executors_rendered_job_passes_the_official_schemas_and_carries_no_task
     });
     let task_file = dir.path().join("task.json");
     std::fs::write(&task_file, task.to_string())?;
-    let out = render(&task_file, &catalog)?;
+    let out = render(&task_file, &catalog, Some("gantry-ca"))?;
     let text = String::from_utf8(out.stdout.clone())?;
     assert!(!text.contains("---"), "one document, no Secret: {text}");
     assert!(!text.contains("a secret of the task"), "{text}");

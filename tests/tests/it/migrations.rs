@@ -89,10 +89,11 @@ async fn migrate_under_old_rows(url: &str) -> anyhow::Result<()> {
         vec![
             (3, "dead letter fillfactor"),
             (4, "warm executor evidence"),
-            (5, "celery tasks")
+            (5, "celery tasks"),
+            (6, "dispatcher presence")
         ]
     );
-    assert_eq!(SCHEMA_VERSION, 5, "a new migration needs its own rows here");
+    assert_eq!(SCHEMA_VERSION, 6, "a new migration needs its own rows here");
 
     // The old rows read back, typed.
     let done: TaskId = "6f1c2b7e-0000-4000-8000-000000000001".parse()?;

@@ -12,7 +12,6 @@ use gantry_shared::message::{ExecutorClass, TaskName, TaskSpec};
 use gantry_shared::store::TaskState;
 use gantry_tests::observability::{Prometheus, get, http_addr_in};
 use gantry_tests::{TestEnv, bin_path, echo_spec, eventually};
-use lapin::BasicProperties;
 use serde_json::json;
 
 /// Every metric the dispatcher serves, by the name its `# TYPE` line gives it.
@@ -65,25 +64,6 @@ fn flaky() -> TaskSpec {
         priority: None,
         resources: None,
     }
-}
-
-/// Publishes a body that is not JSON on the class `echo`: refused and dead-lettered.
-async fn publish_garbage(env: &TestEnv) -> anyhow::Result<()> {
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(uuid::Uuid::new_v4().to_string().into());
-    env.publisher()
-        .await?
-        .publish(
-            &env.topology().tasks_exchange(),
-            "echo",
-            b"{not json",
-            props,
-            true,
-            gantry_shared::retry::for_at_most(Duration::from_secs(10)),
-        )
-        .await?;
-    Ok(())
 }
 
 /// The `/metrics` text of the dispatcher at `addr` once it has every line of `lines`: the
@@ -147,7 +127,7 @@ async fn livez_and_readyz_name_what_they_checked_and_metrics_names_every_metric(
         .await?;
     let record = producer.wait(id, Duration::from_secs(60)).await?;
     assert_eq!(record.state, TaskState::Succeeded);
-    publish_garbage(&env).await?;
+    env.publish_raw("echo", b"{not json").await?;
 
     let text = metrics_with(
         addr,
@@ -214,7 +194,7 @@ async fn prometheus_scrapes_the_dispatcher_and_reads_its_counters_rise_as_tasks_
         );
     }
     ids.push(producer.submit(flaky()).await?);
-    publish_garbage(&env).await?;
+    env.publish_raw("echo", b"{not json").await?;
 
     let expected = [
         (

@@ -225,3 +225,51 @@ async fn a_state_the_code_does_not_know_is_an_error_that_names_it() -> anyhow::R
     );
     env.cleanup().await
 }
+
+/// Claims with capacity, many at once: a class's room goes to its claims in order, the rest
+/// are told the class is full, and a repeated claim of an attempt already claimed is told
+/// so rather than full. An attempt's end gives its unit back.
+#[tokio::test]
+async fn claims_of_a_full_class_wait_and_an_ended_attempt_gives_its_unit_back() -> anyhow::Result<()>
+{
+    use gantry_shared::message::ExecutorClass;
+    use gantry_shared::store::{Claim, Claimed};
+
+    let env = TestEnv::new(None).await?;
+    let store = env.store().await?;
+    let tasks = tasks()?;
+    for task in &tasks {
+        store.record_received(task).await?;
+    }
+    let claim = |task: &Task| Claim {
+        id: task.id,
+        attempt: task.attempt,
+        change: Change::default(),
+        executor: ExecutorClass::parse("echo").expect("a class name"),
+        limit: 2,
+        dispatcher: 7,
+    };
+    let mut claims: Vec<Claim> = tasks.iter().map(claim).collect();
+    claims.push(claim(&tasks[0]));
+    let claimed = store.claim_many(&claims).await?;
+    let changed = |c: &Claimed| matches!(c, Claimed::Applied(a) if a.changed());
+    assert!(changed(&claimed[0]) && changed(&claimed[1]), "{claimed:?}");
+    assert_eq!(claimed[2], Claimed::Full { active: 2 });
+    assert_eq!(claimed[3], Claimed::Full { active: 2 });
+    assert_eq!(
+        claimed[4],
+        Claimed::Applied(Applied::Duplicate),
+        "a claimed attempt is claimed, full or not"
+    );
+
+    let ended = Change {
+        finished_at: Some(chrono::Utc::now()),
+        ..Change::default()
+    };
+    store
+        .transition(tasks[0].id, tasks[0].attempt, TaskState::Succeeded, &ended)
+        .await?;
+    assert!(changed(&store.claim(&claims[2]).await?));
+    assert_eq!(store.claim(&claims[3]).await?, Claimed::Full { active: 2 });
+    env.cleanup().await
+}

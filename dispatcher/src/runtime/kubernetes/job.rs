@@ -35,9 +35,10 @@ use gantry_shared::message::{ExecutorClass, JobName, Task};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -57,6 +58,10 @@ pub mod keys {
     pub const TASK_NAME: &str = "gantry.dev/task";
     pub const DISPATCH_ID: &str = "gantry.dev/dispatch-id";
 }
+
+/// Where the executor CA ConfigMap (`executor_ca_configmap`) is mounted, and its key.
+const CA_MOUNT: &str = "/etc/gantry/ca";
+const CA_KEY: &str = "ca.crt";
 
 /// The Secret key holding the task envelope.
 pub const TASK_FILE: &str = "task.json";
@@ -404,6 +409,29 @@ fn pod_spec(spec: &ExecutorSpec, settings: &KubernetesSection, pod: Pod<'_>) -> 
                 secret_name: Some(pod.name.to_owned()),
                 default_mode: Some(0o440),
                 ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    if let Some(configmap) = &settings.executor_ca_configmap {
+        env.push(value("GANTRY_TLS_CA_FILE", format!("{CA_MOUNT}/{CA_KEY}")));
+        mounts.push(VolumeMount {
+            name: "ca".into(),
+            mount_path: CA_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: configmap.clone(),
+                items: Some(vec![KeyToPath {
+                    key: CA_KEY.into(),
+                    path: CA_KEY.into(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o444),
+                optional: Some(false),
             }),
             ..Volume::default()
         });
@@ -785,5 +813,67 @@ mod tests {
             ..spec.clone()
         };
         assert!(admit(&t, &one_per_task).is_ok());
+    }
+
+    #[test]
+    fn executors_trust_the_ca_of_the_configmap_named_in_both_kinds_of_job() {
+        let settings = KubernetesSection {
+            executor_ca_configmap: Some("gantry-ca".into()),
+            ..KubernetesSection::default()
+        };
+        let target = Target {
+            namespace: "ml",
+            prefix: "gantry",
+            otlp_endpoint: None,
+        };
+        let catalog = catalog();
+        let t = task(None);
+        let spec = catalog.get(&t.executor).unwrap();
+        let (one, _) = build(&t, spec, &settings, &target, "d-1", Utc::now()).unwrap();
+        let warm_catalog = warm_catalog();
+        let class = ExecutorClass::parse("vllm").unwrap();
+        let warm_spec = warm_catalog.get(&class).unwrap();
+        let warm = build_warm(
+            &JobName::for_warm(&class),
+            &class,
+            warm_spec,
+            &warm_spec.warm.unwrap(),
+            &settings,
+            &target,
+            "gantry.warm.q",
+        )
+        .unwrap();
+        for job in [one, warm] {
+            let pod = job.spec.clone().unwrap().template.spec.unwrap();
+            let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "ca");
+            let source = volume.and_then(|v| v.config_map).expect("a ca volume");
+            assert_eq!(source.name, "gantry-ca");
+            assert_eq!(source.optional, Some(false));
+            let items: Vec<_> = source
+                .items
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.key, i.path))
+                .collect();
+            assert_eq!(items, [("ca.crt".to_owned(), "ca.crt".to_owned())]);
+            let mount = pod.containers[0].volume_mounts.clone().unwrap();
+            let mount = mount.iter().find(|m| m.name == "ca").expect("a ca mount");
+            assert_eq!(
+                (mount.mount_path.as_str(), mount.read_only),
+                ("/etc/gantry/ca", Some(true))
+            );
+            let ca = env_of(&job)
+                .into_iter()
+                .find(|e| e.name == "GANTRY_TLS_CA_FILE")
+                .and_then(|e| e.value);
+            assert_eq!(ca.as_deref(), Some("/etc/gantry/ca/ca.crt"));
+        }
+        // Without the setting, no CA is mounted and the URL's own trust holds.
+        let (plain, _) = build_for(&t).unwrap();
+        assert!(
+            env_of(&plain)
+                .iter()
+                .all(|e| e.name != "GANTRY_TLS_CA_FILE")
+        );
     }
 }
