@@ -4,7 +4,7 @@ GANTRY_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 GANTRY_DATABASE_URL ?= postgres://gantry:gantry@127.0.0.1:5432/gantry
 export GANTRY_AMQP_URL GANTRY_DATABASE_URL
 
-.PHONY: help setup test demo fmt lint deny bench bench-kube bench-warm faults images images-dry-run executor-base bench-llm bench-celery \
+.PHONY: help setup test demo fmt lint deny bench bench-kube bench-observability bench-warm faults images images-dry-run executor-base bench-llm bench-celery \
 	build-image push-image build-multiarch push-multiarch run-local test-image logs stop clean image-settings
 
 help: ## These targets and the settings of the image targets
@@ -45,6 +45,12 @@ bench-kube: setup ## The kubernetes runtime against the API double
 	cargo build --release --locked --bins
 	target/release/gantry-bench-kube --tasks 5000 --active 10000 --rounds 3 \
 		--writes-per-second 10000 --max-waiting 64
+
+# What metrics and traces cost the kubernetes runtime: each round observed and not.
+bench-observability: setup ## The kubernetes runtime with metrics and traces on and off
+	cargo build --release --locked --bins
+	target/release/gantry-bench-kube --tasks 5000 --active 0 --rounds 5 \
+		--writes-per-second 10000 --max-waiting 64 --observability
 
 # One job per task against warm executors, for an engine that takes 20 s to start and tasks
 # of 1 s (docs/benchmarks.md); then the warm echo class against a bare RabbitMQ loop.

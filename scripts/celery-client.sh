@@ -9,6 +9,9 @@
 # installs in seconds after the first time.
 set -euo pipefail
 
+# shellcheck source=scripts/venv.sh
+source "$(dirname "$0")/venv.sh"
+
 CELERY_VERSION=5.5.3
 venv="${GANTRY_CELERY_VENV:-$HOME/.cache/gantry/celery-venv}"
 stamp="$venv/.gantry-celery-$CELERY_VERSION"
@@ -16,14 +19,7 @@ stamp="$venv/.gantry-celery-$CELERY_VERSION"
 say() { printf 'celery-client: %s\n' "$*" >&2; }
 
 if [[ ! -f "$stamp" ]]; then
-    if [[ ! -x "$venv/bin/python" ]]; then
-        mkdir -p "$(dirname "$venv")"
-        python3 -m venv "$venv" 2>/dev/null || {
-            say "installing python3-venv"
-            apt-get install -y --no-install-recommends python3-venv >/dev/null
-            python3 -m venv "$venv"
-        }
-    fi
+    make_venv "$venv"
     say "installing celery==$CELERY_VERSION into $venv"
     "$venv/bin/pip" install --quiet "celery==$CELERY_VERSION"
     touch "$stamp"

@@ -11,6 +11,9 @@
 # built in its own cache, so even a new venv installs in seconds afterwards.
 set -euo pipefail
 
+# shellcheck source=scripts/venv.sh
+source "$(dirname "$0")/venv.sh"
+
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 GGUF_VERSION=0.19.0
 venv="${GANTRY_LLM_VENV:-$HOME/.cache/gantry/llm-venv}"
@@ -19,14 +22,7 @@ stamp="$venv/.gantry-llm-$LLAMA_CPP_PYTHON_VERSION-$GGUF_VERSION"
 say() { printf 'llm-server: %s\n' "$*" >&2; }
 
 if [[ ! -f "$stamp" ]]; then
-    if [[ ! -x "$venv/bin/python" ]]; then
-        mkdir -p "$(dirname "$venv")"
-        python3 -m venv "$venv" 2>/dev/null || {
-            say "installing python3-venv"
-            apt-get install -y --no-install-recommends python3-venv >/dev/null
-            python3 -m venv "$venv"
-        }
-    fi
+    make_venv "$venv"
     say "installing llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION and gguf==$GGUF_VERSION into $venv"
     say "(the first install compiles llama.cpp: 10 to 20 minutes on two cores; later ones reuse pip's wheel)"
     # Not tuned to this CPU: the wheel pip caches must run on the next machine too.

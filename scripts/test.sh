@@ -70,6 +70,11 @@ GANTRY_CELERY_PYTHON="$(bash scripts/celery-client.sh | tail -n 1)"
 export GANTRY_CELERY_PYTHON
 "$GANTRY_CELERY_PYTHON" -c 'import celery; print("celery", celery.__version__)'
 
+step "an OTLP receiver for the span export's tests (oteltest from PyPI, in a venv)"
+GANTRY_OTEL_PYTHON="$(bash scripts/otel-receiver.sh | tail -n 1)"
+export GANTRY_OTEL_PYTHON
+"$GANTRY_OTEL_PYTHON" -c 'import oteltest.version as v; print("oteltest", v.__version__)'
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -95,6 +95,24 @@ impl Split {
         Ok(moved)
     }
 
+    /// Pins every thread of process `pid` (one the benchmark started: a collector that a
+    /// deployment would run on other machines) to the isolated CPU, beside the double.
+    ///
+    /// # Errors
+    /// The process is gone, or its affinity cannot be set.
+    pub fn isolate_process(&self, pid: u32) -> Result<()> {
+        let set = self.isolated_set()?;
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("reading the threads of process {pid}"))?;
+        for task in tasks.flatten() {
+            if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+                // A thread gone meanwhile has nothing to pin.
+                let _ = sched_setaffinity(Pid::from_raw(tid), &set);
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the moved threads back on the CPUs they had.
     pub fn restore(&self) {
         for (tid, before) in self.lock().drain(..) {

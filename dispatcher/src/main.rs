@@ -194,7 +194,12 @@ fn probe(config: Option<&std::path::Path>, live: bool) -> anyhow::Result<String>
 async fn serve(args: Args) -> anyhow::Result<()> {
     let config_file = args.global.config_file().map(PathBuf::from);
     let common = args.global.load().context("loading configuration")?;
-    telemetry::init(common.log_format);
+    let traces = telemetry::init_service(
+        common.log_format,
+        telemetry::SERVICE_FILTER,
+        "gantry-dispatcher",
+        common.otlp_endpoint.as_deref(),
+    );
     let mut dispatcher = Settings::load(config_file.as_deref()).context("loading configuration")?;
     if let Some(v) = args.runtime {
         dispatcher.runtime = v;
@@ -213,7 +218,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let settings = Settings::resolve(common, dispatcher, config_file)
         .context("loading the executor catalog")?;
-    gantry_dispatcher::run(settings, shutdown_signal()).await?;
+    let served = gantry_dispatcher::run(settings, shutdown_signal()).await;
+    traces.shutdown().await;
+    served?;
     Ok(())
 }
 

@@ -57,6 +57,7 @@ pub fn render_job(
     let target = job::Target {
         namespace,
         prefix: &settings.common.prefix,
+        otlp_endpoint: settings.common.otlp_endpoint.as_deref(),
     };
     if let Some(warm) = &spec.warm {
         job::admit(&task, spec).map_err(|e| invalid(e.to_string()))?;

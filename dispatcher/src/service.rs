@@ -126,10 +126,10 @@ pub async fn run(
                     None => kube_client().await?,
                 };
                 let kube = &ctx.settings.dispatcher.kubernetes;
-                let prefix = &ctx.settings.common.prefix;
+                let common = &ctx.settings.common;
                 let calls = ctx.metrics.api.clone();
                 let runtime =
-                    KubeRuntime::open(client.clone(), kube, prefix, token.clone(), calls).await?;
+                    KubeRuntime::open(client.clone(), kube, common, token.clone(), calls).await?;
                 health.ok(Check::KubernetesApi);
                 api = Some((client, runtime.namespace().to_owned()));
                 dispatch::start(ctx.clone(), runtime, &mut loops).await?;
@@ -204,6 +204,10 @@ fn open_local(settings: &Settings) -> Result<LocalRuntime> {
     ];
     if let Some(file) = &settings.config_file {
         env.push(("GANTRY_CONFIG".to_owned(), file.display().to_string()));
+    }
+    // The executors export their runs' spans where the dispatcher exports its own.
+    if let Some(endpoint) = &common.otlp_endpoint {
+        env.push(("GANTRY_OTLP_ENDPOINT".to_owned(), endpoint.clone()));
     }
     LocalRuntime::open(LocalOptions {
         state_dir: d.state_dir.clone(),

@@ -145,8 +145,9 @@ pub(crate) struct Args {
     #[arg(long, env = "GANTRY_NODE_NAME", value_name = "NAME", help_heading = EVIDENCE)]
     node_name: Option<String>,
 
-    /// W3C trace context of the task, logged with the result and sent as the result
-    /// message's `traceparent` header.
+    /// W3C trace context the run continues (its span's parent, when spans are exported:
+    /// GANTRY_OTLP_ENDPOINT); the result's `traceparent` header names the run's span, or
+    /// this same context when nothing is exported.
     #[arg(long, env = "GANTRY_TRACEPARENT", value_name = "TRACEPARENT", help_heading = EVIDENCE)]
     traceparent: Option<String>,
 }

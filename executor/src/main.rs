@@ -42,7 +42,25 @@ use crate::run::Outcome;
 async fn main() -> ExitCode {
     let args = cli::Args::parse();
     let config = args.global.load();
-    telemetry::init(config.as_ref().map_or(LogFormat::Text, |c| c.log_format));
+    let traces = telemetry::init_service(
+        config.as_ref().map_or(LogFormat::Text, |c| c.log_format),
+        telemetry::SERVICE_FILTER,
+        "gantry-executor",
+        config
+            .as_ref()
+            .ok()
+            .and_then(|c| c.otlp_endpoint.as_deref()),
+    );
+    let code = serve(args, config).await;
+    traces.shutdown().await;
+    code
+}
+
+/// Runs the task (or, warm, the tasks) the flags and configuration describe.
+async fn serve(
+    args: cli::Args,
+    config: gantry_shared::Result<gantry_shared::config::Config>,
+) -> ExitCode {
     let settings = match args.into_settings() {
         Ok(settings) => settings,
         Err(e) => clap::Error::raw(clap::error::ErrorKind::MissingRequiredArgument, e).exit(),

@@ -14,9 +14,9 @@ use gantry_shared::message::{
     Attempt, ErrorKind, Evidence, ReportedBy, ResultStatus, TaskEnvelope, TaskError, TaskResult,
     Usage,
 };
-use gantry_shared::telemetry::chain;
+use gantry_shared::telemetry::{chain, trace};
 use serde_json::Value;
-use tracing::{Span, error, field, info, instrument, warn};
+use tracing::{Instrument, Span, error, field, info, instrument, warn};
 
 use crate::engine::{Deltas, Engine, Finished, StopReason};
 use crate::job_dir::JobDir;
@@ -101,7 +101,41 @@ impl Outcome {
     }
 }
 
-/// Runs one attempt: see the module docs.
+/// Runs one attempt: see the module docs. The run is a span of the task's trace, the child
+/// of the span `settings.traceparent` names (the dispatcher's hand-off), and the result
+/// names it as the parent of what follows (the recorder's commit).
+pub(crate) async fn run(
+    settings: &Settings,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Outcome {
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "gantry.run",
+        otel.kind = "consumer",
+        gantry.task_id = field::Empty,
+        gantry.attempt = field::Empty,
+        gantry.executor = field::Empty,
+        gantry.job_name = settings.evidence.job_name.as_deref(),
+    );
+    trace::set_parent(&span, settings.traceparent.as_deref());
+    let own;
+    let settings = match trace::traceparent(&span) {
+        Some(tp) => {
+            own = Settings {
+                traceparent: Some(tp),
+                ..settings.clone()
+            };
+            &own
+        }
+        None => settings,
+    };
+    attempt(settings, config, shutdown, &span)
+        .instrument(span.clone())
+        .await
+}
+
+/// [`run`], in its span.
 #[instrument(
     name = "task",
     skip_all,
@@ -109,10 +143,11 @@ impl Outcome {
            job_name = settings.evidence.job_name.as_deref(),
            traceparent = settings.traceparent.as_deref())
 )]
-pub(crate) async fn run(
+async fn attempt(
     settings: &Settings,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
+    traced: &Span,
 ) -> Outcome {
     if let Some(job_dir) = &settings.job_dir
         && let Err(e) = job_dir.write_started().await
@@ -137,6 +172,9 @@ pub(crate) async fn run(
     span.record("task_id", field::display(task.task_id));
     span.record("attempt", task.attempt);
     span.record("executor", task.executor.as_str());
+    traced.record("gantry.task_id", field::display(task.task_id));
+    traced.record("gantry.attempt", i64::from(task.attempt));
+    traced.record("gantry.executor", task.executor.as_str());
     info!(task = %task.task, deadline = %task.deadline, "task read");
 
     let started_at = Utc::now();

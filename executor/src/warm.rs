@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use gantry_shared::amqp::{self, Publisher};
 use gantry_shared::config::Config;
 use gantry_shared::message::{Attempt, Evidence, HandedTask, ResultStatus, TaskId, WarmOrder};
-use gantry_shared::telemetry::chain;
+use gantry_shared::telemetry::{chain, trace};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -408,7 +408,8 @@ async fn interrupted(cancel: CancellationToken, terminate: CancellationToken) ->
     }
 }
 
-/// Runs `task` on `engine` and publishes its result.
+/// Runs `task` on `engine` and publishes its result. The run is a span of the task's
+/// trace, as a job's run is (`crate::run::run`), and the result names it as the parent.
 async fn run_one(
     engine: &Warm,
     task: &HandedTask,
@@ -419,38 +420,53 @@ async fn run_one(
     terminate: CancellationToken,
 ) -> Result<(), String> {
     let envelope = &task.envelope;
-    let attempt = attempt_of(task);
-    let started_at = Utc::now();
-    let progress = envelope.stream.then(|| {
-        ProgressPublisher::start(config, envelope.task_id, attempt, task.reply_to.clone())
-    });
-    let deltas = progress.as_ref().map(ProgressPublisher::deltas);
-    let execution = judge(envelope, interrupted(cancel, terminate), |stop| {
-        engine.run(envelope, deltas, stop)
-    })
-    .await;
-    if let Some(progress) = progress {
-        progress.finish().await;
-    }
-    let verdict = match execution {
-        Execution::Done(verdict) => verdict,
-        Execution::Exit(code) => {
-            // The echo engine's crash knob: the whole executor goes, as a crash would.
-            error!(
-                code,
-                "the task asked the executor to exit; exiting without results"
-            );
-            std::process::exit(i32::from(code));
+    let span = info_span!(
+        target: trace::TARGET,
+        "gantry.run",
+        otel.kind = "consumer",
+        gantry.task_id = %envelope.task_id,
+        gantry.attempt = i64::from(envelope.attempt),
+        gantry.executor = %envelope.executor,
+        gantry.warm = true,
+    );
+    trace::set_parent(&span, task.traceparent.as_deref());
+    let traceparent = trace::traceparent(&span).or_else(|| task.traceparent.clone());
+    async {
+        let attempt = attempt_of(task);
+        let started_at = Utc::now();
+        let progress = envelope.stream.then(|| {
+            ProgressPublisher::start(config, envelope.task_id, attempt, task.reply_to.clone())
+        });
+        let deltas = progress.as_ref().map(ProgressPublisher::deltas);
+        let execution = judge(envelope, interrupted(cancel, terminate), |stop| {
+            engine.run(envelope, deltas, stop)
+        })
+        .await;
+        if let Some(progress) = progress {
+            progress.finish().await;
         }
-    };
-    let result = result_of(envelope, attempt, verdict, evidence, started_at);
-    publish_result_on(
-        publisher,
-        config,
-        envelope.executor.as_str(),
-        &result,
-        task.traceparent.as_deref(),
-    )
+        let verdict = match execution {
+            Execution::Done(verdict) => verdict,
+            Execution::Exit(code) => {
+                // The echo engine's crash knob: the whole executor goes, as a crash would.
+                error!(
+                    code,
+                    "the task asked the executor to exit; exiting without results"
+                );
+                std::process::exit(i32::from(code));
+            }
+        };
+        let result = result_of(envelope, attempt, verdict, evidence, started_at);
+        publish_result_on(
+            publisher,
+            config,
+            envelope.executor.as_str(),
+            &result,
+            traceparent.as_deref(),
+        )
+        .await
+        .map_err(|e| chain(&e))
+    }
+    .instrument(span)
     .await
-    .map_err(|e| chain(&e))
 }

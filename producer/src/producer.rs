@@ -17,10 +17,11 @@ use gantry_shared::config::Config;
 use gantry_shared::message::{Task, TaskId, TaskSpec};
 use gantry_shared::retry;
 use gantry_shared::store::TaskRecord;
+use gantry_shared::telemetry::trace;
 use gantry_shared::topology::Topology;
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
-use tracing::{debug, instrument};
+use tracing::{Instrument, debug, instrument};
 
 use crate::stream::{Listening, TaskStream};
 use crate::tracker::{TaskEvent, Tracker};
@@ -150,9 +151,41 @@ impl Producer {
     /// # Errors
     /// As [`Producer::submit`]; also [`Error::Rejected`] when the task's deadline has
     /// already passed.
+    ///
+    /// The publish is a span of the task's trace (`gantry.submit`, a child of the caller's
+    /// current span) when the process exports spans (see
+    /// [`gantry_shared::telemetry::init_service`]); the message then names it as the
+    /// parent of what follows, in place of the task's own `traceparent`.
     #[instrument(skip_all, fields(task_id = %task.id, executor = %task.executor))]
     pub async fn submit_task(&self, task: &Task) -> Result<()> {
+        let span = tracing::info_span!(
+            target: trace::TARGET,
+            "gantry.submit",
+            otel.kind = "producer",
+            gantry.task_id = %task.id,
+            gantry.executor = %task.executor,
+            gantry.task = %task.name,
+        );
+        self.publish_task(task, trace::traceparent(&span))
+            .instrument(span)
+            .await
+    }
+
+    /// [`Producer::submit_task`] in its span, whose `traceparent` (when exported) the message
+    /// carries.
+    async fn publish_task(&self, task: &Task, traceparent: Option<String>) -> Result<()> {
         self.check_task(task)?;
+        let traced;
+        let task = match traceparent {
+            Some(tp) => {
+                traced = Task {
+                    traceparent: Some(tp),
+                    ..task.clone()
+                };
+                &traced
+            }
+            None => task,
+        };
         let (body, props) = task.to_amqp(Utc::now())?;
         self.publisher
             .publish(

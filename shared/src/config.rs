@@ -44,6 +44,9 @@ pub struct Config {
     pub db_pool_size: usize,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
+    /// Where spans go over OTLP/HTTP (`http://collector:4318`; the exporter adds
+    /// `/v1/traces`). Unset: no span leaves the process.
+    pub otlp_endpoint: Option<String>,
     /// The dispatcher's own section of the same file, read by the dispatcher. Named here so
     /// that any other unknown key (a misspelling) is an error rather than ignored.
     pub dispatcher: Option<serde_norway::Value>,
@@ -61,6 +64,7 @@ impl Default for Config {
             broker_timeout: Duration::from_secs(15),
             db_pool_size: 8,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             dispatcher: None,
         }
     }
@@ -143,6 +147,14 @@ impl Config {
         env_parse("GANTRY_DB_POOL_SIZE", &mut self.db_pool_size)?;
         env_parse("GANTRY_LOG_FORMAT", &mut self.log_format)?;
         env_duration("GANTRY_BROKER_TIMEOUT", &mut self.broker_timeout)?;
+        // OpenTelemetry's own variable, where Gantry's is not set.
+        if let Some(v) = env("GANTRY_OTLP_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        {
+            self.otlp_endpoint = Some(v);
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            check_otlp_endpoint(endpoint)?;
+        }
         Ok(())
     }
 
@@ -150,6 +162,22 @@ impl Config {
     pub fn amqp_url_redacted(&self) -> String {
         redact_url(self.amqp_url.expose_secret())
     }
+}
+
+/// An OTLP endpoint must be plain `http://`: spans go out on the workspace's HTTP client,
+/// which speaks no TLS (a collector beside the service, or a sidecar, takes them).
+fn check_otlp_endpoint(endpoint: &str) -> Result<()> {
+    let bad = |message: String| Error::Config {
+        origin: "otlp_endpoint (GANTRY_OTLP_ENDPOINT)".into(),
+        message,
+    };
+    let url = url::Url::parse(endpoint).map_err(|e| bad(format!("{endpoint:?}: {e}")))?;
+    if url.scheme() != "http" || url.host_str().is_none() {
+        return Err(bad(format!(
+            "{endpoint:?} is not an http:// URL with a host; give the collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318 (https is not supported: use a collector beside the service)"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads a YAML configuration file into `T` (its defaults where the file is silent), or
@@ -242,6 +270,21 @@ pub mod humantime_serde_compat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_otlp_endpoint_is_a_plain_http_url_with_a_host() {
+        assert!(check_otlp_endpoint("http://127.0.0.1:4318").is_ok());
+        assert!(check_otlp_endpoint("http://otel-collector.observability:4318/").is_ok());
+        for bad in [
+            "https://collector:4318",
+            "collector:4318",
+            "http://",
+            "grpc://c:4317",
+        ] {
+            let e = check_otlp_endpoint(bad).unwrap_err().to_string();
+            assert!(e.contains("otlp_endpoint"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn urls_are_redacted() {

@@ -24,6 +24,8 @@
 //!   executor registry service (`gantry-registry`) in front of it.
 //! - [`celery`]: the real Celery client (from PyPI, in a venv of `scripts/celery-client.sh`)
 //!   driven line by line, and a dispatcher with its Celery bridge on.
+//! - [`otlp`]: a real OTLP receiver (oteltest's, from PyPI, in a venv of
+//!   `scripts/otel-receiver.sh`) and the spans it received.
 //! - [`warm`]: the evidence every task run by a warm executor shows.
 //! - [`tls`]: a throwaway CA, and a RabbitMQ node and a Postgres cluster of the test's own
 //!   with TLS listeners.
@@ -38,6 +40,7 @@ pub mod duplicate;
 pub mod executions;
 pub mod llm;
 pub mod observability;
+pub mod otlp;
 pub mod replicas;
 pub mod services;
 pub mod tls;

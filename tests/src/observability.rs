@@ -134,6 +134,11 @@ impl Prometheus {
         bail!("no free port for Prometheus after three tries")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The instant vector of `query` now: each series' labels and value.
     ///
     /// # Errors

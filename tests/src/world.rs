@@ -16,7 +16,8 @@ use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::topology::{QueueSettings, Topology};
 use lapin::Channel;
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio_postgres::NoTls;
 
@@ -236,6 +237,23 @@ impl TestEnv {
         let conn =
             amqp::connect(&amqp_url().into(), "gantry-tests", Duration::from_secs(10)).await?;
         Ok(conn.create_channel().await?)
+    }
+
+    /// A queue of `channel`'s own, named by the broker and gone with its connection: a
+    /// caller's `reply_to`.
+    pub async fn reply_queue(&self, channel: &Channel) -> Result<String> {
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.name().to_string())
     }
 
     /// Messages ready in a queue right now (a passive declare: it takes nothing).

@@ -37,6 +37,7 @@ fn objects(namespace: &str) -> (Task, Job, Secret) {
     let target = job::Target {
         namespace,
         prefix: "gantry",
+        otlp_endpoint: None,
     };
     let (job, secret) = job::build(
         &task,

@@ -18,6 +18,8 @@ use gantry_dispatcher::runtime::kubernetes::job;
 use gantry_dispatcher::settings::KubernetesSection;
 use gantry_kube_double::{DEFAULT_NODE, KubeDouble, Options, Script};
 use gantry_shared::message::{ExecutorClass, JobName, Limits, Task, TaskSpec};
+use gantry_tests::observability::Prometheus;
+use gantry_tests::otlp::OtlpReceiver;
 use gantry_tests::{Dispatcher, TestEnv, echo_spec, point_at_double};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -82,6 +84,14 @@ struct Args {
     /// else the others; `shared` leaves every process on every CPU.
     #[arg(long, value_enum, default_value_t = Placement::Split)]
     placement: Placement,
+    /// Each round runs gantry twice, observed and not, and reports the throughput lost:
+    /// observed, the dispatcher serves its metrics to a Prometheus scraping them every
+    /// second and exports its spans to an OTLP receiver (oteltest's, from PyPI, in the venv
+    /// of scripts/otel-receiver.sh); not observed, it serves no HTTP and exports nothing.
+    /// With `split`, Prometheus and the receiver run on the double's CPU, as collectors run
+    /// on machines of their own.
+    #[arg(long)]
+    observability: bool,
     /// Extra environment for the dispatcher, as NAME=VALUE (repeatable).
     #[arg(long = "dispatcher-env", value_parser = parse_var)]
     dispatcher_env: Vec<(String, String)>,
@@ -119,6 +129,20 @@ struct Round {
     http: Figures,
     gantry: Gantry,
     ratio: f64,
+    /// With `--observability`: the same run observed (`gantry` is then the run not
+    /// observed).
+    observed: Option<Gantry>,
+}
+
+/// How a gantry run's dispatcher shows itself.
+#[derive(Clone, Copy)]
+enum Observe<'a> {
+    /// As the tests run it: HTTP on a free port (nobody scrapes it), no spans exported.
+    AsTested,
+    /// No HTTP endpoint, no spans exported.
+    Off,
+    /// Metrics scraped by Prometheus every second, spans exported to the receiver.
+    On(&'a OtlpReceiver, Option<&'a Split>),
 }
 
 fn main() -> Result<()> {
@@ -179,7 +203,7 @@ fn main() -> Result<()> {
                 std::process::exit(code);
             });
         }
-        run(args, &doubles).await
+        run(args, &doubles, split.as_deref()).await
     });
     if let Some(rt) = doubles.0 {
         rt.shutdown_background();
@@ -213,7 +237,7 @@ impl Doubles {
     }
 }
 
-async fn run(args: Args, doubles: &Doubles) -> Result<()> {
+async fn run(args: Args, doubles: &Doubles, split: Option<&Split>) -> Result<()> {
     println!(
         "gantry-bench-kube: {} tasks per round, {} concurrent, {} rounds, then {} active Jobs; dispatcher writes_per_second {}, max_waiting {}",
         args.tasks,
@@ -225,6 +249,15 @@ async fn run(args: Args, doubles: &Doubles) -> Result<()> {
         args.max_waiting.map_or("default".into(), |n| n.to_string()),
     );
     let body_len = sample_task(0)?.to_amqp(Utc::now())?.0.len();
+    let receiver = match args.observability {
+        true => Some(OtlpReceiver::start().await.context("the OTLP receiver")?),
+        false => None,
+    };
+    if let (Some(receiver), Some(split)) = (&receiver, split)
+        && let Some(pid) = receiver.pid()
+    {
+        split.isolate_process(pid)?;
+    }
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         let lapin = lapin_round_trip(args.concurrency, args.tasks, body_len)
@@ -233,17 +266,37 @@ async fn run(args: Args, doubles: &Doubles) -> Result<()> {
         let http = http_creates(doubles, args.tasks, args.concurrency)
             .await
             .context("baseline 2")?;
-        let gantry = gantry(&args, doubles, args.tasks).await.context("gantry")?;
+        let (gantry, observed) = match &receiver {
+            None => (
+                gantry(&args, doubles, args.tasks, Observe::AsTested)
+                    .await
+                    .context("gantry")?,
+                None,
+            ),
+            Some(receiver) => {
+                let (off, on) = observed_and_not(&args, doubles, receiver, split, round).await?;
+                (off, Some(on))
+            }
+        };
         let ratio = gantry.figures.per_second / lapin.per_second.min(http.per_second);
         println!(
             "round {round}: lapin {:.0} msg/s, HTTP {:.0} tasks/s, gantry {:.0} tasks/s, ratio {ratio:.2}, {:.2} writes/task",
             lapin.per_second, http.per_second, gantry.figures.per_second, gantry.writes_per_task
         );
+        if let Some(on) = &observed {
+            println!(
+                "round {round}: observed {:.0} tasks/s, not observed {:.0} tasks/s: {:.1} % lost",
+                on.figures.per_second,
+                gantry.figures.per_second,
+                lost(&gantry, on)
+            );
+        }
         rounds.push(Round {
             lapin,
             http,
             gantry,
             ratio,
+            observed,
         });
     }
     let pick =
@@ -266,13 +319,50 @@ async fn run(args: Args, doubles: &Doubles) -> Result<()> {
     http.print("baseline 2: HTTP create Job + Secret (double)");
     gantry_figures.print("gantry: publish→Job created (kubernetes runtime)");
     println!("ratio gantry / smaller baseline: {ratio:.2} (target ≥ 0.7)");
+    if args.observability {
+        let observed: Vec<&Gantry> = rounds.iter().filter_map(|r| r.observed.as_ref()).collect();
+        let on = Figures::median(&observed.iter().map(|g| g.figures).collect::<Vec<_>>());
+        on.print("gantry observed: metrics scraped every second, spans exported");
+        let losses: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| Some(lost(&r.gantry, r.observed.as_ref()?)))
+            .collect();
+        let each: Vec<String> = losses.iter().map(|l| format!("{l:.1}")).collect();
+        println!(
+            "throughput lost observed: {:.1} % (median of the rounds' {} %) (target < 5 %)",
+            median(&losses),
+            each.join(", ")
+        );
+        if let Some(receiver) = &receiver {
+            // The Jobs never end here: a task's one span is its dispatch.
+            let spans = receiver.spans();
+            let dispatches = spans.iter().filter(|s| s.name == "gantry.dispatch").count();
+            println!(
+                "spans the receiver got: {dispatches} gantry.dispatch for {} tasks observed ({} spans in all)",
+                observed.len() * args.tasks,
+                spans.len()
+            );
+        }
+        let seen = Cpu::median(&observed.iter().map(|g| g.cpu).collect::<Vec<_>>());
+        println!(
+            "CPU per task observed (µs): dispatcher {:.0}, this process (double, producer) {:.0}, RabbitMQ {:.0}, Postgres {:.0}, other (Prometheus, the receiver) {:.0}",
+            seen.watched, seen.this, seen.rabbitmq, seen.postgres, seen.other
+        );
+        // What a busy neighbour on the machine moves least: the dispatcher's own CPU.
+        println!(
+            "dispatcher CPU per task: {:.0} µs observed, {:.0} µs not: {:+.1} %",
+            seen.watched,
+            cpu.watched,
+            100.0 * (seen.watched / cpu.watched - 1.0)
+        );
+    }
     println!("API writes per task: {writes:.2} (target ≤ 2)");
     println!(
         "CPU per task (µs): dispatcher {:.0}, this process (double, producer) {:.0}, RabbitMQ {:.0}, Postgres {:.0}, other {:.0}",
         cpu.watched, cpu.this, cpu.rabbitmq, cpu.postgres, cpu.other
     );
     if args.active > 0 {
-        let held = gantry(&args, doubles, args.active)
+        let held = gantry(&args, doubles, args.active, Observe::AsTested)
             .await
             .context("active phase")?;
         held.figures
@@ -318,6 +408,7 @@ async fn http_creates(doubles: &Doubles, n: usize, concurrency: usize) -> Result
     let target = job::Target {
         namespace: double.namespace(),
         prefix: "bench",
+        otlp_endpoint: None,
     };
     let mut bodies = Vec::with_capacity(n);
     for i in 0..n {
@@ -374,17 +465,58 @@ async fn http_creates(doubles: &Doubles, n: usize, concurrency: usize) -> Result
     Ok(Figures::of(n, elapsed, latencies))
 }
 
+/// The round's two gantry runs, not observed and observed, taking turns at going first
+/// (so that a machine getting slower or faster over the run favours neither).
+async fn observed_and_not(
+    args: &Args,
+    doubles: &Doubles,
+    receiver: &OtlpReceiver,
+    split: Option<&Split>,
+    round: usize,
+) -> Result<(Gantry, Gantry)> {
+    let on = Observe::On(receiver, split);
+    let n = args.tasks;
+    if round % 2 == 1 {
+        let off = gantry(args, doubles, n, Observe::Off)
+            .await
+            .context("gantry")?;
+        let on = gantry(args, doubles, n, on)
+            .await
+            .context("gantry observed")?;
+        Ok((off, on))
+    } else {
+        let on = gantry(args, doubles, n, on)
+            .await
+            .context("gantry observed")?;
+        let off = gantry(args, doubles, n, Observe::Off)
+            .await
+            .context("gantry")?;
+        Ok((off, on))
+    }
+}
+
+/// The throughput the observed run lost to the one not observed, in percent.
+fn lost(off: &Gantry, on: &Gantry) -> f64 {
+    100.0 * (1.0 - on.figures.per_second / off.figures.per_second)
+}
+
 /// Publishes `n` tasks to a fresh dispatcher on a fresh double and waits for their Jobs,
 /// then for the dispatcher to record every task running (so its caches hold them all).
-async fn gantry(args: &Args, doubles: &Doubles, n: usize) -> Result<Gantry> {
+async fn gantry(args: &Args, doubles: &Doubles, n: usize, observe: Observe<'_>) -> Result<Gantry> {
     let double = doubles.start(n).await?;
     let env = TestEnv::new(Some(&catalog(n))).await?;
-    let outcome = gantry_in(args, n, &double, &env).await;
+    let outcome = gantry_in(args, n, &double, &env, observe).await;
     env.cleanup().await?;
     outcome
 }
 
-async fn gantry_in(args: &Args, n: usize, double: &KubeDouble, env: &TestEnv) -> Result<Gantry> {
+async fn gantry_in(
+    args: &Args,
+    n: usize,
+    double: &KubeDouble,
+    env: &TestEnv,
+    observe: Observe<'_>,
+) -> Result<Gantry> {
     let kubeconfig = point_at_double(double, env)?;
     let kubeconfig = kubeconfig.display().to_string();
     let config = env.dir.path().join("dispatcher.yaml");
@@ -395,12 +527,27 @@ async fn gantry_in(args: &Args, n: usize, double: &KubeDouble, env: &TestEnv) ->
         ("KUBECONFIG", kubeconfig.as_str()),
         ("GANTRY_CONFIG", config.as_str()),
     ];
+    match observe {
+        Observe::AsTested => {}
+        Observe::Off => vars.push(("GANTRY_HTTP_ADDR", "off")),
+        Observe::On(receiver, _) => vars.push(("GANTRY_OTLP_ENDPOINT", receiver.endpoint())),
+    }
     vars.extend(
         args.dispatcher_env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
     let dispatcher = tokio::task::block_in_place(|| Dispatcher::start(env, &vars))?;
+    let _prometheus = match observe {
+        Observe::On(_, split) => {
+            let prometheus = Prometheus::scraping(&[dispatcher.http_addr()?]).await?;
+            if let Some(split) = split {
+                split.isolate_process(prometheus.pid())?;
+            }
+            Some(prometheus)
+        }
+        _ => None,
+    };
     let producer = Arc::new(env.producer().await?);
     let writes_before = double.requests().len();
     let cpu = Cpu::watching(Some(dispatcher.pid()));

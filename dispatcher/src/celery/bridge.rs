@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use gantry_shared::celery::{CeleryOrigin, CeleryTask, claim};
-use gantry_shared::message::{Rejection, Task, traceparent};
+use gantry_shared::message::{FieldTableExt, Rejection, Task, headers, traceparent};
 use lapin::message::Delivery;
 use tracing::{info, warn};
 
@@ -119,7 +119,16 @@ fn convert(
     let mut task = Box::new(Task::from_envelope(envelope, limits, check_at)?);
     catalog.check_payload(&task.executor, &task.payload)?;
     task.reply_to = origin.reply_to.clone();
-    task.traceparent = Some(traceparent::generate());
+    // A Celery client that traces (OpenTelemetry's Celery instrumentation) sends its span
+    // as the `traceparent` header: the task continues its trace.
+    let theirs = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get_str(headers::TRACEPARENT))
+        .filter(|tp| traceparent::is_valid(tp))
+        .map(str::to_owned);
+    task.traceparent = Some(theirs.unwrap_or_else(traceparent::generate));
     let converted = if expired {
         let reason = format!(
             "expired: deadline {deadline} (the Celery task's expires or time limit) passed before the task was dispatched"

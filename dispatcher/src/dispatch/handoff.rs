@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use gantry_shared::message::{ErrorKind, Evidence, ExecutorClass, JobName, Task};
 use gantry_shared::store::{Applied, Change, TaskState};
-use gantry_shared::telemetry::chain;
+use gantry_shared::telemetry::{chain, trace};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
 use super::disposition::Disposition;
@@ -41,10 +41,38 @@ pub(crate) async fn hand_off<R: Runtime>(
     permit: OwnedSemaphorePermit,
     arrived: Instant,
 ) -> Result<Disposition> {
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "gantry.dispatch",
+        otel.kind = "consumer",
+        gantry.task_id = %task.id,
+        gantry.attempt = i64::from(task.attempt.get()),
+        gantry.executor = %class,
+    );
+    trace::set_parent(&span, task.traceparent.as_deref());
+    let handed = trace::traceparent(&span);
+    start(role, class, task, permit, arrived, handed)
+        .instrument(span)
+        .await
+}
+
+/// [`hand_off`] in its span of the task's trace; the job gets `handed`, the span's
+/// `traceparent`, when spans are exported (else the task's own).
+async fn start<R: Runtime>(
+    role: &Arc<Role<R>>,
+    class: &ExecutorClass,
+    mut task: Task,
+    permit: OwnedSemaphorePermit,
+    arrived: Instant,
+    handed: Option<String>,
+) -> Result<Disposition> {
     let ctx = &role.ctx;
     let (state, attempt) = ctx
         .persist("record received", || role.lifecycle.received(&task))
         .await?;
+    if handed.is_some() {
+        task.traceparent = handed;
+    }
     if state.has_ended(attempt, task.attempt) {
         let why = if state.is_terminal() {
             "ended"

@@ -1,10 +1,15 @@
 //! Results: `gantry.results` → `tasks` and `task_events`, then forward to `reply_to`.
 
-use gantry_shared::message::{ErrorKind, ReportedBy, ResultStatus, TaskError, TaskResult};
+use std::collections::HashMap;
+
+use gantry_shared::message::{
+    ErrorKind, ExecutorClass, FieldTableExt, ReportedBy, ResultStatus, TaskError, TaskId,
+    TaskResult, headers,
+};
 use gantry_shared::store::{Applied, ResultWrite, TaskRecord};
-use gantry_shared::telemetry::chain;
+use gantry_shared::telemetry::{chain, trace};
 use lapin::message::Delivery;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, Span, debug, error, info, warn};
 
 use super::retry::{self, Plan};
 use crate::context::Ctx;
@@ -53,6 +58,11 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             note: p.note(),
         })
         .collect();
+    let spans: Vec<Span> = origin
+        .iter()
+        .zip(&results)
+        .map(|(delivery, result)| commit_span(delivery, result))
+        .collect();
     let outcomes = match ctx
         .persist("record results", || ctx.store.record_result_writes(&writes))
         .await
@@ -64,54 +74,90 @@ pub(super) async fn record(ctx: &Ctx, batch: &[Delivery]) -> Result<()> {
             one_by_one(ctx, &writes, &origin).await?
         }
     };
-    for ((result, plan), outcome) in results.iter().zip(&plans).zip(outcomes) {
+    for (((result, plan), outcome), span) in results.iter().zip(&plans).zip(outcomes).zip(spans) {
         let Some(outcome) = outcome else { continue };
-        match outcome {
-            Applied::Changed { reply_to } => {
-                let class = executors
-                    .get(&result.task_id)
-                    .map_or("unknown", |c| c.as_str());
-                ctx.metrics.result_recorded(class, result.status.as_str());
-                ctx.metrics.task_entered(class, plan.state(result));
-                info!(task_id = %result.task_id, status = %result.status, attempt = %result.attempt, reported_by = %result.reported_by, "result recorded");
+        follow_outcome(ctx, result, plan, outcome, &executors)
+            .instrument(span)
+            .await?;
+    }
+    Ok(())
+}
+
+/// What follows the record of one result: metrics, the retry or dead letter its plan asks
+/// for, and the forward to the caller.
+async fn follow_outcome(
+    ctx: &Ctx,
+    result: &TaskResult,
+    plan: &Plan,
+    outcome: Applied,
+    executors: &HashMap<TaskId, ExecutorClass>,
+) -> Result<()> {
+    match outcome {
+        Applied::Changed { reply_to } => {
+            let class = executors
+                .get(&result.task_id)
+                .map_or("unknown", |c| c.as_str());
+            ctx.metrics.result_recorded(class, result.status.as_str());
+            ctx.metrics.task_entered(class, plan.state(result));
+            info!(task_id = %result.task_id, status = %result.status, attempt = %result.attempt, reported_by = %result.reported_by, "result recorded");
+            follow_plan(ctx, result, plan).await?;
+            if let Some(queue) = reply_to.filter(|_| plan.state(result).is_terminal()) {
+                forward(ctx, result, &queue).await?;
+            }
+        }
+        Applied::Duplicate => {
+            ctx.metrics.results_duplicate.inc();
+            debug!(task_id = %result.task_id, "duplicate result; nothing changed");
+            // A crash between commit and publish leaves the retry, dead letter or
+            // forward to the redelivery of the same result; each is safe to repeat. A
+            // second, different result for the attempt (the executor's and the
+            // dispatcher's, say) has nothing left to do: the first one's plan was
+            // followed, and following it again would publish the retry twice.
+            if let Some(record) = ctx
+                .persist("read task", || ctx.store.task(result.task_id))
+                .await?
+                && record.attempt == result.attempt
+                && record.state == plan.state(result)
+                && is_recorded(&record, result)
+            {
                 follow_plan(ctx, result, plan).await?;
-                if let Some(queue) = reply_to.filter(|_| plan.state(result).is_terminal()) {
+                if let Some(queue) = record.reply_to.filter(|_| record.forwarded_at.is_none())
+                    && plan.state(result).is_terminal()
+                {
                     forward(ctx, result, &queue).await?;
                 }
             }
-            Applied::Duplicate => {
-                ctx.metrics.results_duplicate.inc();
-                debug!(task_id = %result.task_id, "duplicate result; nothing changed");
-                // A crash between commit and publish leaves the retry, dead letter or
-                // forward to the redelivery of the same result; each is safe to repeat. A
-                // second, different result for the attempt (the executor's and the
-                // dispatcher's, say) has nothing left to do: the first one's plan was
-                // followed, and following it again would publish the retry twice.
-                if let Some(record) = ctx
-                    .persist("read task", || ctx.store.task(result.task_id))
-                    .await?
-                    && record.attempt == result.attempt
-                    && record.state == plan.state(result)
-                    && is_recorded(&record, result)
-                {
-                    follow_plan(ctx, result, plan).await?;
-                    if let Some(queue) = record.reply_to.filter(|_| record.forwarded_at.is_none())
-                        && plan.state(result).is_terminal()
-                    {
-                        forward(ctx, result, &queue).await?;
-                    }
-                }
-            }
-            Applied::Stale { current, attempt } => {
-                ctx.metrics.results_duplicate.inc();
-                info!(task_id = %result.task_id, status = %result.status, %current, %attempt, "late result ignored: the task is already {current}");
-            }
-            Applied::Unknown => {
-                warn!(task_id = %result.task_id, "result for a task this database does not know; ignored");
-            }
+        }
+        Applied::Stale { current, attempt } => {
+            ctx.metrics.results_duplicate.inc();
+            info!(task_id = %result.task_id, status = %result.status, %current, %attempt, "late result ignored: the task is already {current}");
+        }
+        Applied::Unknown => {
+            warn!(task_id = %result.task_id, "result for a task this database does not know; ignored");
         }
     }
     Ok(())
+}
+
+/// The commit of one result, a span of its task's trace: the child of the span the
+/// result's `traceparent` names (the executor's run).
+fn commit_span(delivery: &Delivery, result: &TaskResult) -> Span {
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "gantry.commit",
+        otel.kind = "consumer",
+        gantry.task_id = %result.task_id,
+        gantry.attempt = i64::from(result.attempt.get()),
+        gantry.status = %result.status,
+        gantry.reported_by = %result.reported_by,
+    );
+    let traceparent = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get_str(headers::TRACEPARENT));
+    trace::set_parent(&span, traceparent);
+    span
 }
 
 /// Whether `result` is the very result recorded for its task (a redelivery of it), not
@@ -197,6 +243,17 @@ async fn follow_plan(ctx: &Ctx, result: &TaskResult, plan: &Plan) -> Result<()> 
 /// no longer exists is noted and skipped; a broker failure leaves the batch unacked, so the
 /// redelivery forwards it (the result itself is already durable).
 async fn forward(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "gantry.reply",
+        otel.kind = "producer",
+        gantry.task_id = %result.task_id,
+    );
+    forward_in(ctx, result, queue).instrument(span).await
+}
+
+/// [`forward`], in its span.
+async fn forward_in(ctx: &Ctx, result: &TaskResult, queue: &str) -> Result<()> {
     let (body, props) = match crate::celery::reply::rpc_reply(ctx, result).await? {
         Some(celery) => celery,
         None => result.to_amqp().map_err(gantry_shared::Error::from)?,

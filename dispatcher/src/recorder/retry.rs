@@ -191,6 +191,10 @@ pub(crate) async fn dead_letter(ctx: &Ctx, result: &TaskResult, reason: &str) ->
         ctx.topology.task_queue(&task.executor),
     );
     put(headers::ORIGINAL_ROUTING_KEY, task.executor.to_string());
+    // A replay continues the task's trace.
+    if let Some(tp) = &task.traceparent {
+        put(headers::TRACEPARENT, tp.clone());
+    }
     table.insert(
         headers::DEAD_AT.into(),
         AMQPValue::Timestamp(Utc::now().timestamp().max(0) as u64),

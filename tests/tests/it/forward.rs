@@ -6,8 +6,7 @@ use std::time::Duration;
 use gantry_shared::message::{ExecutorClass, TaskName, TaskResult, TaskSpec};
 use gantry_shared::store::TaskState;
 use gantry_tests::{TestEnv, eventually};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicGetOptions;
 use serde_json::json;
 
 #[tokio::test]
@@ -22,17 +21,7 @@ async fn only_the_final_result_is_forwarded_to_reply_to_and_only_once_it_is_reco
     )
     .await?;
     let channel = conn.create_channel().await?;
-    let reply = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let reply = env.reply_queue(&channel).await?;
     let _dispatcher = env.dispatcher().await?;
     let producer = env.producer().await?;
     // Fails retryably twice: the first failure is retried, the second is final.
@@ -42,7 +31,7 @@ async fn only_the_final_result_is_forwarded_to_reply_to_and_only_once_it_is_reco
             name: TaskName::parse("forward.echo")?,
             payload: json!({"fail": "not today", "retryable": true}),
             ttl: Duration::from_secs(120),
-            reply_to: Some(reply.name().to_string()),
+            reply_to: Some(reply.clone()),
             idempotency_key: None,
             priority: None,
             resources: None,
@@ -50,7 +39,7 @@ async fn only_the_final_result_is_forwarded_to_reply_to_and_only_once_it_is_reco
         .await?;
     let delivery = eventually("the reply", Duration::from_secs(60), || async {
         Ok(channel
-            .basic_get(reply.name().clone(), BasicGetOptions { no_ack: true })
+            .basic_get(reply.as_str().into(), BasicGetOptions { no_ack: true })
             .await?)
     })
     .await?;
@@ -86,10 +75,9 @@ async fn only_the_final_result_is_forwarded_to_reply_to_and_only_once_it_is_reco
         },
     )
     .await?;
-    let left =
-        gantry_shared::amqp::peek_queue(&channel, reply.name().as_str(), Duration::from_secs(10))
-            .await?
-            .message_count();
+    let left = gantry_shared::amqp::peek_queue(&channel, &reply, Duration::from_secs(10))
+        .await?
+        .message_count();
     assert_eq!(left, 0, "nothing else was forwarded");
     let _ = conn.close(200, "bye".into()).await;
     producer.close().await;

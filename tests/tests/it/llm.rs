@@ -18,7 +18,7 @@ use gantry_shared::retry;
 use gantry_shared::store::{TaskRecord, TaskState};
 use gantry_tests::by_hand::{gantry, stderr, stdout};
 use gantry_tests::{TestEnv, eventually, llm};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -90,20 +90,10 @@ async fn submit_streaming(
     let mut task = producer.new_task(spec)?;
     task.stream = true;
     let channel = env.channel().await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let queue = env.reply_queue(&channel).await?;
     channel
         .queue_bind(
-            queue.name().clone(),
+            queue.as_str().into(),
             env.topology().progress_exchange().into(),
             task.id.to_string().into(),
             QueueBindOptions::default(),
@@ -112,7 +102,7 @@ async fn submit_streaming(
         .await?;
     let consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue.as_str().into(),
             "llm-test".into(),
             BasicConsumeOptions {
                 no_ack: true,

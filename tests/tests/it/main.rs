@@ -30,4 +30,5 @@ mod restart;
 mod retries;
 mod store_batch;
 mod topology;
+mod traces;
 mod warm;

@@ -28,7 +28,7 @@ mod view;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gantry_shared::config::LogFormat;
+use gantry_shared::config::Config;
 use gantry_shared::telemetry;
 
 use crate::args::Cli;
@@ -45,8 +45,10 @@ async fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    init_logging(config.log_format);
-    match commands::run(cli.command, &config).await {
+    let traces = init_logging(&config);
+    let ran = commands::run(cli.command, &config).await;
+    traces.shutdown().await;
+    match ran {
         Ok(exit) => exit.into(),
         Err(e) => {
             eprintln!("error: {}", telemetry::chain(e.as_ref()));
@@ -59,7 +61,13 @@ async fn main() -> ExitCode {
 /// result. lapin stays quiet below errors (it logs a returned message with its payload), and
 /// about channels the broker closes: a passive declare of a missing queue (`gantry dlq`
 /// asks whether an executor class has a queue) or a topology conflict close the channel
-/// that asked, and the command reports that itself.
-fn init_logging(format: LogFormat) {
-    telemetry::init_with_default(format, "warn,lapin=error,lapin::channel=off");
+/// that asked, and the command reports that itself. With `otlp_endpoint` set, a submit's
+/// span goes there, as the task's trace begins.
+fn init_logging(config: &Config) -> telemetry::Traces {
+    telemetry::init_service(
+        config.log_format,
+        "warn,lapin=error,lapin::channel=off",
+        "gantry",
+        config.otlp_endpoint.as_deref(),
+    )
 }

@@ -100,6 +100,8 @@ pub struct Target<'a> {
     pub namespace: &'a str,
     /// The topology prefix the executor publishes under.
     pub prefix: &'a str,
+    /// Where the executor exports its spans (`otlp_endpoint`), when the dispatcher does.
+    pub otlp_endpoint: Option<&'a str>,
 }
 
 /// The Job and its payload Secret for one attempt of `task`, as of `now`.
@@ -175,6 +177,7 @@ pub fn build(
         name: &name,
         image: &image,
         prefix: target.prefix,
+        otlp_endpoint: target.otlp_endpoint,
         gpus: asked
             .and_then(|r| r.gpu_count)
             .unwrap_or_else(|| class_gpus(spec)),
@@ -225,6 +228,7 @@ pub fn build_warm(
         name: name.as_str(),
         image: &image,
         prefix: target.prefix,
+        otlp_endpoint: target.otlp_endpoint,
         gpus: class_gpus(spec),
         gpu_type: class_gpu_type(spec),
         env: vec![
@@ -340,6 +344,7 @@ struct Pod<'a> {
     name: &'a str,
     image: &'a str,
     prefix: &'a str,
+    otlp_endpoint: Option<&'a str>,
     gpus: u32,
     gpu_type: Option<String>,
     /// The Job's own environment, after the shared one.
@@ -385,6 +390,9 @@ fn pod_spec(spec: &ExecutorSpec, settings: &KubernetesSection, pod: Pod<'_>) -> 
         node_selector.entry(GPU_PRODUCT.into()).or_insert(gpu_type);
     }
     let mut env = shared_env(spec, settings, pod.name, pod.prefix);
+    if let Some(endpoint) = pod.otlp_endpoint {
+        env.push(value("GANTRY_OTLP_ENDPOINT", endpoint.to_owned()));
+    }
     env.extend(pod.env);
     let mut mounts = Vec::new();
     let mut volumes = Vec::new();
@@ -583,6 +591,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         build(
             task,
@@ -606,6 +615,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         let spec = catalog.get(&task.executor).unwrap();
         let (job, secret) =
@@ -704,6 +714,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         let settings = KubernetesSection::default();
         let job = build_warm(
@@ -813,6 +824,7 @@ mod tests {
         let target = Target {
             namespace: "ml",
             prefix: "gantry",
+            otlp_endpoint: None,
         };
         let catalog = catalog();
         let t = task(None);

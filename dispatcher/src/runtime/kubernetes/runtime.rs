@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use gantry_shared::catalog::{ExecutorSpec, WarmSpec};
+use gantry_shared::config::Config;
 use gantry_shared::message::{Attempt, ErrorKind, Evidence, ExecutorClass, JobName, Task, TaskId};
 use kube::Client;
 use tokio::sync::watch;
@@ -61,6 +62,8 @@ pub(crate) struct KubeRuntime {
     client: JobClient,
     namespace: String,
     prefix: String,
+    /// Where its executors export their spans.
+    otlp_endpoint: Option<String>,
     settings: KubernetesSection,
     cache: Arc<JobCache>,
     images: Resolver,
@@ -77,7 +80,7 @@ impl KubeRuntime {
     pub(crate) async fn open(
         client: Client,
         settings: &KubernetesSection,
-        prefix: &str,
+        common: &Config,
         shutdown: CancellationToken,
         api: ApiCalls,
     ) -> Result<KubeRuntime> {
@@ -110,7 +113,8 @@ impl KubeRuntime {
             .with_metrics(api),
             instance: format!("k8s-{namespace}"),
             namespace,
-            prefix: prefix.to_owned(),
+            prefix: common.prefix.clone(),
+            otlp_endpoint: common.otlp_endpoint.clone(),
             settings: settings.clone(),
             cache,
             images,
@@ -235,6 +239,7 @@ impl Runtime for KubeRuntime {
         let target = job::Target {
             namespace: &self.namespace,
             prefix: &self.prefix,
+            otlp_endpoint: self.otlp_endpoint.as_deref(),
         };
         let job_err = |message: String| Error::Job {
             job: name.to_string(),
@@ -266,6 +271,7 @@ impl Runtime for KubeRuntime {
         let target = job::Target {
             namespace: &self.namespace,
             prefix: &self.prefix,
+            otlp_endpoint: self.otlp_endpoint.as_deref(),
         };
         let (job, secret) =
             job::build(task, spec, &self.settings, &target, dispatch_id, Utc::now()).map_err(
@@ -320,6 +326,7 @@ impl Runtime for KubeRuntime {
         let target = job::Target {
             namespace: &self.namespace,
             prefix: &self.prefix,
+            otlp_endpoint: self.otlp_endpoint.as_deref(),
         };
         let (_, secret) =
             job::build(task, spec, &self.settings, &target, "", Utc::now()).map_err(|e| {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use gantry_shared::llm::RequestKind;
 use gantry_shared::message::Usage;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::http::{Event, Events, Http, error_message, read_body};
 use crate::engine::deltas::Deltas;
@@ -104,8 +105,72 @@ impl Answer {
 }
 
 /// Sends `body` to the endpoint of `kind` and reads the answer; with `stream`, sends each
-/// piece of text to `deltas` as it arrives.
+/// piece of text to `deltas` as it arrives. The request is a span of the task's trace named
+/// and described by OpenTelemetry's GenAI conventions (`chat <model>`, the model asked
+/// for and the one that answered, the tokens in and out).
 pub(super) async fn ask(
+    http: &Http,
+    kind: RequestKind,
+    body: &Value,
+    stream: bool,
+    deltas: Option<&Deltas>,
+) -> Result<Answer, Failure> {
+    let operation = match kind {
+        RequestKind::Chat => "chat",
+        RequestKind::Completion => "text_completion",
+    };
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        target: gantry_shared::telemetry::trace::TARGET,
+        "gen_ai",
+        otel.name = %format_args!("{operation} {model}"),
+        otel.kind = "client",
+        gen_ai.operation.name = operation,
+        gen_ai.system = "openai",
+        gen_ai.provider.name = "openai",
+        gen_ai.request.model = model,
+        gen_ai.request.stream = stream,
+        server.address = http.base(),
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let answered = ask_server(http, kind, body, stream, deltas)
+        .instrument(span.clone())
+        .await;
+    match &answered {
+        Ok(answer) => {
+            let usage = answer.usage();
+            span.record("gen_ai.response.model", answer.model.as_deref());
+            span.record(
+                "gen_ai.response.finish_reasons",
+                answer.finish_reason.as_deref(),
+            );
+            // As integers: the span layer would write a u64 as text.
+            let tokens = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
+            span.record("gen_ai.usage.input_tokens", tokens(usage.prompt_tokens));
+            span.record(
+                "gen_ai.usage.output_tokens",
+                tokens(usage.completion_tokens),
+            );
+        }
+        Err(Failure::Refused(_)) => {
+            span.record("error.type", "refused");
+        }
+        Err(Failure::Broken(_)) => {
+            span.record("error.type", "broken");
+        }
+    }
+    answered
+}
+
+/// [`ask`], without its span.
+async fn ask_server(
     http: &Http,
     kind: RequestKind,
     body: &Value,
