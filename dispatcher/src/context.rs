@@ -10,12 +10,13 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use gantry_shared::amqp::Publisher;
 use gantry_shared::catalog::Catalog;
-use gantry_shared::message::{ExecutorClass, TaskId, TaskResult};
+use gantry_shared::message::{ExecutorClass, TaskId, TaskResult, headers};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
 use lapin::BasicProperties;
+use lapin::types::AMQPValue;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -72,12 +73,29 @@ impl Ctx {
         }
     }
 
-    /// Publishes a result to the results exchange, confirmed, retrying until shutdown.
+    /// Publishes a result on its executor's behalf to the results exchange, confirmed,
+    /// retrying until shutdown. It carries the `traceparent` the task was received with,
+    /// so its commit continues the task's trace as the executor's own result would.
     ///
     /// # Errors
     /// The result cannot be encoded, the broker refuses it, or [`Error::ShuttingDown`].
     pub(crate) async fn publish_result(&self, result: &TaskResult) -> Result<()> {
-        let (body, props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
+        let (body, mut props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
+        match self.store.traceparent(result.task_id).await {
+            Ok(Some(traceparent)) => {
+                let mut table = props.headers().clone().unwrap_or_default();
+                table.insert(
+                    headers::TRACEPARENT.into(),
+                    AMQPValue::LongString(traceparent.into()),
+                );
+                props = props.with_headers(table);
+            }
+            Ok(None) => {}
+            // The result matters more than its place in a trace.
+            Err(e) => {
+                warn!(task_id = %result.task_id, error = %chain(&e), "cannot read the task's traceparent; its result starts a trace of its own");
+            }
+        }
         let exchange = self.topology.results_exchange();
         let publishing =
             self.publisher

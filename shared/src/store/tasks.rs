@@ -385,6 +385,22 @@ impl Store {
         Ok(())
     }
 
+    /// The W3C `traceparent` the task was received with, if it had one.
+    ///
+    /// # Errors
+    /// Postgres errors.
+    pub async fn traceparent(&self, id: TaskId) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT traceparent FROM tasks WHERE task_id = $1",
+                &[&id.as_uuid()],
+            )
+            .await
+            .map_err(pg("read traceparent"))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
     /// One task, if known.
     ///
     /// # Errors

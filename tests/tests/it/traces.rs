@@ -343,3 +343,59 @@ async fn a_task_run_by_a_warm_executor_is_its_dispatchs_child_as_a_jobs_run_is()
     dispatcher.terminate(Duration::from_secs(30))?;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn a_result_published_on_an_executors_behalf_is_committed_in_the_tasks_trace()
+-> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let receiver = OtlpReceiver::start().await?;
+    let catalog = "executors:\n  echo:\n    engine: { kind: echo }\n    max_active_jobs: 2\n    retry: { max_attempts: 1 }\n";
+    let env = TestEnv::new(Some(catalog)).await?;
+    // An executor that ends without publishing: the dispatcher reports for it.
+    let bin = env.dir.path().join("gantry-executor");
+    std::fs::write(&bin, "#!/bin/sh\nexit 3\n")?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    let bin = bin.display().to_string();
+    let dispatcher = Dispatcher::start(
+        &env,
+        &[
+            ("GANTRY_OTLP_ENDPOINT", receiver.endpoint()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("GANTRY_EXECUTOR_BIN", &bin),
+        ],
+    )?;
+    let id = submit(&env, &receiver, "echo", "{}", None).await?;
+
+    let task = id.to_string();
+    let of_task = |s: &ReceivedSpan| s.attribute("gantry.task_id").as_str() == Some(task.as_str());
+    let spans = receiver
+        .wait_for(
+            "the commit of the result on the executor's behalf",
+            PATIENCE,
+            |all| {
+                all.iter().any(|s| s.name == "gantry.commit" && of_task(s))
+                    && all.iter().any(|s| s.name == "gantry.submit" && of_task(s))
+            },
+        )
+        .await?;
+    let submit = spans
+        .iter()
+        .find(|s| s.name == "gantry.submit" && of_task(s))
+        .expect("the submit span");
+    let commit = spans
+        .iter()
+        .find(|s| s.name == "gantry.commit" && of_task(s))
+        .expect("the commit span");
+    assert_eq!(
+        commit.attribute("gantry.reported_by").as_str(),
+        Some("dispatcher"),
+        "{commit:#?}"
+    );
+    assert_eq!(
+        commit.trace_id, submit.trace_id,
+        "the commit is in the task's trace, not one of its own"
+    );
+    dispatcher.terminate(Duration::from_secs(30))?;
+    env.cleanup().await
+}
