@@ -10,13 +10,12 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use gantry_shared::amqp::Publisher;
 use gantry_shared::catalog::Catalog;
-use gantry_shared::message::{ExecutorClass, TaskId, TaskResult, headers};
+use gantry_shared::message::{ExecutorClass, TaskId, TaskResult, with_traceparent};
 use gantry_shared::retry;
 use gantry_shared::store::Store;
 use gantry_shared::telemetry::chain;
 use gantry_shared::topology::Topology;
 use lapin::BasicProperties;
-use lapin::types::AMQPValue;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -82,14 +81,7 @@ impl Ctx {
     pub(crate) async fn publish_result(&self, result: &TaskResult) -> Result<()> {
         let (body, mut props) = result.to_amqp().map_err(gantry_shared::Error::from)?;
         match self.store.traceparent(result.task_id).await {
-            Ok(Some(traceparent)) => {
-                let mut table = props.headers().clone().unwrap_or_default();
-                table.insert(
-                    headers::TRACEPARENT.into(),
-                    AMQPValue::LongString(traceparent.into()),
-                );
-                props = props.with_headers(table);
-            }
+            Ok(Some(traceparent)) => props = with_traceparent(props, &traceparent),
             Ok(None) => {}
             // The result matters more than its place in a trace.
             Err(e) => {

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 use backon::Retryable;
 use gantry_shared::amqp::Publisher;
 use gantry_shared::config::Config;
-use gantry_shared::message::{TaskResult, headers, traceparent};
+use gantry_shared::message::{TaskResult, traceparent, with_traceparent};
 use gantry_shared::topology::Topology;
 use gantry_shared::{Error, Result, retry};
 use lapin::BasicProperties;
-use lapin::types::AMQPValue;
 use tracing::{debug, info, instrument, warn};
 
 /// How long connecting and publishing may keep retrying, together.
@@ -106,18 +105,13 @@ fn with_trace_context(props: BasicProperties, trace: Option<&str>) -> BasicPrope
         );
         return props;
     }
-    let mut table = props.headers().clone().unwrap_or_default();
-    table.insert(
-        headers::TRACEPARENT.into(),
-        AMQPValue::LongString(trace.into()),
-    );
-    props.with_headers(table)
+    with_traceparent(props, trace)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gantry_shared::message::FieldTableExt;
+    use gantry_shared::message::{FieldTableExt, headers};
 
     #[test]
     fn a_valid_traceparent_travels_as_a_header() {

@@ -1,5 +1,6 @@
 //! Header names and helpers for reading AMQP field tables.
 
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Map, Value, json};
 
@@ -76,6 +77,17 @@ fn value_i64(v: &AMQPValue) -> Option<i64> {
         AMQPValue::Timestamp(t) => i64::try_from(t).ok()?,
         _ => return None,
     })
+}
+
+/// `props` with `traceparent` as its `traceparent` header (in place of one it had), beside
+/// the headers it has.
+pub fn with_traceparent(props: BasicProperties, traceparent: &str) -> BasicProperties {
+    let mut table = props.headers().clone().unwrap_or_default();
+    table.insert(
+        headers::TRACEPARENT.into(),
+        AMQPValue::LongString(traceparent.into()),
+    );
+    props.with_headers(table)
 }
 
 /// Converts any AMQP value into JSON (byte strings that are not UTF-8 become lossy text).

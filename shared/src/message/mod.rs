@@ -25,7 +25,7 @@ mod schema;
 mod task;
 mod warm;
 
-pub use amqp::{FieldTableExt, headers, value_to_json};
+pub use amqp::{FieldTableExt, headers, value_to_json, with_traceparent};
 pub use attempt::Attempt;
 pub use kind::{ErrorKind, ReportedBy};
 pub use names::{ExecutorClass, InvalidName, JobName, TaskId, TaskName};
