@@ -13,19 +13,5 @@ set -euo pipefail
 source "$(dirname "$0")/venv.sh"
 
 CELERY_VERSION=5.5.3
-venv="${GANTRY_CELERY_VENV:-$HOME/.cache/gantry/celery-venv}"
-stamp="$venv/.gantry-celery-$CELERY_VERSION"
-
-say() { printf 'celery-client: %s\n' "$*" >&2; }
-
-if [[ ! -f "$stamp" ]]; then
-    make_venv "$venv"
-    say "installing celery==$CELERY_VERSION into $venv"
-    "$venv/bin/pip" install --quiet "celery==$CELERY_VERSION"
-    touch "$stamp"
-fi
-"$venv/bin/python" -c 'import celery, kombu' || {
-    say "the venv at $venv is broken; remove it and run again"
-    exit 1
-}
-echo "$venv/bin/python"
+pinned_venv celery-client "${GANTRY_CELERY_VENV:-$HOME/.cache/gantry/celery-venv}" celery "$CELERY_VERSION" \
+    'celery, kombu'

@@ -13,19 +13,5 @@ set -euo pipefail
 source "$(dirname "$0")/venv.sh"
 
 OTELTEST_VERSION=0.49.0
-venv="${GANTRY_OTEL_VENV:-$HOME/.cache/gantry/otel-venv}"
-stamp="$venv/.gantry-oteltest-$OTELTEST_VERSION"
-
-say() { printf 'otel-receiver: %s\n' "$*" >&2; }
-
-if [[ ! -f "$stamp" ]]; then
-    make_venv "$venv"
-    say "installing oteltest==$OTELTEST_VERSION into $venv"
-    "$venv/bin/pip" install --quiet "oteltest==$OTELTEST_VERSION"
-    touch "$stamp"
-fi
-"$venv/bin/python" -c 'import oteltest.sink, opentelemetry.proto' || {
-    say "the venv at $venv is broken; remove it and run again"
-    exit 1
-}
-echo "$venv/bin/python"
+pinned_venv otel-receiver "${GANTRY_OTEL_VENV:-$HOME/.cache/gantry/otel-venv}" oteltest "$OTELTEST_VERSION" \
+    'oteltest.sink, opentelemetry.proto'
