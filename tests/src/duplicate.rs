@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use gantry_shared::amqp::{self, Publisher};
 use gantry_shared::retry;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use tokio::sync::watch;
@@ -55,22 +55,14 @@ impl Duplicator {
         )
         .await?;
         let channel = conn.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let queue = env
+            .reply_queue(&channel)
             .await
             .context("declaring the duplicator's queue")?;
         let exchange = env.topology().tasks_exchange();
         channel
             .queue_bind(
-                queue.name().clone(),
+                queue.as_str().into(),
                 exchange.as_str().into(),
                 "#".into(),
                 QueueBindOptions::default(),
@@ -79,7 +71,7 @@ impl Duplicator {
             .await?;
         let mut consumer = channel
             .basic_consume(
-                queue.name().clone(),
+                queue.as_str().into(),
                 "duplicator".into(),
                 BasicConsumeOptions {
                     no_ack: true,
